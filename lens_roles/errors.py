@@ -1,0 +1,28 @@
+"""One exception family for the whole workbench.
+
+Every error the library raises on purpose subclasses :class:`LensRolesError`, so a
+notebook can catch them together; the subclasses say which stage complained.
+Messages name the file, line, hook, layer or shape involved.
+"""
+
+from __future__ import annotations
+
+
+class LensRolesError(Exception):
+    """Base class of every error raised on purpose by ``lens_roles``."""
+
+
+class DataError(LensRolesError, ValueError):
+    """A prompt set, pair file or question file is malformed, empty or mismatched."""
+
+
+class ModelError(LensRolesError, ValueError):
+    """An unknown model name, layer or hook, or a model that cannot be loaded."""
+
+
+class CacheError(LensRolesError):
+    """An on-disk cache entry is corrupt or does not match what was asked for."""
+
+
+class DirectionError(LensRolesError, ValueError):
+    """A direction is malformed or does not fit the model or layer it is used with."""
