@@ -1,0 +1,48 @@
+"""lens_roles: find, measure and use role and persona directions in language models.
+
+The public API, in the order of the data flow::
+
+    model = load_model()                                   # models
+    pairs = load_pairs("data/personas/librarian.jsonl")    # prompts
+    persona = persona_vector(model, pairs)                 # directions (via activations)
+    role = role_vector(model, load_role("chemist"), load_baseline())
+    persona.save("librarian.safetensors"); Direction.load("librarian.safetensors")
+"""
+
+__version__ = "0.1.0"
+
+from .errors import CacheError, DataError, DirectionError, LensRolesError, ModelError  # noqa: E402
+from .models import (  # noqa: E402
+    DEFAULT_MODEL,
+    EMBEDDED_MODELS,
+    load_hf_model,
+    load_model,
+    resid_hook,
+    validate_layers,
+)
+from .prompts import (  # noqa: E402
+    ContrastPair,
+    PairSet,
+    Prompt,
+    PromptSet,
+    available_roles,
+    load_baseline,
+    load_pairs,
+    load_prompt_set,
+    load_role,
+    render,
+)
+from .positions import encode, select_positions  # noqa: E402
+from .activations import Activations, collect  # noqa: E402
+from .directions import (  # noqa: E402
+    Direction,
+    diff_in_means,
+    pca_direction,
+    persona_vector,
+    probe_direction,
+    role_vector,
+    role_vectors,
+)
+from .evaluation import separation_auc, split_half_agreement  # noqa: E402
+
+__all__ = [name for name in dir() if not name.startswith("_")]
