@@ -63,6 +63,18 @@ class Activations:
     per_prompt: Float[Tensor, "batch layer d_model"] | None = None
     meta: dict = field(default_factory=dict)
 
+    def subset(self, indices) -> "Activations":
+        """The activations of some prompts only (needs ``per_prompt``); the mean is recomputed."""
+        if self.per_prompt is None:
+            raise DataError("subset needs per-prompt activations (collect with keep_per_prompt=True)")
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        if idx.numel() == 0:
+            raise DataError("subset of no prompts")
+        per_prompt = self.per_prompt[idx]
+        meta = dict(self.meta, count=len(idx))
+        meta.pop("cache_key", None)
+        return Activations(self.layers, per_prompt.double().mean(0), len(idx), per_prompt, meta)
+
     def layer_index(self, layer: int) -> int:
         try:
             return self.layers.index(layer)

@@ -1,0 +1,159 @@
+"""The main job (``lens-roles demo``, ``make demo``).
+
+On one model: the librarian persona vector from the project's contrast pairs and
+a role vector for every role in ``data/roles`` against the baseline, each at every
+layer. Each set is split deterministically (first 75 % to build, the rest held
+out); the held-out prompts measure how well each direction separates its two
+sides (AUC per layer), and the pairs' two halves measure the persona vector's
+stability (split-half cosine per layer).
+
+Writes to ``out`` (default ``figures/``):
+
+* ``directions_summary.csv`` — tidy ``direction, kind, layer, metric, value``;
+* ``direction_profile.{html,png,json}`` — raw norm and held-out AUC over depth;
+* ``role_auc_heatmap.{html,png,json}`` — held-out AUC against the baseline, roles × layers;
+* ``role_specificity_heatmap.{html,png,json}`` — held-out AUC of each role's prompts against
+  all other roles' prompts, projected on that role's vector (harder than the baseline);
+* ``librarian_split_half.{html,png,json}`` — split-half cosine of the persona vector;
+
+and the vectors themselves to ``directions_out`` (one ``.safetensors`` + ``.json`` each).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from . import __version__
+import torch
+
+from .activations import Activations, collect
+from .directions import diff_in_means
+from .evaluation import separation_auc
+from .models import parse_layers, validate_layers
+from .plots import direction_profile, layer_heatmap, line_by_layer, save_figure
+from .prompts import available_roles, data_dir, load_baseline, load_pairs, load_role
+
+TRAIN_FRACTION = 0.75
+
+
+def _split_indices(n: int) -> tuple[range, range]:
+    k = max(1, min(n - 1, round(n * TRAIN_FRACTION)))
+    return range(k), range(k, n)
+
+
+def run_demo(model, *, out: Path, directions_out: Path, layers="all", roles="all", **collect_kw) -> pd.DataFrame:
+    """Run the main job on ``model``; returns the summary frame (also written as CSV)."""
+    t_start = time.perf_counter()
+    layers = validate_layers(model, parse_layers(layers) if isinstance(layers, str) else layers)
+    rows: list[dict] = []
+
+    def add(direction: str, kind: str, frame: pd.DataFrame) -> None:
+        for rec in frame.to_dict("records"):
+            rows.append({"direction": direction, "kind": kind, **rec})
+
+    # -- the librarian persona, read over the reply tokens -----------------------------------
+    pairs = load_pairs(data_dir() / "personas" / "librarian.jsonl", "librarian")
+    pos = collect(model, pairs.positives(), layers=layers, positions="reply", keep_per_prompt=True, **collect_kw)
+    neg = collect(model, pairs.negatives(), layers=layers, positions="reply", keep_per_prompt=True, **collect_kw)
+    train, held = _split_indices(len(pairs))
+    persona = diff_in_means(pos.subset(train), neg.subset(train), method="mean_diff", name="librarian",
+                            dataset=pairs.fingerprint(), split=f"first {len(train)} of {len(pairs)} pairs")
+    persona.save(directions_out / "librarian.safetensors")
+    add("librarian", "persona", persona.to_frame())
+    add("librarian", "persona", separation_auc(persona, pos.subset(held), neg.subset(held)))
+    evens, odds = range(0, len(pairs), 2), range(1, len(pairs), 2)
+    half_a = diff_in_means(pos.subset(evens), neg.subset(evens))
+    half_b = diff_in_means(pos.subset(odds), neg.subset(odds))
+    add("librarian", "persona", pd.DataFrame(
+        [{"layer": layer, "metric": "split_half_cosine", "value": c} for layer, c in half_a.cosine(half_b).items()]))
+
+    # -- every role against the baseline, read at the end-of-instruction tokens ----------------
+    baseline = load_baseline()
+    base = collect(model, baseline, layers=layers, positions="eoi", keep_per_prompt=True, **collect_kw)
+    base_train, base_held = _split_indices(len(baseline))
+    base_train_acts, base_held_acts = base.subset(base_train), base.subset(base_held)
+    names = available_roles() if roles == "all" else list(roles)
+    role_acts, vectors = {}, {}
+    for name in names:
+        role_set = load_role(name)
+        acts = collect(model, role_set, layers=layers, positions="eoi", keep_per_prompt=True, **collect_kw)
+        train, held = _split_indices(len(role_set))
+        role_acts[name] = acts.subset(held)
+        vectors[name] = diff_in_means(acts.subset(train), base_train_acts, method="role_vector", name=name,
+                                      baseline="baseline", dataset=role_set.fingerprint(),
+                                      split=f"first {len(train)} of {len(role_set)} instructions")
+        vectors[name].save(directions_out / "roles" / f"{name}.safetensors")
+    for name, vector in vectors.items():
+        add(name, "role", vector.to_frame())
+        add(name, "role", separation_auc(vector, role_acts[name], base_held_acts))
+        if len(names) > 1:  # specificity: this role's held-out prompts against every other role's
+            others = [role_acts[other] for other in names if other != name]
+            rest = Activations(others[0].layers, torch.zeros(0), sum(a.count for a in others),
+                               torch.cat([a.per_prompt for a in others]), {})
+            add(name, "role", separation_auc(vector, role_acts[name], rest).assign(metric="auc_vs_roles"))
+
+    summary = pd.DataFrame(rows)
+    meta = {
+        "model": model.cfg.model_name,
+        "hook": "blocks.{layer}.hook_resid_post",
+        "positions": {"persona": "reply", "roles": "eoi"},
+        "template": pos.meta["template"],
+        "prepend_bos": pos.meta["prepend_bos"],
+        "datasets": {"librarian": pairs.fingerprint(), "baseline": baseline.fingerprint()},
+        "split": f"first {TRAIN_FRACTION:.0%} build, rest held out",
+        "lens_roles": __version__,
+    }
+    write_outputs(summary, out, meta)
+    report(summary, file=sys.stdout)
+    print(f"demo finished in {time.perf_counter() - t_start:.1f} s; figures in {out}/, vectors in {directions_out}/")
+    return summary
+
+
+def write_outputs(summary: pd.DataFrame, out: Path, meta: dict) -> None:
+    """Write the summary CSV and the three figures (see the module docs)."""
+    out.mkdir(parents=True, exist_ok=True)
+    summary.to_csv(out / "directions_summary.csv", index=False)
+    sub = f"{meta['model']} · resid_post · persona: reply tokens, roles: end-of-instruction tokens"
+    save_figure(direction_profile(summary, title="Role and persona directions by layer", subtitle=sub),
+                out / "direction_profile", meta=meta)
+    roles_only = summary[summary.kind == "role"]
+    save_figure(layer_heatmap(roles_only, metric="auc", zmin=0.5, zmax=1.0,
+                              title="Held-out separation of each role from the baseline (AUC)", subtitle=sub),
+                out / "role_auc_heatmap", meta=meta)
+    if (roles_only.metric == "auc_vs_roles").any():
+        save_figure(layer_heatmap(roles_only, metric="auc_vs_roles", zmin=0.5, zmax=1.0,
+                                  title="Role specificity: held-out role prompts vs all other roles' (AUC)",
+                                  subtitle=sub),
+                    out / "role_specificity_heatmap", meta=meta)
+    split_half = summary[(summary.direction == "librarian") & (summary.metric == "split_half_cosine")]
+    save_figure(line_by_layer(split_half, title="Librarian persona vector: agreement of two disjoint halves",
+                              subtitle=sub, y_title="cosine(half A, half B)"),
+                out / "librarian_split_half", meta=meta)
+
+
+def report(summary: pd.DataFrame, file=sys.stdout) -> None:
+    """Print the headline numbers per direction.
+
+    For each direction: the first layer whose held-out AUC against the baseline
+    (roles) or the negatives (persona) reaches 0.99, and the layer where the AUC
+    against the other roles peaks (the sharper test of a role's own direction).
+    """
+    def first_at(frame, threshold):
+        hit = frame[frame.value >= threshold].sort_values("layer")
+        return int(hit.layer.iloc[0]) if len(hit) else None
+
+    print(f"{'direction':<20s} {'AUC>=0.99 from layer':>21s} {'peak AUC vs other roles':>26s}", file=file)
+    for name, grp in summary.groupby("direction", sort=True):
+        first = first_at(grp[grp.metric == "auc"], 0.99)
+        spec = grp[grp.metric == "auc_vs_roles"]
+        peak = (f"{spec.value.max():.3f} at layer {int(spec.loc[spec.value.idxmax(), 'layer']):>2d}"
+                if len(spec) else "-")
+        print(f"{name:<20s} {('-' if first is None else first):>21} {peak:>26s}", file=file)
+    half = summary[summary.metric == "split_half_cosine"]
+    if len(half):
+        print("librarian split-half cosine per layer: "
+              + " ".join(f"{v:.3f}" for v in half.sort_values("layer").value), file=file)

@@ -1,0 +1,164 @@
+"""Figures: tidy DataFrames in, ``plotly`` figures out. The only importer of plotly.
+
+Nothing here touches a model. :func:`save_figure` always writes a self-contained
+HTML file and, when a Chrome/Chromium is available to ``kaleido``, a PNG beside
+it; a missing browser only skips the PNG (with one warning).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+TEMPLATE = "simple_white"
+FONT = dict(family="Helvetica, Arial, sans-serif", size=13)
+_png_warned = False
+
+
+def _style(fig: go.Figure, title: str, subtitle: str | None = None) -> go.Figure:
+    text = f"{title}<br><sup>{subtitle}</sup>" if subtitle else title
+    fig.update_layout(template=TEMPLATE, font=FONT, title=dict(text=text, x=0.01, xanchor="left"),
+                      margin=dict(l=70, r=30, t=80, b=60))
+    return fig
+
+
+PALETTE = [
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+    "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354",
+    "#756bb1", "#636363", "#6baed6", "#fd8d3c", "#74c476", "#9e9ac8", "#969696", "#9c9ede", "#cedb9c",
+    "#e7ba52", "#e7969c", "#de9ed6",
+]
+
+
+def direction_profile(frame: pd.DataFrame, *, title: str = "Direction profile by layer",
+                      subtitle: str | None = None,
+                      panels: tuple[tuple[str, str], ...] = (
+                          ("norm", "Raw norm ‖v‖"),
+                          ("auc", "Held-out AUC vs baseline / negatives"),
+                          ("auc_vs_roles", "Held-out AUC vs other roles"),
+                      )) -> go.Figure:
+    """Panels over depth, one line per direction, one panel per metric present in ``frame``.
+
+    Args:
+        frame: columns ``direction, layer, metric, value`` (and optionally ``kind``;
+            directions of kind ``"persona"`` are drawn black and thick).
+        panels: ``(metric, panel title)`` pairs; metrics absent from ``frame`` are skipped.
+    """
+    panels = tuple(p for p in panels if (frame.metric == p[0]).any())
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[t for _, t in panels], horizontal_spacing=0.07)
+    kinds = frame.groupby("direction")["kind"].first() if "kind" in frame else {}
+    names = sorted(frame.direction.unique())
+    for col, (metric, _) in enumerate(panels, start=1):
+        sub = frame[frame.metric == metric]
+        for i, name in enumerate(names):
+            grp = sub[sub.direction == name].sort_values("layer")
+            if grp.empty:
+                continue
+            persona = kinds.get(name) == "persona"
+            line = dict(width=3.5, color="black") if persona else dict(width=1.3, color=PALETTE[i % len(PALETTE)])
+            fig.add_trace(go.Scatter(x=grp.layer, y=grp.value, mode="lines", name=str(name), legendgroup=str(name),
+                                     showlegend=col == 1, line=line,
+                                     hovertemplate=f"{name}<br>layer %{{x}}<br>{metric} %{{y:.3f}}<extra></extra>"),
+                          row=1, col=col)
+        if metric.startswith("auc"):
+            fig.update_yaxes(range=[0.4, 1.02], row=1, col=col)
+            fig.add_hline(y=0.5, line=dict(dash="dot", color="grey"), row=1, col=col)
+    fig.update_xaxes(title_text="layer")
+    fig.update_layout(width=520 * len(panels) + 180, height=520, legend=dict(font=dict(size=10)))
+    return _style(fig, title, subtitle)
+
+
+def layer_heatmap(frame: pd.DataFrame, *, metric: str = "auc", title: str | None = None,
+                  subtitle: str | None = None, zmin: float | None = None, zmax: float | None = None,
+                  colorscale: str = "Viridis") -> go.Figure:
+    """Heatmap of one metric, directions (rows) × layers (columns).
+
+    Rows are ordered by the layer at which each direction peaks.
+    """
+    sub = frame[frame.metric == metric]
+    table = sub.pivot_table(index="direction", columns="layer", values="value")
+    table = table.loc[table.idxmax(axis=1).sort_values(kind="stable").index]
+    fig = go.Figure(go.Heatmap(z=table.values, x=list(table.columns), y=list(table.index), zmin=zmin, zmax=zmax,
+                               colorscale=colorscale, colorbar=dict(title=metric),
+                               hovertemplate="%{y}<br>layer %{x}<br>" + metric + " %{z:.3f}<extra></extra>"))
+    fig.update_xaxes(title_text="layer", dtick=2)
+    fig.update_yaxes(title_text="", tickfont=dict(size=10))
+    fig.update_layout(width=900, height=max(360, 18 * len(table) + 140))
+    return _style(fig, title or f"{metric} by layer", subtitle)
+
+
+def find_browser() -> str | None:
+    """Path of a Chrome/Chromium for static export, or None."""
+    env = os.environ.get("BROWSER_PATH")
+    if env and Path(env).exists():
+        return env
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def save_figure(fig: go.Figure, stem: str | Path, *, meta: dict | None = None, png: bool = True,
+                scale: float = 2.0) -> list[Path]:
+    """Write ``stem.html`` (always) and ``stem.png`` (when a browser exists), atomically.
+
+    ``meta`` (what the figure depends on) is embedded in the HTML and written to
+    ``stem.json``. Returns the paths written.
+    """
+    global _png_warned
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def _atomic(path: Path, write) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+            written.append(path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    if meta is not None:
+        fig.update_layout(meta=meta)
+        _atomic(stem.with_suffix(".json"), lambda t: Path(t).write_text(json.dumps(meta, indent=2, default=str)))
+    # plotly.min.js is written once beside the figures, so the HTML works offline.
+    _atomic(stem.with_suffix(".html"), lambda t: fig.write_html(t, include_plotlyjs="directory", full_html=True))
+    if png:
+        browser = find_browser()
+        if browser is None:
+            if not _png_warned:
+                warnings.warn("no Chrome/Chromium found: writing HTML figures only (install Debian's 'chromium' "
+                              "or set BROWSER_PATH for PNGs)", stacklevel=2)
+                _png_warned = True
+        else:
+            os.environ.setdefault("BROWSER_PATH", browser)
+            try:
+                _atomic(stem.with_suffix(".png"), lambda t: fig.write_image(t, format="png", scale=scale))
+            except Exception as exc:  # kaleido/browser failures must not lose the HTML
+                warnings.warn(f"PNG export of {stem} failed ({exc}); HTML written", stacklevel=2)
+    return written
+
+
+def line_by_layer(frame: pd.DataFrame, *, title: str, subtitle: str | None = None,
+                  y_title: str = "value") -> go.Figure:
+    """One line per direction of ``value`` over ``layer`` (columns ``direction, layer, value``)."""
+    fig = go.Figure()
+    for name, grp in frame.groupby("direction", sort=True):
+        grp = grp.sort_values("layer")
+        fig.add_trace(go.Scatter(x=grp.layer, y=grp.value, mode="lines+markers", name=str(name)))
+    fig.update_xaxes(title_text="layer")
+    fig.update_yaxes(title_text=y_title)
+    fig.update_layout(width=800, height=420)
+    return _style(fig, title, subtitle)
