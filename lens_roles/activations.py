@@ -85,6 +85,8 @@ class Activations:
 def _as_prompts(prompts) -> list[Prompt]:
     if isinstance(prompts, PromptSet):
         return list(prompts.prompts)
+    if isinstance(prompts, (str, Prompt)):
+        prompts = [prompts]
     out = [Prompt(p) if isinstance(p, str) else p for p in prompts]
     if not out:
         raise DataError("no prompts given")

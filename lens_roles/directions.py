@@ -23,9 +23,9 @@ how far apart the two sets are):
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping, Sequence
@@ -44,45 +44,84 @@ from .prompts import PairSet, PromptSet
 _COMPATIBLE_KEYS = ("model", "hook", "d_model")
 
 
-@dataclass(frozen=True, eq=False)
+def _freeze(value):
+    """A deep, read-only copy of JSON-like data (dicts become read-only mappings)."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({str(k): _freeze(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _thaw(value):
+    """Plain JSON-serialisable data from :func:`_freeze`'s output."""
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
 class Direction:
     """An immutable layer → vector map with provenance.
 
-    Attributes:
+    Args:
         layers: block indices, in the order of the rows of ``vectors``.
-        vectors: ``[layer, d_model]`` float32 (read-only view; use ``direction[l]``).
-        meta: provenance (read-only): model, hook, positions, template, prepend_bos,
-            method, dataset, raw_norms, lens_roles version, and builder extras.
+        vectors: ``[layer, d_model]``; copied to float32 on the CPU.
+        meta: provenance: model, hook, positions, template, prepend_bos, method,
+            dataset, and builder extras. ``d_model``, ``raw_norms`` and the
+            lens_roles version are added here.
+
+    ``direction.vectors`` and ``direction[layer]`` return copies and ``meta`` is a
+    deep read-only mapping, so a direction never changes after it is made.
     """
 
-    layers: tuple[int, ...]
-    vectors: Float[Tensor, "layer d_model"]
-    meta: Mapping = field(default_factory=dict)
+    __slots__ = ("_layers", "_vectors", "_meta")
 
-    def __post_init__(self):
-        vectors = torch.as_tensor(self.vectors).detach().to("cpu", torch.float32).clone()
-        if vectors.ndim != 2 or vectors.shape[0] != len(self.layers):
+    def __init__(self, layers, vectors, meta: Mapping | None = None):
+        vectors = torch.as_tensor(vectors).detach().to("cpu", torch.float32).clone()
+        layers = tuple(int(layer) for layer in layers)
+        if vectors.ndim != 2 or vectors.shape[0] != len(layers):
             raise DirectionError(
-                f"vectors must be [layer, d_model] with {len(self.layers)} rows, got {tuple(vectors.shape)}"
+                f"vectors must be [layer, d_model] with {len(layers)} rows, got {tuple(vectors.shape)}"
             )
-        if len(set(self.layers)) != len(self.layers):
-            raise DirectionError(f"duplicate layers in {self.layers}")
+        if len(set(layers)) != len(layers):
+            raise DirectionError(f"duplicate layers in {layers}")
         if not torch.isfinite(vectors).all():
             raise DirectionError("direction holds NaN or infinite values")
-        vectors.requires_grad_(False)
-        meta = dict(self.meta)
-        meta["d_model"] = vectors.shape[1]
-        meta["raw_norms"] = {str(layer): float(n) for layer, n in zip(self.layers, vectors.norm(dim=1))}
-        meta.setdefault("hook", "resid_post")
-        meta.setdefault("lens_roles", __version__)
-        object.__setattr__(self, "layers", tuple(int(layer) for layer in self.layers))
-        object.__setattr__(self, "vectors", vectors)
-        object.__setattr__(self, "meta", MappingProxyType(meta))
+        info = _thaw(_freeze(dict(meta or {})))
+        info["d_model"] = vectors.shape[1]
+        info["raw_norms"] = {str(layer): float(n) for layer, n in zip(layers, vectors.norm(dim=1))}
+        info.setdefault("hook", "resid_post")
+        info.setdefault("lens_roles", __version__)
+        self._layers = layers
+        self._vectors = vectors
+        self._meta = _freeze(info)
+
+    def __setattr__(self, name, value):
+        if hasattr(self, "_meta"):
+            raise AttributeError("Direction is immutable; arithmetic and select() return new directions")
+        object.__setattr__(self, name, value)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self._layers
+
+    @property
+    def vectors(self) -> Float[Tensor, "layer d_model"]:
+        """``[layer, d_model]`` float32 (a copy)."""
+        return self._vectors.clone()
+
+    @property
+    def meta(self) -> Mapping:
+        return self._meta
 
     # -------------------------------------------------------------- access
     @property
     def d_model(self) -> int:
-        return self.vectors.shape[1]
+        return self._vectors.shape[1]
 
     @property
     def method(self) -> str:
@@ -101,7 +140,7 @@ class Direction:
                 f"direction {self.meta.get('name', '')!r} has no vector for layer {layer} "
                 f"(it has layers {list(self.layers)})"
             )
-        return self.vectors[self.layers.index(layer)].clone()
+        return self._vectors[self.layers.index(layer)].clone()
 
     def unit(self, layer: int) -> Float[Tensor, " d_model"]:
         """The unit vector at ``layer``."""
@@ -112,17 +151,20 @@ class Direction:
         return v / norm
 
     def norms(self) -> dict[int, float]:
-        return {layer: float(n) for layer, n in zip(self.layers, self.vectors.norm(dim=1))}
+        return {layer: float(n) for layer, n in zip(self.layers, self._vectors.norm(dim=1))}
 
     def select(self, layers) -> "Direction":
         """The direction restricted to ``layers``."""
         layers = [layers] if isinstance(layers, int) else list(layers)
-        return Direction(tuple(layers), torch.stack([self[layer] for layer in layers]), dict(self.meta))
+        return Direction(tuple(layers), torch.stack([self[layer] for layer in layers]), self.meta)
 
     def normalized(self) -> "Direction":
         """Unit vectors at every layer (the raw norms stay in ``meta['raw_norms_before']``)."""
-        meta = dict(self.meta, raw_norms_before=dict(self.meta["raw_norms"]))
-        return Direction(self.layers, self.vectors / self.vectors.norm(dim=1, keepdim=True), meta)
+        norms = self._vectors.norm(dim=1, keepdim=True)
+        if (norms == 0).any():
+            raise DirectionError("cannot normalise a direction with a zero vector")
+        meta = dict(self.meta, raw_norms_before=self.meta["raw_norms"])
+        return Direction(self.layers, self._vectors / norms, meta)
 
     def cosine(self, other: "Direction") -> dict[int, float]:
         """Cosine similarity with ``other`` at each shared layer."""
@@ -149,7 +191,7 @@ class Direction:
             raise DirectionError(f"directions cover different layers: {self.layers} vs {other.layers}")
         meta = {k: v for k, v in self.meta.items() if other.meta.get(k) == v}
         meta["method"] = f"({self.method}) {symbol} ({other.method})"
-        return Direction(self.layers, op(self.vectors, other.vectors), meta)
+        return Direction(self.layers, op(self._vectors, other._vectors), meta)
 
     def __add__(self, other):
         return self._combine(other, torch.add, "+")
@@ -158,9 +200,11 @@ class Direction:
         return self._combine(other, torch.sub, "-")
 
     def __mul__(self, scalar: float):
-        if not isinstance(scalar, (int, float)):
+        if isinstance(scalar, bool) or not isinstance(scalar, (int, float)):
             return NotImplemented
-        return Direction(self.layers, self.vectors * float(scalar), dict(self.meta, method=f"{scalar} * ({self.method})"))
+        if not math.isfinite(scalar):
+            raise DirectionError(f"cannot scale a direction by {scalar}")
+        return Direction(self.layers, self._vectors * float(scalar), dict(self.meta, method=f"{scalar} * ({self.method})"))
 
     __rmul__ = __mul__
 
@@ -168,6 +212,8 @@ class Direction:
         return self * -1.0
 
     def __truediv__(self, scalar: float):
+        if scalar == 0:
+            raise DirectionError("cannot divide a direction by zero")
         return self * (1.0 / scalar)
 
     def __repr__(self) -> str:
@@ -190,13 +236,13 @@ class Direction:
             raise DirectionError(f"direction files end in .safetensors, got {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
         sidecar = path.with_suffix(".json")
-        info = {"layers": list(self.layers), **dict(self.meta)}
+        info = {"layers": list(self.layers), **_thaw(self.meta)}
         tmps = []
         try:
             fd, tmp_st = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
             os.close(fd)
             tmps.append(tmp_st)
-            save_file({"vectors": self.vectors.contiguous()}, tmp_st, metadata={"meta": json.dumps(info)})
+            save_file({"vectors": self._vectors.contiguous()}, tmp_st, metadata={"meta": json.dumps(info)})
             fd, tmp_js = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
             tmps.append(tmp_js)
             with os.fdopen(fd, "w") as f:

@@ -308,9 +308,11 @@ def parse_layers(text: str | Sequence[int] | None) -> list[int] | str | None:
         try:
             if "-" in part[1:]:
                 lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
+                if int(hi) < int(lo):
+                    raise ValueError
                 out.extend(range(int(lo), int(hi) + 1))
             else:
                 out.append(int(part))
         except ValueError:
-            raise ModelError(f"cannot read layer spec {text!r} (use e.g. all, 5, 3,7 or 10-20)") from None
+            raise ModelError(f"cannot read layer spec {text!r} (use e.g. all, 5, 3,7 or 10-20 with low <= high)") from None
     return out

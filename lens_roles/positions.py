@@ -48,10 +48,27 @@ class Encoded:
         return len(self.tokens)
 
 
-def _char_span_to_tokens(offsets: list[tuple[int, int]], span: tuple[int, int]) -> tuple[int, int]:
-    """Token range whose first characters fall inside the character span ``[a, b)``."""
+def _token_starts(text: str, offsets: list[tuple[int, int]]) -> list[int | None]:
+    """Where each token's first non-whitespace character is (None for empty tokens).
+
+    BPE tokenizers glue a separating space to the next word (``" to"``); such a
+    token belongs to the span its word is in, not to the space before it.
+    """
+    starts = []
+    for s, e in offsets:
+        if e <= s:
+            starts.append(None)
+            continue
+        piece = text[s:e]
+        stripped = len(piece) - len(piece.lstrip())
+        starts.append(s + stripped if stripped < len(piece) else s)
+    return starts
+
+
+def _char_span_to_tokens(starts: list[int | None], span: tuple[int, int]) -> tuple[int, int]:
+    """Token range whose (non-whitespace) starts fall inside the character span ``[a, b)``."""
     a, b = span
-    idx = [i for i, (s, e) in enumerate(offsets) if e > s and a <= s < b]
+    idx = [i for i, s in enumerate(starts) if s is not None and a <= s < b]
     if not idx:
         return (0, 0)
     return (idx[0], idx[-1] + 1)
@@ -89,10 +106,10 @@ def encode(
     bos = tokenizer.bos_token_id
     out = []
     for r, ids, offsets in zip(rendered, batch["input_ids"], batch["offset_mapping"]):
-        offsets = [tuple(o) for o in offsets]
-        user = _char_span_to_tokens(offsets, r.user_span)
-        eoi = _char_span_to_tokens(offsets, r.eoi_span)
-        reply = _char_span_to_tokens(offsets, r.reply_span) if r.reply_span else None
+        starts = _token_starts(r.text, [tuple(o) for o in offsets])
+        user = _char_span_to_tokens(starts, r.user_span)
+        eoi = _char_span_to_tokens(starts, r.eoi_span)
+        reply = _char_span_to_tokens(starts, r.reply_span) if r.reply_span else None
         shift = 0
         if prepend_bos and bos is not None and (not ids or ids[0] != bos):
             ids = [bos] + list(ids)
@@ -131,6 +148,10 @@ def select_positions(items: Sequence[Encoded], rule: PositionRule) -> list[list[
         raise DataError(f"explicit positions: {len(rule)} entries for {len(items)} prompts")
     out = []
     for i, (item, entry) in enumerate(zip(items, rule)):
+        if not isinstance(entry, torch.Tensor):
+            entry = list(entry)
+            is_mask = bool(entry) and all(isinstance(x, bool) or type(x).__name__ == "bool_" for x in entry)
+            entry = torch.tensor(entry, dtype=torch.bool) if is_mask else entry
         if isinstance(entry, torch.Tensor) and entry.dtype == torch.bool:
             if entry.shape != (len(item),):
                 raise DataError(

@@ -300,10 +300,16 @@ def render(tokenizer, prompt: Prompt, template: str | None = None) -> Rendered:
         messages = ([{"role": "system", "content": prompt.system}] if prompt.system else []) + [
             {"role": "user", "content": prompt.user}
         ]
+        # Render with a sentinel in place of the user text, so that the user's span is
+        # found exactly even when the text also occurs in the template.
+        sentinel = "\ue000LENSROLESUSER\ue001"
+        messages[-1]["content"] = sentinel
         head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        user_end = head.rfind(prompt.user) + len(prompt.user)
-        if user_end < len(prompt.user):
-            raise DataError("the chat template does not contain the user's text verbatim")
+        if head.count(sentinel) != 1:
+            raise DataError("the chat template does not contain the user's text verbatim exactly once")
+        start = head.index(sentinel)
+        head = head[:start] + prompt.user + head[start + len(sentinel):]
+        user_end = start + len(prompt.user)
     elif template == "plain":
         head = f"System: {prompt.system}\n\n" if prompt.system else ""
         head += f"User: {prompt.user}"

@@ -11,6 +11,7 @@ from lens_roles.errors import DataError
 from lens_roles.positions import (
     NAMED_RULES,
     _char_span_to_tokens,
+    _token_starts,
     default_prepend_bos,
     encode,
     rule_name,
@@ -22,8 +23,11 @@ CHAT_EOI = "<|im_end|>\n<|im_start|>assistant\n"
 
 PROMPTS = [
     Prompt("How do I cite a website in APA style?", reply="Happy to help! You need the author and date."),
-    Prompt("I'm looking for books on beekeeping for beginners.", system="You are a librarian.",
-           reply="Wonderful hobby! Our beekeeping guides are in the 638 section."),
+    Prompt(
+        "I'm looking for books on beekeeping for beginners.",
+        system="You are a librarian.",
+        reply="Wonderful hobby! Our beekeeping guides are in the 638 section.",
+    ),
     Prompt("Can you renew my library card?", reply="Sure."),
 ]
 
@@ -76,7 +80,7 @@ def test_last_without_reply_is_last_template_token(tiny_model, tiny_tokenizer):
 
 
 def test_explicit_indices(items):
-    n0, n1, n2 = (len(it) for it in items)
+    _, n1, n2 = (len(it) for it in items)
     pos = select_positions(items, [[2, 0, 2], [-1], [0, -n2, n2 - 1]])
     assert pos == [[0, 2], [n1 - 1], [0, n2 - 1]]
     # a tensor of indices works like a list
@@ -94,11 +98,6 @@ def test_boolean_masks(items):
     assert select_positions(items, masks) == expected
 
 
-@pytest.mark.xfail(
-    reason="BUG: a boolean mask given as a Python list (not a bool tensor) is read as the indices "
-    "0/1 (int(True) == 1), silently selecting the wrong tokens",
-    strict=True,
-)
 def test_boolean_mask_as_python_list(items):
     item = items[0]
     mask = [False] * len(item)
@@ -160,12 +159,6 @@ def test_plain_spans_decode_back_without_merges(tiny_model, tiny_tokenizer):
     assert _decode(tiny_tokenizer, item.tokens[slice(*item.reply)]).lstrip() == prompt.reply
 
 
-@pytest.mark.xfail(
-    reason="BUG: with the plain template the first user/reply word is tokenised together with the "
-    "separating space (' to'); _char_span_to_tokens keeps only tokens that START inside the span, "
-    "so that token falls in no span and the 'reply'/'user' rules drop the first word",
-    strict=True,
-)
 def test_plain_spans_keep_first_word(tiny_model, tiny_tokenizer):
     prompt = Prompt("to help you", reply="to help you")
     item = encode(tiny_model, [prompt], template="plain", prepend_bos=False)[0]
@@ -174,10 +167,17 @@ def test_plain_spans_keep_first_word(tiny_model, tiny_tokenizer):
 
 
 def test_char_span_to_tokens():
+    text = "abc defg."
     offsets = [(0, 0), (0, 3), (3, 4), (4, 8), (8, 9)]
-    assert _char_span_to_tokens(offsets, (3, 8)) == (2, 4)
-    assert _char_span_to_tokens(offsets, (0, 3)) == (1, 2)  # empty (special) offsets are skipped
-    assert _char_span_to_tokens(offsets, (9, 12)) == (0, 0)
+    starts = _token_starts(text, offsets)
+    assert starts == [None, 0, 3, 4, 8]  # the lone space token keeps its own start
+    assert _char_span_to_tokens(starts, (3, 8)) == (2, 4)
+    assert _char_span_to_tokens(starts, (0, 3)) == (1, 2)  # empty (special) offsets are skipped
+    assert _char_span_to_tokens(starts, (9, 12)) == (0, 0)
+    # a token that glues the separating space to a word belongs to the word's span
+    glued = _token_starts("ab cd", [(0, 2), (2, 5)])
+    assert glued == [0, 3]
+    assert _char_span_to_tokens(glued, (3, 5)) == (1, 2)
 
 
 def test_encode_needs_tokenizer():

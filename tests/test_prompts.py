@@ -31,6 +31,12 @@ DATA = REPO / "data"
 CHAT_EOI = "<|im_end|>\n<|im_start|>assistant\n"
 
 
+@pytest.fixture(autouse=True)
+def _repository_data(monkeypatch):
+    """The loaders read the repository's data/ unless LENS_ROLES_DATA says otherwise."""
+    monkeypatch.delenv("LENS_ROLES_DATA", raising=False)
+
+
 def _jsonl_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -43,9 +49,10 @@ def _write(path: Path, text: str) -> Path:
 # ------------------------------------------------------------------ loaders: real files
 
 
-def test_data_dir_is_repository_data(monkeypatch):
-    monkeypatch.delenv("LENS_ROLES_DATA", raising=False)
+def test_data_dir_is_repository_data(monkeypatch, tmp_path):
     assert data_dir() == DATA
+    monkeypatch.setenv("LENS_ROLES_DATA", str(tmp_path))
+    assert data_dir() == tmp_path
 
 
 def test_load_prompt_set_project_jsonl():
@@ -94,7 +101,7 @@ def test_load_pairs_caa_json(shared_data):
         # ... and the replies are the differing "(A)" / "(B)" tails
         assert {pair.positive, pair.negative} == {"(A)", "(B)"}
         assert rec["positive"][-3:] == pair.positive and rec["negative"][-3:] == pair.negative
-        assert rec["positive"][: -3].rstrip() == pair.user
+        assert rec["positive"][:-3].rstrip() == pair.user
         assert pair.system is None
         pos, neg = pair.as_prompts()
         assert pos.user == neg.user == pair.user
@@ -197,7 +204,10 @@ def test_missing_field(tmp_path):
     msg = str(err.value)
     assert str(path) in msg and "2" in msg and "'instruction'" in msg
 
-    path = _write(tmp_path / "pairs.jsonl", '{"user": "u", "positive": "p", "negative": "n"}\n{"user": "u", "positive": "p"}\n')
+    path = _write(
+        tmp_path / "pairs.jsonl",
+        '{"user": "u", "positive": "p", "negative": "n"}\n{"user": "u", "positive": "p"}\n',
+    )
     with pytest.raises(DataError) as err:
         load_pairs(path)
     msg = str(err.value)
@@ -355,7 +365,9 @@ def test_render_plain_spans(tiny_tokenizer, prompt):
     assert r.template == "plain"
     _check_spans(r, prompt)
     assert r.text[slice(*r.eoi_span)] == "\n\nAssistant:"
-    expected = (f"System: {prompt.system}\n\n" if prompt.system else "") + f"User: {prompt.user}\n\nAssistant:"
+    expected = (
+        f"System: {prompt.system}\n\n" if prompt.system else ""
+    ) + f"User: {prompt.user}\n\nAssistant:"
     if prompt.reply is not None:
         expected += " " + prompt.reply
         assert r.reply_span[0] == r.eoi_span[1] + 1  # the single separating space
@@ -375,11 +387,6 @@ def test_render_unknown_template(tiny_tokenizer):
         render(tiny_tokenizer, Prompt("x"), template="markdown")
 
 
-@pytest.mark.xfail(
-    reason="BUG: render() locates the user text with head.rfind(user), which can match inside the "
-    "generation prompt ('<|im_start|>assistant\\n') instead of the user turn",
-    strict=True,
-)
 @pytest.mark.parametrize("user", ["assistant", "ant"])
 def test_render_chat_user_text_inside_template(tiny_tokenizer, user):
     r = render(tiny_tokenizer, Prompt(user, reply="ok"))
