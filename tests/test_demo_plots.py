@@ -1,0 +1,80 @@
+"""The main job and the figures, on the tiny model (fast): files, columns, provenance."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pandas as pd
+import pytest
+
+from lens_roles import Direction, plots
+from lens_roles.demo import run_demo
+
+
+@pytest.fixture(scope="module")
+def demo_run(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("figures")
+    vectors = tmp_path_factory.mktemp("directions")
+    summary = run_demo(tiny_model, out=out, directions_out=vectors, roles=["chemist", "lawyer", "nurse"],
+                       batch_size=32)
+    return summary, out, vectors
+
+
+def test_demo_summary_is_tidy_and_complete(demo_run, tiny_model):
+    summary, out, _ = demo_run
+    assert list(summary.columns) == ["direction", "kind", "layer", "metric", "value"]
+    n = tiny_model.cfg.n_layers
+    counts = summary.groupby(["direction", "metric"]).size()
+    assert counts.loc[("librarian", "auc")] == n and counts.loc[("librarian", "split_half_cosine")] == n
+    for role in ("chemist", "lawyer", "nurse"):
+        assert counts.loc[(role, "norm")] == n and counts.loc[(role, "auc")] == n
+        assert counts.loc[(role, "auc_vs_roles")] == n
+    auc = summary[summary.metric.str.startswith("auc")].value
+    assert auc.between(0, 1).all()
+    pd.testing.assert_frame_equal(pd.read_csv(out / "directions_summary.csv"), summary, check_dtype=False)
+
+
+def test_demo_writes_figures_with_provenance(demo_run):
+    _, out, _ = demo_run
+    for stem in ("direction_profile", "role_auc_heatmap", "role_specificity_heatmap", "librarian_split_half"):
+        assert (out / f"{stem}.html").stat().st_size > 1000
+        meta = json.loads((out / f"{stem}.json").read_text())
+        assert meta["model"] == "tiny-test" and meta["positions"] == {"persona": "reply", "roles": "eoi"}
+        assert "plotly.min.js" in (out / f"{stem}.html").read_text()
+    assert (out / "plotly.min.js").is_file()  # the HTML works offline
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_demo_saves_directions_that_reload(demo_run, tiny_model):
+    summary, _, vectors = demo_run
+    chemist = Direction.load(vectors / "roles" / "chemist.safetensors")
+    assert chemist.meta["method"] == "role_vector" and chemist.meta["positions"] == "eoi"
+    norms = summary[(summary.direction == "chemist") & (summary.metric == "norm")].sort_values("layer").value
+    assert list(norms.round(5)) == [round(v, 5) for v in chemist.norms().values()]
+    librarian = Direction.load(vectors / "librarian.safetensors")
+    assert librarian.meta["positions"] == "reply" and librarian.layers == tuple(range(tiny_model.cfg.n_layers))
+
+
+def test_missing_browser_still_writes_html(tmp_path, monkeypatch):
+    monkeypatch.setattr(plots, "find_browser", lambda: None)
+    monkeypatch.setattr(plots, "_png_warned", False)
+    frame = pd.DataFrame({"direction": ["a", "a"], "layer": [0, 1], "metric": ["auc", "auc"], "value": [0.5, 0.9]})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        written = plots.save_figure(plots.line_by_layer(frame, title="t"), tmp_path / "fig", meta={"model": "m"})
+    assert (tmp_path / "fig.html").is_file() and not (tmp_path / "fig.png").exists()
+    assert tmp_path / "fig.html" in written
+    assert any("no Chrome/Chromium" in str(w.message) for w in caught)
+
+
+def test_heatmap_orders_rows_by_peak_layer():
+    frame = pd.DataFrame({
+        "direction": ["late"] * 3 + ["early"] * 3,
+        "layer": [0, 1, 2] * 2,
+        "metric": ["auc"] * 6,
+        "value": [0.5, 0.6, 0.9, 0.9, 0.6, 0.5],
+    })
+    fig = plots.layer_heatmap(frame, metric="auc")
+    assert list(fig.data[0].y) == ["early", "late"]
+    assert fig.data[0].z.tolist() == [[0.9, 0.6, 0.5], [0.5, 0.6, 0.9]]
