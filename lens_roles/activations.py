@@ -38,6 +38,7 @@ from torch import Tensor
 
 from . import __version__
 from .errors import CacheError, DataError
+from .batching import run_batches
 from .models import model_id, resid_hook, validate_layers
 from .positions import Encoded, PositionRule, default_prepend_bos, encode, rule_name, select_positions
 from .prompts import Prompt, PromptSet, template_name
@@ -93,24 +94,6 @@ def _as_prompts(prompts) -> list[Prompt]:
     return out
 
 
-def _padded_batches(items: Sequence[Encoded], positions: list[list[int]], batch_size: int, pad_id: int):
-    """Yield ``(indices, tokens [b, pos], positions)``, longest prompts first.
-
-    Sorting by the length that is actually run (up to the last selected position)
-    keeps padding small.
-    """
-    needed = [max(p) + 1 for p in positions]
-    order = sorted(range(len(items)), key=lambda i: -needed[i])
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(needed[i] for i in idx)
-        tokens = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        for row, i in enumerate(idx):
-            n = min(len(items[i]), width)
-            tokens[row, :n] = torch.tensor(items[i].tokens[:n])
-        yield idx, tokens, [positions[i] for i in idx]
-
-
 def _cache_key(model, layers, items, positions, keep_per_prompt) -> str:
     h = hashlib.sha256()
     head = {
@@ -162,7 +145,6 @@ def _save_cached(path: Path, acts: Activations) -> None:
             os.unlink(tmp)
 
 
-@torch.inference_mode()
 def collect(
     model,
     prompts: PromptSet | Sequence[Prompt | str],
@@ -175,6 +157,7 @@ def collect(
     keep_per_prompt: bool = False,
     cache_dir: str | Path | None = None,
     progress: bool = False,
+    share_prefixes: bool = True,
 ) -> Activations:
     """Collect the mean (and optionally per-prompt) residual activations of ``prompts``.
 
@@ -189,68 +172,124 @@ def collect(
         keep_per_prompt: also return ``per_prompt`` ``[batch, layer, d_model]``.
         cache_dir: directory of the on-disk cache; None disables it.
         progress: show a tqdm bar.
+        share_prefixes: compute prefixes shared by several prompts (the chat
+            template's system prompt, a pair's common user turn) once, through the
+            KV cache (see :mod:`lens_roles.batching`). The numbers agree with
+            ``False`` to float rounding.
+    """
+    return collect_sets(
+        model, [prompts], layers=layers, positions=positions, batch_size=batch_size, template=template,
+        prepend_bos=prepend_bos, keep_per_prompt=keep_per_prompt, cache_dir=cache_dir, progress=progress,
+        share_prefixes=share_prefixes,
+    )[0]
+
+
+@torch.no_grad()
+def collect_sets(
+    model,
+    prompt_sets: Sequence[PromptSet | Sequence[Prompt | str]],
+    *,
+    layers=None,
+    positions: PositionRule = "last",
+    batch_size: int = 16,
+    template: str | None = None,
+    prepend_bos: bool | None = None,
+    keep_per_prompt: bool = False,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+    share_prefixes: bool = True,
+) -> list[Activations]:
+    """:func:`collect` for several prompt sets in one run, one :class:`Activations` each.
+
+    Running them together lets prompts of different sets share prefixes — the
+    positive and negative replies of a contrast pair share their user turn — and
+    batches. An explicit position rule needs one entry per prompt of all sets,
+    in order. Each set is cached on disk under its own key.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
     layers = validate_layers(model, layers)
-    plist = _as_prompts(prompts)
+    lists = [_as_prompts(prompts) for prompts in prompt_sets]
+    if not lists:
+        raise DataError("no prompt sets given")
     template = template or template_name(model.tokenizer)
     if prepend_bos is None:
         prepend_bos = default_prepend_bos(model, template)
-    items = encode(model, plist, template=template, prepend_bos=prepend_bos)
+    items = encode(model, [p for plist in lists for p in plist], template=template, prepend_bos=prepend_bos)
     pos = select_positions(items, positions)
-    meta = {
-        "model": model_id(model),
-        "hook": "resid_post",
-        "layers": list(layers),
-        "positions": rule_name(positions),
-        "template": template,
-        "prepend_bos": prepend_bos,
-        "dataset": getattr(prompts, "fingerprint", lambda: None)() or _fingerprint_items(items),
-        "count": len(items),
-        "lens_roles": __version__,
-    }
-    key = path = None
-    if cache_dir is not None:
-        key = _cache_key(model, layers, items, pos, keep_per_prompt)
-        path = Path(cache_dir) / f"{key}.safetensors"
-        if path.exists():
-            return _load_cached(path, key)
-        meta["cache_key"] = key
+    bounds = [0]
+    for plist in lists:
+        bounds.append(bounds[-1] + len(plist))
+    spans = [range(bounds[k], bounds[k + 1]) for k in range(len(lists))]
+
+    metas, paths, results = [], [], [None] * len(lists)
+    for k, (prompts, span) in enumerate(zip(prompt_sets, spans)):
+        set_items, set_pos = [items[i] for i in span], [pos[i] for i in span]
+        meta = {
+            "model": model_id(model),
+            "hook": "resid_post",
+            "layers": list(layers),
+            "positions": rule_name(positions),
+            "template": template,
+            "prepend_bos": prepend_bos,
+            "dataset": getattr(prompts, "fingerprint", lambda: None)() or _fingerprint_items(set_items),
+            "count": len(set_items),
+            "lens_roles": __version__,
+        }
+        path = None
+        if cache_dir is not None:
+            key = _cache_key(model, layers, set_items, set_pos, keep_per_prompt)
+            path = Path(cache_dir) / f"{key}.safetensors"
+            if path.exists():
+                results[k] = _load_cached(path, key)
+            meta["cache_key"] = key
+        metas.append(meta)
+        paths.append(path)
+    todo = [k for k in range(len(lists)) if results[k] is None]
+    if not todo:
+        return results
+    run_items = [i for k in todo for i in spans[k]]
+    set_of = {i: k for k in todo for i in spans[k]}
 
     d_model = model.cfg.d_model
-    sums = torch.zeros(len(layers), d_model, dtype=torch.float64)
+    sums = torch.zeros(len(lists), len(layers), d_model, dtype=torch.float64)
     per_prompt = torch.zeros(len(items), len(layers), d_model) if keep_per_prompt else None
-    device = model.cfg.device
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-
-    batches = list(_padded_batches(items, pos, batch_size, pad_id))
+    layer_pos = {layer: j for j, layer in enumerate(layers)}
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc=f"activations ({len(items)} prompts)", unit="batch")
-    for idx, tokens, batch_pos in batches:
-        # weights[b, p] = 1/len(selected of b) at the selected positions, else 0.
-        weights = torch.zeros(tokens.shape, dtype=model.cfg.dtype)
-        for row, p in enumerate(batch_pos):
-            weights[row, p] = 1.0 / len(p)
-        weights = weights.to(device)
-        reduced: dict[int, Tensor] = {}
+        bar = tqdm(total=len(run_items), desc="activations", unit="prompt")
 
-        def reduce_hook(acts, hook, _w=weights, _out=reduced):
-            layer = int(hook.name.split(".")[1])
-            _out[layer] = torch.einsum("bp,bpd->bd", _w, acts).float().cpu()
+    def hooks_for(weights: Tensor, members: list[int]) -> list:
+        # members index run_items; map them to prompts and to their sets
+        index = torch.tensor([run_items[m] for m in members], dtype=torch.long)
+        owner = torch.tensor([set_of[run_items[m]] for m in members], dtype=torch.long)
 
-        with model.hooks(fwd_hooks=[(resid_hook(layer), reduce_hook) for layer in layers]):
-            model(tokens.to(device), stop_at_layer=max(layers) + 1)
-        for j, layer in enumerate(layers):
-            sums[j] += reduced[layer].double().sum(0)
+        def reduce_hook(acts, hook):
+            # per-prompt mean over the read positions: [batch, d_model]
+            j = layer_pos[int(hook.name.split(".")[1])]
+            reduced = torch.einsum("bp,bpd->bd", weights, acts).float().cpu()
+            sums[:, j].index_add_(0, owner, reduced.double())
             if per_prompt is not None:
-                per_prompt[idx, j] = reduced[layer]
-    acts = Activations(layers, sums / len(items), len(items), per_prompt, meta)
-    if path is not None:
-        _save_cached(path, acts)
-    return acts
+                per_prompt[index, j] = reduced
+
+        return [(resid_hook(layer), reduce_hook) for layer in layers]
+
+    try:
+        run_batches(model, [items[i] for i in run_items], [pos[i] for i in run_items], batch_size=batch_size,
+                    stop_at_layer=max(layers) + 1, fwd_hooks_for=hooks_for, share_prefixes=share_prefixes,
+                    progress=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    for k in todo:
+        n = len(spans[k])
+        kept = per_prompt[bounds[k] : bounds[k + 1]].clone() if per_prompt is not None else None
+        results[k] = Activations(layers, sums[k] / n, n, kept, metas[k])
+        if paths[k] is not None:
+            _save_cached(paths[k], results[k])
+    return results
 
 
 def _fingerprint_items(items: Sequence[Encoded]) -> str:

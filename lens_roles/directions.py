@@ -35,7 +35,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from . import __version__
-from .activations import Activations, collect
+from .activations import Activations, collect, collect_sets
 from .errors import DirectionError
 from .models import validate_layers
 from .prompts import PairSet, PromptSet
@@ -311,7 +311,7 @@ def diff_in_means(positive: Activations, negative: Activations, **meta) -> Direc
 
 
 def _collect_kw(kw: dict) -> dict:
-    allowed = {"batch_size", "template", "prepend_bos", "cache_dir", "progress"}
+    allowed = {"batch_size", "template", "prepend_bos", "cache_dir", "progress", "share_prefixes"}
     unknown = set(kw) - allowed
     if unknown:
         raise TypeError(f"unexpected keyword(s): {', '.join(sorted(unknown))}")
@@ -352,8 +352,9 @@ def persona_vector(
         raise DirectionError(f"unknown method {method!r}; use mean_diff, pca or probe")
     _collect_kw(collect_kw)
     keep = method != "mean_diff"
-    pos = collect(model, pairs.positives(), layers=layers, positions=positions, keep_per_prompt=keep, **collect_kw)
-    neg = collect(model, pairs.negatives(), layers=layers, positions=positions, keep_per_prompt=keep, **collect_kw)
+    # one run over both sides, so each pair's shared user turn is computed once
+    pos, neg = collect_sets(model, [pairs.positives(), pairs.negatives()], layers=layers, positions=positions,
+                            keep_per_prompt=keep, **collect_kw)
     meta = {"name": pairs.name, "dataset": pairs.fingerprint(), "source": pairs.source}
     if method == "mean_diff":
         return diff_in_means(pos, neg, method="mean_diff", **meta)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lens_roles import __version__
-from lens_roles.activations import Activations, collect
+from lens_roles.activations import Activations, collect, collect_sets
 from lens_roles.directions import (
     Direction,
     diff_in_means,
@@ -247,7 +247,11 @@ def test_persona_vector_mean_diff(tiny_model, small_pairs):
     pos = collect(tiny_model, small_pairs.positives(), layers=[0, 2], positions="reply", batch_size=4)
     neg = collect(tiny_model, small_pairs.negatives(), layers=[0, 2], positions="reply", batch_size=4)
     assert d.layers == (0, 2)
-    assert torch.equal(d.vectors, (pos.mean - neg.mean).float())
+    # persona_vector runs both sides together (sharing each pair's user turn): equal to rounding
+    torch.testing.assert_close(d.vectors, (pos.mean - neg.mean).float(), rtol=1e-5, atol=1e-6)
+    joint_pos, joint_neg = collect_sets(tiny_model, [small_pairs.positives(), small_pairs.negatives()],
+                                        layers=[0, 2], positions="reply", batch_size=4)
+    assert torch.equal(d.vectors, (joint_pos.mean - joint_neg.mean).float())
     assert d.meta["method"] == "mean_diff"
     assert d.meta["positions"] == "reply"
     assert d.meta["model"] == tiny_model.cfg.model_name
