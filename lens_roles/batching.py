@@ -18,8 +18,9 @@ covers a position that is read, nor a prompt's last token, so the read positions
 always lie in stage 3, where the hooks are. With no shared prefix this is a
 plain right-padded forward with no attention mask.
 
-Batches are built from whole groups, longest first, up to ``batch_size``
-prompts (a group larger than that is split), to keep padding small.
+Groups are taken in chunks (up to ``batch_size`` groups, ``2 * batch_size``
+prompts) whose prefixes run in one pass; the chunk's prompts are then sorted by
+suffix length into suffix batches of up to ``batch_size``, to keep padding small.
 """
 
 from __future__ import annotations
@@ -135,26 +136,29 @@ def _empty_cache(model, batch: int):
     return TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch)
 
 
-def _batches(p: Plan, batch_size: int, suffix_len: Callable[[int], int]):
-    """Lists of ``(group prefix, members)``, each list at most ``batch_size`` prompts.
+def _chunks(p: Plan, batch_size: int, suffix_len: Callable[[int], int]):
+    """Lists of ``(group prefix, members)`` whose prefixes run together in one pass.
 
+    A chunk holds at most ``batch_size`` groups and ``2 * batch_size`` prompts;
+    its prompts are then re-sorted by suffix length into suffix batches of at most
+    ``batch_size``, so the two sides of a pair need not share a suffix batch.
     ``suffix_len(i)`` is the number of tokens prompt ``i`` needs after the trunk.
     """
     pieces = []
     for prefix, members in p.groups:
         for start in range(0, len(members), batch_size):
             pieces.append((prefix, members[start : start + batch_size]))
-    # the suffix pass dominates the cost, so batch groups of similar suffix length
+    # the suffix passes dominate the cost: keep groups of similar suffix length together
     pieces.sort(key=lambda g: (-max(suffix_len(i) - len(g[0]) for i in g[1]), -len(g[0])))
-    batch, count = [], 0
+    chunk, count = [], 0
     for piece in pieces:
-        if count + len(piece[1]) > batch_size and batch:
-            yield batch
-            batch, count = [], 0
-        batch.append(piece)
+        if chunk and (len(chunk) == batch_size or count + len(piece[1]) > 2 * batch_size):
+            yield chunk
+            chunk, count = [], 0
+        chunk.append(piece)
         count += len(piece[1])
-    if batch:
-        yield batch
+    if chunk:
+        yield chunk
 
 
 def run_batches(
@@ -189,38 +193,34 @@ def run_batches(
         tokens = torch.tensor([p.trunk], dtype=torch.long, device=device)
         model(tokens, attention_mask=torch.ones_like(tokens), past_kv_cache=trunk_cache, stop_at_layer=stop_at_layer)
 
-    def suffix_start(prefix: tuple[int, ...]) -> int:
-        return t + len(prefix)
-
-    for batch in _batches(p, batch_size, lambda i: needed[i] - t):
-        prefixes = [prefix for prefix, _ in batch]
-        cache = None
-        if trunk_cache is not None or any(prefixes):
-            n = len(batch)
-            if trunk_cache is not None:
-                cache = _cache_rows(trunk_cache, torch.zeros(n, dtype=torch.long))
-            else:
-                cache = _empty_cache(model, n)
-            if any(prefixes):
-                tokens, mask = _pad_left(prefixes, pad_id)
-                model(tokens.to(device), attention_mask=mask.to(device), past_kv_cache=cache,
-                      stop_at_layer=stop_at_layer)
-            # one cache row per member prompt
-            rows = torch.tensor([g for g, (_, members) in enumerate(batch) for _ in members], dtype=torch.long)
-            cache = _cache_rows(cache, rows)
-        members = [i for _, ms in batch for i in ms]
-        starts = [suffix_start(prefix) for prefix, ms in batch for _ in ms]
-        suffixes = [items[i].tokens[s : needed[i]] for i, s in zip(members, starts)]
-        tokens, mask = _pad_right(suffixes, pad_id)
-        weights = torch.zeros(tokens.shape, dtype=model.cfg.dtype)
-        for row, (i, s) in enumerate(zip(members, starts)):
-            weights[row, [q - s for q in positions[i]]] = 1.0 / len(positions[i])
-        hooks = fwd_hooks_for(weights.to(device), members)
-        with model.hooks(fwd_hooks=hooks):
-            if cache is None:
-                model(tokens.to(device), stop_at_layer=stop_at_layer)
-            else:
-                model(tokens.to(device), attention_mask=mask.to(device), past_kv_cache=cache,
-                      stop_at_layer=stop_at_layer)
-        if progress is not None:
-            progress(len(members))
+    for chunk in _chunks(p, batch_size, lambda i: needed[i] - t):
+        prefixes = [prefix for prefix, _ in chunk]
+        chunk_cache = None
+        if trunk_cache is not None:
+            chunk_cache = _cache_rows(trunk_cache, torch.zeros(len(chunk), dtype=torch.long))
+        elif any(prefixes):
+            chunk_cache = _empty_cache(model, len(chunk))
+        if any(prefixes):
+            tokens, mask = _pad_left(prefixes, pad_id)
+            model(tokens.to(device), attention_mask=mask.to(device), past_kv_cache=chunk_cache,
+                  stop_at_layer=stop_at_layer)
+        # (prompt, its group's row in the chunk cache, where its suffix starts), longest suffix first
+        members = [(i, g, t + len(prefix)) for g, (prefix, ms) in enumerate(chunk) for i in ms]
+        members.sort(key=lambda m: -(needed[m[0]] - m[2]))
+        for start in range(0, len(members), batch_size):
+            batch = members[start : start + batch_size]
+            suffixes = [items[i].tokens[s : needed[i]] for i, _, s in batch]
+            tokens, mask = _pad_right(suffixes, pad_id)
+            weights = torch.zeros(tokens.shape, dtype=model.cfg.dtype)
+            for row, (i, _, s) in enumerate(batch):
+                weights[row, [q - s for q in positions[i]]] = 1.0 / len(positions[i])
+            hooks = fwd_hooks_for(weights.to(device), [i for i, _, _ in batch])
+            with model.hooks(fwd_hooks=hooks):
+                if chunk_cache is None:
+                    model(tokens.to(device), stop_at_layer=stop_at_layer)
+                else:
+                    cache = _cache_rows(chunk_cache, torch.tensor([g for _, g, _ in batch], dtype=torch.long))
+                    model(tokens.to(device), attention_mask=mask.to(device), past_kv_cache=cache,
+                          stop_at_layer=stop_at_layer)
+            if progress is not None:
+                progress(len(batch))
