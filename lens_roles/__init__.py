@@ -33,7 +33,7 @@ from .prompts import (  # noqa: E402
     render,
 )
 from .positions import encode, select_positions  # noqa: E402
-from .activations import Activations, collect  # noqa: E402
+from .activations import Activations, collect, collect_sets  # noqa: E402
 from .directions import (  # noqa: E402
     Direction,
     diff_in_means,
@@ -45,4 +45,41 @@ from .directions import (  # noqa: E402
 )
 from .evaluation import separation_auc, split_half_agreement  # noqa: E402
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [
+    "Activations",
+    "CacheError",
+    "ContrastPair",
+    "DEFAULT_MODEL",
+    "DataError",
+    "Direction",
+    "DirectionError",
+    "EMBEDDED_MODELS",
+    "LensRolesError",
+    "ModelError",
+    "PairSet",
+    "Prompt",
+    "PromptSet",
+    "available_roles",
+    "collect",
+    "collect_sets",
+    "diff_in_means",
+    "encode",
+    "load_baseline",
+    "load_hf_model",
+    "load_model",
+    "load_pairs",
+    "load_prompt_set",
+    "load_role",
+    "pca_direction",
+    "persona_vector",
+    "probe_direction",
+    "render",
+    "resid_hook",
+    "role_vector",
+    "role_vectors",
+    "select_positions",
+    "separation_auc",
+    "split_half_agreement",
+    "validate_layers",
+    "__version__",
+]

@@ -26,7 +26,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="embedded name, local Hugging Face folder or TransformerLens name (default: SmolLM2-135M-Instruct)")
+                   help="embedded name, local Hugging Face folder or TransformerLens name "
+                        "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
     p.add_argument("--layers", default="all", help="all, 5, 3,7 or 10-20 (default: all)")

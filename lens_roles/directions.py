@@ -204,7 +204,8 @@ class Direction:
             return NotImplemented
         if not math.isfinite(scalar):
             raise DirectionError(f"cannot scale a direction by {scalar}")
-        return Direction(self.layers, self._vectors * float(scalar), dict(self.meta, method=f"{scalar} * ({self.method})"))
+        meta = dict(self.meta, method=f"{scalar} * ({self.method})")
+        return Direction(self.layers, self._vectors * float(scalar), meta)
 
     __rmul__ = __mul__
 
@@ -396,6 +397,24 @@ def pca_direction(positive: Activations, negative: Activations, *, paired: bool 
     return Direction(positive.layers, vectors, info)
 
 
+def _probe_unit(x: Tensor, y: Tensor, l2: float, steps: int) -> Tensor:
+    """Unit normal of an L2-regularised logistic regression of ``y`` on ``x`` ``[batch, d_model]``."""
+    x = (x - x.mean(0)) / x.std().clamp_min(1e-12)
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y) + 0.5 * l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return (w.detach() / w.detach().norm().clamp_min(1e-12)).float()
+
+
 def probe_direction(
     positive: Activations, negative: Activations, *, l2: float = 1e-2, steps: int = 200, paired: bool = True, **meta
 ) -> Direction:
@@ -409,23 +428,7 @@ def probe_direction(
     del paired  # the probe does not use the pairing
     x_all = torch.cat([positive.per_prompt, negative.per_prompt]).double()
     y = torch.cat([torch.ones(positive.count), torch.zeros(negative.count)]).double()
-    units = []
-    for j in range(x_all.shape[1]):
-        x = x_all[:, j]
-        x = (x - x.mean(0)) / x.std().clamp_min(1e-12)
-        w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-        b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y) + 0.5 * l2 * w.pow(2).sum()
-            loss.backward()
-            return loss
-
-        with torch.enable_grad():
-            opt.step(closure)
-        units.append((w.detach() / w.detach().norm().clamp_min(1e-12)).float())
+    units = [_probe_unit(x_all[:, j], y, l2, steps) for j in range(x_all.shape[1])]
     vectors = _signed_scaled(torch.stack(units), positive, negative)
     info = dict(diff_in_means(positive, negative).meta, method="probe", l2=l2)
     info.update(meta)

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import pandas as pd
-import torch
 from torch import Tensor
 
 from .activations import Activations

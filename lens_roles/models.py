@@ -348,5 +348,7 @@ def parse_layers(text: str | Sequence[int] | None) -> list[int] | str | None:
             else:
                 out.append(int(part))
         except ValueError:
-            raise ModelError(f"cannot read layer spec {text!r} (use e.g. all, 5, 3,7 or 10-20 with low <= high)") from None
+            raise ModelError(
+                f"cannot read layer spec {text!r} (use e.g. all, 5, 3,7 or 10-20 with low <= high)"
+            ) from None
     return out

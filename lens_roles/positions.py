@@ -114,8 +114,9 @@ def encode(
         if prepend_bos and bos is not None and (not ids or ids[0] != bos):
             ids = [bos] + list(ids)
             shift = 1
-        sh = lambda s: (s[0] + shift, s[1] + shift)  # noqa: E731
-        out.append(Encoded(tuple(ids), sh(user), sh(eoi), sh(reply) if reply else None))
+        user, eoi = (user[0] + shift, user[1] + shift), (eoi[0] + shift, eoi[1] + shift)
+        reply = (reply[0] + shift, reply[1] + shift) if reply else None
+        out.append(Encoded(tuple(ids), user, eoi, reply))
     return out
 
 

@@ -151,7 +151,7 @@ def test_arithmetic_is_exact():
     assert (2 * a).method == "2 * (A)"
     assert (a - b).meta["model"] == "m"
     assert (a - b).meta["raw_norms"] == {
-        str(l): float(n) for l, n in zip(a.layers, (a.vectors - b.vectors).norm(dim=1))
+        str(layer): float(n) for layer, n in zip(a.layers, (a.vectors - b.vectors).norm(dim=1))
     }
     # the operands are untouched
     assert torch.equal(a.vectors, _direction(0).vectors)

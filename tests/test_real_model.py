@@ -115,7 +115,8 @@ def test_cli_bad_input_gives_one_clear_error_and_writes_nothing(real_model, tmp_
 
 def test_cli_unknown_model_lists_embedded_names(tmp_path, capsys):
     pairs = lr.prompts.data_dir() / "personas" / "librarian.jsonl"
-    code = main(["extract", "--pairs", str(pairs), "--out", str(tmp_path / "v.safetensors"), "--model", "no-such-model"])
+    out = str(tmp_path / "v.safetensors")
+    code = main(["extract", "--pairs", str(pairs), "--out", out, "--model", "no-such-model"])
     err = capsys.readouterr().err
     assert code == 2
     assert "smollm2-135m-instruct" in err and "gemma-3-270m" in err
