@@ -30,7 +30,7 @@ import pandas as pd
 from . import __version__
 import torch
 
-from .activations import Activations, collect
+from .activations import Activations, collect_sets
 from .directions import diff_in_means
 from .evaluation import separation_auc
 from .models import parse_layers, validate_layers
@@ -57,8 +57,8 @@ def run_demo(model, *, out: Path, directions_out: Path, layers="all", roles="all
 
     # -- the librarian persona, read over the reply tokens -----------------------------------
     pairs = load_pairs(data_dir() / "personas" / "librarian.jsonl", "librarian")
-    pos = collect(model, pairs.positives(), layers=layers, positions="reply", keep_per_prompt=True, **collect_kw)
-    neg = collect(model, pairs.negatives(), layers=layers, positions="reply", keep_per_prompt=True, **collect_kw)
+    pos, neg = collect_sets(model, [pairs.positives(), pairs.negatives()], layers=layers, positions="reply",
+                            keep_per_prompt=True, **collect_kw)
     train, held = _split_indices(len(pairs))
     persona = diff_in_means(pos.subset(train), neg.subset(train), method="mean_diff", name="librarian",
                             dataset=pairs.fingerprint(), split=f"first {len(train)} of {len(pairs)} pairs")
@@ -72,15 +72,16 @@ def run_demo(model, *, out: Path, directions_out: Path, layers="all", roles="all
         [{"layer": layer, "metric": "split_half_cosine", "value": c} for layer, c in half_a.cosine(half_b).items()]))
 
     # -- every role against the baseline, read at the end-of-instruction tokens ----------------
+    # the baseline and every role in one run (shared template prefix, full batches)
     baseline = load_baseline()
-    base = collect(model, baseline, layers=layers, positions="eoi", keep_per_prompt=True, **collect_kw)
+    names = available_roles() if roles == "all" else list(roles)
+    role_sets = [load_role(name) for name in names]
+    base, *all_role_acts = collect_sets(model, [baseline, *role_sets], layers=layers, positions="eoi",
+                                        keep_per_prompt=True, **collect_kw)
     base_train, base_held = _split_indices(len(baseline))
     base_train_acts, base_held_acts = base.subset(base_train), base.subset(base_held)
-    names = available_roles() if roles == "all" else list(roles)
     role_acts, vectors = {}, {}
-    for name in names:
-        role_set = load_role(name)
-        acts = collect(model, role_set, layers=layers, positions="eoi", keep_per_prompt=True, **collect_kw)
+    for name, role_set, acts in zip(names, role_sets, all_role_acts):
         train, held = _split_indices(len(role_set))
         role_acts[name] = acts.subset(held)
         vectors[name] = diff_in_means(acts.subset(train), base_train_acts, method="role_vector", name=name,
@@ -121,13 +122,16 @@ def write_outputs(summary: pd.DataFrame, out: Path, meta: dict) -> None:
     save_figure(direction_profile(summary, title="Role and persona directions by layer", subtitle=sub),
                 out / "direction_profile", meta=meta)
     roles_only = summary[summary.kind == "role"]
+    role_sub = (f"{meta['model']} · resid_post · end-of-instruction tokens · "
+                "held-out prompts projected on each role vector")
     save_figure(layer_heatmap(roles_only, metric="auc", zmin=0.5, zmax=1.0,
-                              title="Held-out separation of each role from the baseline (AUC)", subtitle=sub),
+                              title="Held-out separation of each role from the baseline (AUC)", subtitle=role_sub),
                 out / "role_auc_heatmap", meta=meta)
     if (roles_only.metric == "auc_vs_roles").any():
-        save_figure(layer_heatmap(roles_only, metric="auc_vs_roles", zmin=0.5, zmax=1.0,
+        save_figure(layer_heatmap(roles_only, metric="auc_vs_roles", zmin=0.0, zmax=1.0, zmid=0.5,
+                                  colorscale="RdBu_r", order="mean",
                                   title="Role specificity: held-out role prompts vs all other roles' (AUC)",
-                                  subtitle=sub),
+                                  subtitle=role_sub),
                     out / "role_specificity_heatmap", meta=meta)
     split_half = summary[(summary.direction == "librarian") & (summary.metric == "split_half_cosine")]
     save_figure(line_by_layer(split_half, title="Librarian persona vector: agreement of two disjoint halves",

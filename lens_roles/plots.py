@@ -69,25 +69,36 @@ def direction_profile(frame: pd.DataFrame, *, title: str = "Direction profile by
                                      hovertemplate=f"{name}<br>layer %{{x}}<br>{metric} %{{y:.3f}}<extra></extra>"),
                           row=1, col=col)
         if metric.startswith("auc"):
-            fig.update_yaxes(range=[0.4, 1.02], row=1, col=col)
+            low = min(0.4, float(sub.value.min()) - 0.02) if len(sub) else 0.4
+            fig.update_yaxes(range=[low, 1.02], row=1, col=col)
             fig.add_hline(y=0.5, line=dict(dash="dot", color="grey"), row=1, col=col)
     fig.update_xaxes(title_text="layer")
-    fig.update_layout(width=520 * len(panels) + 180, height=520, legend=dict(font=dict(size=10)))
+    n_names = len(names)
+    fig.update_layout(width=520 * len(panels) + 180, height=max(520, 20 * n_names + 200),
+                      legend=dict(font=dict(size=10), tracegroupgap=0))
     return _style(fig, title, subtitle)
 
 
 def layer_heatmap(frame: pd.DataFrame, *, metric: str = "auc", title: str | None = None,
                   subtitle: str | None = None, zmin: float | None = None, zmax: float | None = None,
-                  colorscale: str = "Viridis") -> go.Figure:
+                  zmid: float | None = None, colorscale: str = "Viridis", order: str = "peak") -> go.Figure:
     """Heatmap of one metric, directions (rows) × layers (columns).
 
-    Rows are ordered by the layer at which each direction peaks.
+    Args:
+        order: ``"peak"`` sorts rows by the layer where each direction peaks,
+            ``"mean"`` by the mean over layers (highest on top).
+        zmid: centre of a diverging colour scale (e.g. 0.5 for AUC).
     """
     sub = frame[frame.metric == metric]
     table = sub.pivot_table(index="direction", columns="layer", values="value")
-    table = table.loc[table.idxmax(axis=1).sort_values(kind="stable").index]
+    if order == "peak":
+        table = table.loc[table.idxmax(axis=1).sort_values(kind="stable").index]
+    elif order == "mean":
+        table = table.loc[table.mean(axis=1).sort_values(kind="stable").index]
+    else:
+        raise ValueError(f"order must be 'peak' or 'mean', got {order!r}")
     fig = go.Figure(go.Heatmap(z=table.values, x=list(table.columns), y=list(table.index), zmin=zmin, zmax=zmax,
-                               colorscale=colorscale, colorbar=dict(title=metric),
+                               zmid=zmid, colorscale=colorscale, colorbar=dict(title=metric),
                                hovertemplate="%{y}<br>layer %{x}<br>" + metric + " %{z:.3f}<extra></extra>"))
     fig.update_xaxes(title_text="layer", dtick=2)
     fig.update_yaxes(title_text="", tickfont=dict(size=10))

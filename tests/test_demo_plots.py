@@ -77,4 +77,5 @@ def test_heatmap_orders_rows_by_peak_layer():
     })
     fig = plots.layer_heatmap(frame, metric="auc")
     assert list(fig.data[0].y) == ["early", "late"]
+    assert list(plots.layer_heatmap(frame, metric="auc", order="mean").data[0].y) == ["early", "late"]
     assert fig.data[0].z.tolist() == [[0.9, 0.6, 0.5], [0.5, 0.6, 0.9]]
