@@ -135,7 +135,8 @@ def write_outputs(summary: pd.DataFrame, out: Path, meta: dict) -> None:
                     out / "role_specificity_heatmap", meta=meta)
     split_half = summary[(summary.direction == "librarian") & (summary.metric == "split_half_cosine")]
     save_figure(line_by_layer(split_half, title="Librarian persona vector: agreement of two disjoint halves",
-                              subtitle=sub, y_title="cosine(half A, half B)"),
+                              subtitle=f"{meta['model']} · resid_post · reply tokens · even vs odd pairs",
+                              y_title="cosine(half A, half B)"),
                 out / "librarian_split_half", meta=meta)
 
 
