@@ -241,7 +241,11 @@ def ablate_then_add(model, direction: Direction, alpha, *, layers=None, position
 
 @torch.no_grad()
 def residual_norms(model, prompts, *, layers=None, positions="all", batch_size: int = 16) -> dict[int, float]:
-    """Typical residual norm per layer: mean over prompts of the mean ‖x‖ over their positions."""
+    """Typical residual norm per layer: mean over prompts of the mean ‖x‖ over their positions.
+
+    The first token is left out: its residual norm is often tens of times the others'
+    (an attention sink) and would make "typical" meaningless.
+    """
     from .activations import _as_prompts
     from .positions import encode, select_positions
 
@@ -257,7 +261,8 @@ def residual_norms(model, prompts, *, layers=None, positions="all", batch_size: 
         weights = torch.zeros(len(chunk), width)
         for row, i in enumerate(chunk):
             tokens[row, : len(items[i])] = torch.tensor(items[i].tokens)
-            weights[row, pos[i]] = 1.0 / len(pos[i])
+            read = [q for q in pos[i] if q > 0] or pos[i]
+            weights[row, read] = 1.0 / len(read)
 
         weights = weights.to(model.cfg.device)
 

@@ -1,0 +1,227 @@
+"""Sweeps over steering layer × α, returned as tidy DataFrames.
+
+Every sweep runs all α values of one steering layer in one batched forward: the
+batch holds each prompt once per α (α = 0 included as the reference), and
+:func:`lens_roles.interventions.steer` takes one α per row. Columns are always
+``steer_layer, alpha, alpha_mode, layer, metric, value`` (``layer`` is the
+downstream layer a metric was read at, or the steering layer itself).
+
+* :func:`cosine_sweep` — cosine similarity between steered and unsteered residual
+  streams at every layer from the steering layer down, averaged over the real
+  tokens of each prompt, then over prompts (the librarian study's figure);
+* :func:`adherence_sweep` — persona adherence: mean per-token log-probability of
+  the positive reply minus that of the negative reply, on held-out pairs; and,
+  from the same forward, coherence as the mean next-token KL divergence
+  KL(unsteered ‖ steered) over the reply positions;
+* :func:`generation_sweep` — coherence of steered generations: their perplexity
+  under the unsteered model, and the fraction of repeated token 3-grams.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import pandas as pd
+import torch
+
+from .activations import _as_prompts
+from .directions import Direction
+from .errors import DataError
+from .generation import generate
+from .interventions import steering_hooks
+from .models import resid_hook, validate_layers
+from .positions import encode, select_positions
+from .prompts import PairSet, Prompt
+
+
+def _alphas(alphas: Sequence[float]) -> list[float]:
+    values = [float(a) for a in alphas]
+    if not values:
+        raise DataError("no alpha values given")
+    if any(a != a or a in (float("inf"), float("-inf")) for a in values):
+        raise DataError(f"alpha values must be finite, got {values}")
+    return sorted(set(values) | {0.0})
+
+
+def _right_pad(rows, pad_id: int):
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = True
+    return tokens, mask
+
+
+def _mode(relative) -> str:
+    return "absolute" if relative is None else "relative"
+
+
+@torch.no_grad()
+def cosine_sweep(model, direction: Direction, prompts, *, steer_layers: Sequence[int], alphas: Sequence[float],
+                 relative: Mapping[int, float] | None = None, batch_size: int = 8) -> pd.DataFrame:
+    """Cosine(steered, unsteered) per downstream layer, for each steering layer and α.
+
+    Args:
+        prompts: prompts (with or without replies); every real token is compared.
+        batch_size: prompts per forward (each is repeated once per α).
+    """
+    alpha_list = _alphas(alphas)
+    steer_layers = validate_layers(model, steer_layers)
+    items = encode(model, _as_prompts(prompts))
+    pad = model.tokenizer.pad_token_id or 0
+    n_a, ref = len(alpha_list), alpha_list.index(0.0)
+    rows = []
+    for layer in steer_layers:
+        downstream = list(range(layer, model.cfg.n_layers))
+        sums = torch.zeros(len(downstream), n_a, dtype=torch.float64)
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            tokens, mask = _right_pad([it.tokens for it in chunk], pad)
+            tokens = tokens.repeat_interleave(n_a, dim=0)  # [prompt * alpha, pos]
+            alpha_rows = torch.tensor(alpha_list).repeat(len(chunk))
+            valid, n_chunk = mask.to(model.cfg.device), len(chunk)
+
+            def capture(acts, hook, _valid=valid, _n=n_chunk, _sums=sums, _first=layer):
+                k = int(hook.name.split(".")[1]) - _first
+                x = acts.reshape(_n, n_a, *acts.shape[1:])  # [prompt, alpha, pos, d_model]
+                cos = torch.nn.functional.cosine_similarity(x, x[:, ref : ref + 1], dim=-1)  # [prompt, alpha, pos]
+                per_prompt = (cos * _valid[:, None]).sum(-1) / _valid.sum(-1, keepdim=True)
+                _sums[k] += per_prompt.double().sum(0).cpu()
+
+            hooks = steering_hooks(model, direction, alpha_rows, layers=[layer], relative=relative)
+            hooks += [(resid_hook(k), capture) for k in downstream]
+            with model.hooks(fwd_hooks=hooks):
+                model(tokens.to(model.cfg.device), stop_at_layer=model.cfg.n_layers)
+        for k, down in enumerate(downstream):
+            for a, alpha in enumerate(alpha_list):
+                rows.append({"steer_layer": layer, "alpha": alpha, "alpha_mode": _mode(relative), "layer": down,
+                             "metric": "cosine", "value": float(sums[k, a] / len(items))})
+    return pd.DataFrame(rows)
+
+
+def _logprobs_at(model, resid: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities at ``(rows, cols)`` of the final residual stream, ``[n, vocab]``.
+
+    Only the positions asked for go through the final norm and the unembedding,
+    which is most of the cost of a forward for a small model with a large vocabulary.
+    """
+    picked = resid[rows, cols][None]  # [1, n, d_model]
+    return torch.log_softmax(model.unembed(model.ln_final(picked))[0].float(), dim=-1)
+
+
+@torch.no_grad()
+def adherence_sweep(model, direction: Direction, pairs: PairSet, *, steer_layers: Sequence[int],
+                    alphas: Sequence[float], relative: Mapping[int, float] | None = None,
+                    positions: str = "all", batch_size: int = 4) -> pd.DataFrame:
+    """Persona adherence (reply log-prob margin) and next-token KL, per steering layer and α.
+
+    The margin is mean log p(token) over the positive reply minus the same over the
+    negative reply (per pair, then averaged); KL(unsteered ‖ steered) is averaged
+    over the positions that predict reply tokens, both sides.
+    """
+    alpha_list = _alphas(alphas)
+    steer_layers = validate_layers(model, steer_layers)
+    prompts: list[Prompt] = [p for pair in pairs.pairs for p in pair.as_prompts()]
+    items = encode(model, prompts)
+    spans = select_positions(items, "reply")
+    pad = model.tokenizer.pad_token_id or 0
+    n_a, ref = len(alpha_list), alpha_list.index(0.0)
+    rows = []
+    for layer in steer_layers:
+        margin = torch.zeros(n_a, dtype=torch.float64)
+        kl = torch.zeros(n_a, dtype=torch.float64)
+        n_kl = 0
+        for start in range(0, len(items), 2 * batch_size):
+            chunk = list(range(start, min(start + 2 * batch_size, len(items))))
+            tokens, _ = _right_pad([items[i].tokens for i in chunk], pad)
+            tokens = tokens.repeat_interleave(n_a, dim=0)
+            alpha_rows = torch.tensor(alpha_list).repeat(len(chunk))
+            row_spans = [(spans[i][0], spans[i][-1] + 1) for i in chunk for _ in alpha_list]
+            hooks = steering_hooks(model, direction, alpha_rows, layers=[layer], positions=positions,
+                                   relative=relative)
+            with model.hooks(fwd_hooks=hooks):
+                resid = model(tokens.to(model.cfg.device), stop_at_layer=model.cfg.n_layers)
+            # positions that predict a reply token: reply span shifted left by one
+            sel_rows, sel_cols = [], []
+            for r, (a, b) in enumerate(row_spans):
+                sel_rows += [r] * (b - a)
+                sel_cols += list(range(a - 1, b - 1))
+            sel_rows_t, sel_cols_t = torch.tensor(sel_rows), torch.tensor(sel_cols)
+            logp = _logprobs_at(model, resid, sel_rows_t, sel_cols_t).cpu()  # [n, vocab]
+            target = tokens[sel_rows_t, sel_cols_t + 1]
+            token_lp = logp[torch.arange(len(target)), target]
+            counts = torch.bincount(sel_rows_t, minlength=len(row_spans)).double()
+            lp = torch.zeros(len(row_spans), dtype=torch.float64).index_add_(0, sel_rows_t, token_lp.double()) / counts
+            lp = lp.reshape(len(chunk) // 2, 2, n_a)  # [pair, side, alpha]
+            margin += (lp[:, 0] - lp[:, 1]).sum(0)
+            # KL(unsteered || steered) at each position, against the α = 0 row of the same prompt
+            start_of = {}
+            for j, r in enumerate(sel_rows):
+                start_of.setdefault(r, j)
+            ref_pos = torch.tensor([start_of[(r // n_a) * n_a + ref] + (j - start_of[r])
+                                    for j, r in enumerate(sel_rows)])
+            p_ref = logp[ref_pos]
+            kl_tok = (p_ref.exp() * (p_ref - logp)).sum(-1)  # [n]
+            kl_row = torch.zeros(len(row_spans), dtype=torch.float64).index_add_(0, sel_rows_t, kl_tok.double())
+            kl_row = kl_row / counts
+            kl += kl_row.reshape(len(chunk), n_a).sum(0)
+            n_kl += len(chunk)
+        for a, alpha in enumerate(alpha_list):
+            base = {"steer_layer": layer, "alpha": alpha, "alpha_mode": _mode(relative), "layer": layer}
+            rows.append({**base, "metric": "logprob_margin", "value": float(margin[a] / len(pairs))})
+            rows.append({**base, "metric": "kl_from_unsteered", "value": float(kl[a] / n_kl)})
+    return pd.DataFrame(rows)
+
+
+def repetition_rate(tokens: Sequence[int], n: int = 3) -> float:
+    """Fraction of token n-grams that already occurred earlier in the sequence."""
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    if not grams:
+        return 0.0
+    seen, repeats = set(), 0
+    for g in grams:
+        repeats += g in seen
+        seen.add(g)
+    return repeats / len(grams)
+
+
+@torch.no_grad()
+def generation_sweep(model, direction: Direction, prompts, *, steer_layers: Sequence[int], alphas: Sequence[float],
+                     relative: Mapping[int, float] | None = None, max_new_tokens: int = 32,
+                     seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Steered greedy generations per steering layer and α, with their coherence.
+
+    Returns ``(metrics, texts)``: tidy metrics ``perplexity`` (of the generated
+    tokens under the unsteered model) and ``repetition`` (repeated 3-grams), and a
+    frame of the generations (``steer_layer, alpha, prompt, text``).
+    """
+    alpha_list = _alphas(alphas)
+    steer_layers = validate_layers(model, steer_layers)
+    plist = _as_prompts(prompts)
+    items = encode(model, plist)
+    rows, texts = [], []
+    pad = model.tokenizer.pad_token_id or 0
+    for layer in steer_layers:
+        batch = [p for p in plist for _ in alpha_list]
+        alpha_rows = torch.tensor(alpha_list).repeat(len(plist))
+        hooks = steering_hooks(model, direction, alpha_rows, layers=[layer], relative=relative)
+        with model.hooks(fwd_hooks=hooks):
+            outs = generate(model, batch, max_new_tokens=max_new_tokens, seed=seed)
+        # perplexity of each generation under the unsteered model
+        full = [list(items[r // len(alpha_list)].tokens) + list(o.tokens) for r, o in enumerate(outs)]
+        tokens, _ = _right_pad(full, pad)
+        logp = torch.log_softmax(model(tokens.to(model.cfg.device)).float(), dim=-1)
+        stats = torch.zeros(len(alpha_list), 2, dtype=torch.float64)
+        for r, o in enumerate(outs):
+            start = len(items[r // len(alpha_list)].tokens)
+            idx = torch.arange(start, start + len(o.tokens))
+            nll = -logp[r, idx - 1, tokens[r, idx]].mean() if len(o.tokens) else torch.tensor(0.0)
+            stats[r % len(alpha_list)] += torch.tensor([float(nll.exp()), repetition_rate(o.tokens)])
+            texts.append({"steer_layer": layer, "alpha": alpha_list[r % len(alpha_list)],
+                          "prompt": o.prompt, "text": o.text})
+        for a, alpha in enumerate(alpha_list):
+            base = {"steer_layer": layer, "alpha": alpha, "alpha_mode": _mode(relative), "layer": layer}
+            rows.append({**base, "metric": "perplexity", "value": float(stats[a, 0] / len(plist))})
+            rows.append({**base, "metric": "repetition", "value": float(stats[a, 1] / len(plist))})
+    return pd.DataFrame(rows), pd.DataFrame(texts)
