@@ -56,9 +56,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positions", default="eoi", choices=["eoi", "last", "user", "all"])
     _model_args(p)
 
+    p = sub.add_parser("sweep", help="steer with a vector over layers x alpha: cosine, adherence, coherence")
+    p.add_argument("--vector", required=True, help="direction .safetensors (from extract)")
+    p.add_argument("--pairs", required=True, help="contrast pairs; the last --eval-fraction of them are evaluated")
+    p.add_argument("--layers", default="12", help="steering layers: 5, 3,7 or 10-20 (default: 12)")
+    p.add_argument("--alphas", default="-0.5,-0.25,0.25,0.5", help="comma-separated α values (0 is always added)")
+    p.add_argument("--absolute", action="store_true",
+                   help="α in residual units (default: α × the typical residual norm at the layer)")
+    p.add_argument("--eval-fraction", type=float, default=0.25,
+                   help="evaluate on the last fraction of the pairs (default 0.25: held out by extract's demo split)")
+    p.add_argument("--generate", type=int, default=3, help="prompts to generate from per α (0: skip)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--out", required=True, help="output folder: sweep.csv, generations.csv, figures")
+    p.add_argument("--model", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    p.add_argument("--batch-size", type=int, default=4)
+
+    p = sub.add_parser("generate", help="generate with and without steering")
+    p.add_argument("prompt", nargs="+", help="user prompt(s)")
+    p.add_argument("--vector", required=True)
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--alpha", type=float, required=True, help="α (× typical residual norm unless --absolute)")
+    p.add_argument("--absolute", action="store_true")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+
     p = sub.add_parser("demo", help="the main job: librarian persona + all roles, figures to figures/")
     p.add_argument("--out", default="figures", help="figure folder (default: figures)")
     p.add_argument("--directions-out", default="build/directions", help="where the vectors are saved")
+    p.add_argument("--no-steering", action="store_true", help="skip the steering sweep")
     _model_args(p)
     return parser
 
@@ -114,15 +145,78 @@ def cmd_roles(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo import default_steer_layers, run_demo
 
     model = _load(args)
+    steer_layers = [] if args.no_steering else default_steer_layers(model.cfg.n_layers)
     run_demo(model, out=Path(args.out), directions_out=Path(args.directions_out), layers=args.layers,
-             **_collect_kw(args))
+             steer_layers=steer_layers, **_collect_kw(args))
     return 0
 
 
-COMMANDS = {"extract": cmd_extract, "roles": cmd_roles, "demo": cmd_demo}
+def _parse_alphas(text: str) -> list[float]:
+    try:
+        return [float(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        raise LensRolesError(f"cannot read --alphas {text!r}: use comma-separated numbers") from None
+
+
+def _check_model_match(direction, model) -> None:
+    from .errors import DirectionError
+
+    if direction.meta.get("model") not in (None, model.cfg.model_name):
+        raise DirectionError(
+            f"the vector was extracted from {direction.meta.get('model')!r}, but the model is "
+            f"{model.cfg.model_name!r}; pass --model {direction.meta.get('model')}"
+        )
+
+
+def cmd_sweep(args) -> int:
+    from .directions import Direction
+    from .steering_report import run_steering_report
+    from .models import parse_layers
+    from .prompts import load_pairs
+
+    direction = Direction.load(args.vector)
+    pairs = load_pairs(args.pairs)
+    alphas = _parse_alphas(args.alphas)
+    if not 0 < args.eval_fraction < 1:
+        raise LensRolesError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
+    model = _load(args)
+    _check_model_match(direction, model)
+    _, held = pairs.split(1 - args.eval_fraction)
+    run_steering_report(model, direction, held, layers=parse_layers(args.layers), alphas=alphas,
+                        relative=not args.absolute, out=Path(args.out), n_generate=args.generate,
+                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .directions import Direction
+    from .generation import generate
+    from .interventions import residual_norms, steer
+
+    direction = Direction.load(args.vector)
+    model = _load(args)
+    _check_model_match(direction, model)
+    relative = None if args.absolute else residual_norms(model, args.prompt, layers=[args.layer])
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    base = generate(model, args.prompt, **kw)
+    with steer(model, direction, args.alpha, layers=[args.layer], relative=relative):
+        plus = generate(model, args.prompt, **kw)
+    with steer(model, direction, -args.alpha, layers=[args.layer], relative=relative):
+        minus = generate(model, args.prompt, **kw)
+    unit = "residual units" if args.absolute else "x typical residual norm"
+    for b, p, m in zip(base, plus, minus):
+        print(f"prompt: {b.prompt}")
+        print(f"  unsteered      : {b.text.strip()}")
+        print(f"  +{args.alpha:g} ({unit}): {p.text.strip()}")
+        print(f"  -{args.alpha:g} ({unit}): {m.text.strip()}")
+    return 0
+
+
+COMMANDS = {"extract": cmd_extract, "roles": cmd_roles, "sweep": cmd_sweep, "generate": cmd_generate,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,9 @@ Writes to ``out`` (default ``figures/``):
 * ``role_specificity_heatmap.{html,png,json}`` — held-out AUC of each role's prompts against
   all other roles' prompts, projected on that role's vector (harder than the baseline);
 * ``librarian_split_half.{html,png,json}`` — split-half cosine of the persona vector;
+* ``steering/`` — steering with the librarian vector at three layers on the held-out
+  pairs (see :mod:`lens_roles.steering_report`): ``sweep.csv``, ``generations.csv``,
+  cosine-vs-α per layer and adherence/coherence-vs-α figures;
 
 and the vectors themselves to ``directions_out`` (one ``.safetensors`` + ``.json`` each).
 """
@@ -38,6 +41,13 @@ from .plots import direction_profile, layer_heatmap, line_by_layer, save_figure
 from .prompts import available_roles, data_dir, load_baseline, load_pairs, load_role
 
 TRAIN_FRACTION = 0.75
+#: α values of the demo's steering sweep, as multiples of the typical residual norm
+STEER_ALPHAS = (-0.5, -0.25, 0.25, 0.5)
+
+
+def default_steer_layers(n_layers: int) -> list[int]:
+    """Early-middle, middle and late-middle layers (6, 12, 18 of SmolLM2's 30)."""
+    return sorted({round(n_layers * f) for f in (0.2, 0.4, 0.6)})
 
 
 def _split_indices(n: int) -> tuple[range, range]:
@@ -45,7 +55,8 @@ def _split_indices(n: int) -> tuple[range, range]:
     return range(k), range(k, n)
 
 
-def run_demo(model, *, out: Path, directions_out: Path, layers="all", roles="all", **collect_kw) -> pd.DataFrame:
+def run_demo(model, *, out: Path, directions_out: Path, layers="all", roles="all", steer_layers=None,
+             **collect_kw) -> pd.DataFrame:
     """Run the main job on ``model``; returns the summary frame (also written as CSV)."""
     t_start = time.perf_counter()
     layers = validate_layers(model, parse_layers(layers) if isinstance(layers, str) else layers)
@@ -109,7 +120,18 @@ def run_demo(model, *, out: Path, directions_out: Path, layers="all", roles="all
         "lens_roles": __version__,
     }
     write_outputs(summary, out, meta)
-    report(summary, file=sys.stdout)
+
+    # -- steering with the librarian vector, evaluated on the held-out pairs ---------------------
+    if steer_layers:
+        from .prompts import PairSet
+        from .steering_report import run_steering_report
+
+        held_pairs = PairSet("librarian", tuple(pairs.pairs[i] for i in held), pairs.source)
+        print("steering the librarian persona (held-out pairs):")
+        run_steering_report(model, persona, held_pairs, layers=[layer for layer in steer_layers if layer in layers],
+                            alphas=STEER_ALPHAS, relative=True, out=out / "steering", n_generate=3,
+                            max_new_tokens=32)
+    report(summary)
     print(f"demo finished in {time.perf_counter() - t_start:.1f} s; figures in {out}/, vectors in {directions_out}/")
     return summary
 
@@ -140,13 +162,15 @@ def write_outputs(summary: pd.DataFrame, out: Path, meta: dict) -> None:
                 out / "librarian_split_half", meta=meta)
 
 
-def report(summary: pd.DataFrame, file=sys.stdout) -> None:
+def report(summary: pd.DataFrame, file=None) -> None:
     """Print the headline numbers per direction.
 
     For each direction: the first layer whose held-out AUC against the baseline
     (roles) or the negatives (persona) reaches 0.99, and the layer where the AUC
     against the other roles peaks (the sharper test of a role's own direction).
     """
+    file = file or sys.stdout
+
     def first_at(frame, threshold):
         hit = frame[frame.value >= threshold].sort_values("layer")
         return int(hit.layer.iloc[0]) if len(hit) else None

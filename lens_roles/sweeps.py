@@ -3,8 +3,9 @@
 Every sweep runs all α values of one steering layer in one batched forward: the
 batch holds each prompt once per α (α = 0 included as the reference), and
 :func:`lens_roles.interventions.steer` takes one α per row. Columns are always
-``steer_layer, alpha, alpha_mode, layer, metric, value`` (``layer`` is the
-downstream layer a metric was read at, or the steering layer itself).
+``layer, alpha, alpha_mode, read_layer, metric, value``: ``layer`` is the
+steering layer and ``read_layer`` the layer a metric was read at (downstream
+layers for the cosine, the final output for the behaviour metrics).
 
 * :func:`cosine_sweep` — cosine similarity between steered and unsteered residual
   streams at every layer from the steering layer down, averaged over the real
@@ -95,7 +96,7 @@ def cosine_sweep(model, direction: Direction, prompts, *, steer_layers: Sequence
                 model(tokens.to(model.cfg.device), stop_at_layer=model.cfg.n_layers)
         for k, down in enumerate(downstream):
             for a, alpha in enumerate(alpha_list):
-                rows.append({"steer_layer": layer, "alpha": alpha, "alpha_mode": _mode(relative), "layer": down,
+                rows.append({"layer": layer, "alpha": alpha, "alpha_mode": _mode(relative), "read_layer": down,
                              "metric": "cosine", "value": float(sums[k, a] / len(items))})
     return pd.DataFrame(rows)
 
@@ -168,7 +169,7 @@ def adherence_sweep(model, direction: Direction, pairs: PairSet, *, steer_layers
             kl += kl_row.reshape(len(chunk), n_a).sum(0)
             n_kl += len(chunk)
         for a, alpha in enumerate(alpha_list):
-            base = {"steer_layer": layer, "alpha": alpha, "alpha_mode": _mode(relative), "layer": layer}
+            base = {"layer": layer, "alpha": alpha, "alpha_mode": _mode(relative), "read_layer": model.cfg.n_layers - 1}
             rows.append({**base, "metric": "logprob_margin", "value": float(margin[a] / len(pairs))})
             rows.append({**base, "metric": "kl_from_unsteered", "value": float(kl[a] / n_kl)})
     return pd.DataFrame(rows)
@@ -194,7 +195,7 @@ def generation_sweep(model, direction: Direction, prompts, *, steer_layers: Sequ
 
     Returns ``(metrics, texts)``: tidy metrics ``perplexity`` (of the generated
     tokens under the unsteered model) and ``repetition`` (repeated 3-grams), and a
-    frame of the generations (``steer_layer, alpha, prompt, text``).
+    frame of the generations (``layer, alpha, prompt, text``).
     """
     alpha_list = _alphas(alphas)
     steer_layers = validate_layers(model, steer_layers)
@@ -218,10 +219,10 @@ def generation_sweep(model, direction: Direction, prompts, *, steer_layers: Sequ
             idx = torch.arange(start, start + len(o.tokens))
             nll = -logp[r, idx - 1, tokens[r, idx]].mean() if len(o.tokens) else torch.tensor(0.0)
             stats[r % len(alpha_list)] += torch.tensor([float(nll.exp()), repetition_rate(o.tokens)])
-            texts.append({"steer_layer": layer, "alpha": alpha_list[r % len(alpha_list)],
+            texts.append({"layer": layer, "alpha": alpha_list[r % len(alpha_list)],
                           "prompt": o.prompt, "text": o.text})
         for a, alpha in enumerate(alpha_list):
-            base = {"steer_layer": layer, "alpha": alpha, "alpha_mode": _mode(relative), "layer": layer}
+            base = {"layer": layer, "alpha": alpha, "alpha_mode": _mode(relative), "read_layer": model.cfg.n_layers - 1}
             rows.append({**base, "metric": "perplexity", "value": float(stats[a, 0] / len(plist))})
             rows.append({**base, "metric": "repetition", "value": float(stats[a, 1] / len(plist))})
     return pd.DataFrame(rows), pd.DataFrame(texts)

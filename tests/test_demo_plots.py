@@ -17,7 +17,7 @@ def demo_run(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("figures")
     vectors = tmp_path_factory.mktemp("directions")
     summary = run_demo(tiny_model, out=out, directions_out=vectors, roles=["chemist", "lawyer", "nurse"],
-                       batch_size=32)
+                       steer_layers=[1], batch_size=32)
     return summary, out, vectors
 
 
@@ -79,3 +79,18 @@ def test_heatmap_orders_rows_by_peak_layer():
     assert list(fig.data[0].y) == ["early", "late"]
     assert list(plots.layer_heatmap(frame, metric="auc", order="mean").data[0].y) == ["early", "late"]
     assert fig.data[0].z.tolist() == [[0.9, 0.6, 0.5], [0.5, 0.6, 0.9]]
+
+
+def test_demo_writes_the_steering_study(demo_run):
+    _, out, _ = demo_run
+    steering = out / "steering"
+    sweep = pd.read_csv(steering / "sweep.csv")
+    assert list(sweep.columns[:4]) == ["layer", "alpha", "metric", "value"]
+    assert set(sweep.metric) == {"cosine", "logprob_margin", "kl_from_unsteered", "perplexity", "repetition"}
+    assert set(sweep.alpha) == {-0.5, -0.25, 0.0, 0.25, 0.5} and set(sweep.layer) == {1}
+    assert (sweep[(sweep.metric == "cosine") & (sweep.alpha == 0)].value == 1.0).all()
+    generations = pd.read_csv(steering / "generations.csv")
+    assert len(generations) == 3 * 5
+    for stem in ("cosine_vs_alpha_layer1", "steering_behaviour"):
+        assert (steering / f"{stem}.html").is_file()
+        assert json.loads((steering / f"{stem}.json").read_text())["alpha_mode"].startswith("relative")

@@ -191,7 +191,7 @@ def few_pairs():
 
 def test_cosine_sweep_is_one_at_alpha_zero_and_matches_direct(tiny_model, direction):
     frame = cosine_sweep(tiny_model, direction, PROMPTS, steer_layers=[1], alphas=[2.0], batch_size=2)
-    assert set(frame.layer) == {1, 2} and set(frame.alpha) == {0.0, 2.0}
+    assert set(frame.read_layer) == {1, 2} and set(frame.layer) == {1} and set(frame.alpha) == {0.0, 2.0}
     assert (frame[frame.alpha == 0].value == 1.0).all()
     # direct computation for one prompt, layer 2
     items = lr.encode(tiny_model, [lr.Prompt(p) for p in PROMPTS])
@@ -202,7 +202,7 @@ def test_cosine_sweep_is_one_at_alpha_zero_and_matches_direct(tiny_model, direct
         with steer(tiny_model, direction, 2.0, layers=[1]):
             steered, _ = _resid(tiny_model, toks)
         direct.append(torch.nn.functional.cosine_similarity(base[2], steered[2], dim=-1).mean())
-    value = frame[(frame.alpha == 2.0) & (frame.layer == 2)].value.item()
+    value = frame[(frame.alpha == 2.0) & (frame.read_layer == 2)].value.item()
     assert value == pytest.approx(float(torch.stack(direct).mean()), abs=1e-5)
 
 

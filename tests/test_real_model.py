@@ -120,3 +120,26 @@ def test_cli_unknown_model_lists_embedded_names(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "smollm2-135m-instruct" in err and "gemma-3-270m" in err
+
+
+def test_librarian_steering_raises_adherence_and_lowers_similarity(real_model):
+    """On held-out pairs, adding the persona vector raises the positive-reply margin and moves
+    the residual stream away from the unsteered run, more so for larger |α|."""
+    from lens_roles.interventions import residual_norms
+    from lens_roles.sweeps import adherence_sweep, cosine_sweep
+
+    pairs = lr.load_pairs(lr.prompts.data_dir() / "personas" / "librarian.jsonl")
+    train, held = pairs.split(0.75)
+    persona = lr.persona_vector(real_model, train, layers=[12], batch_size=24)
+    few = lr.PairSet("librarian", held.pairs[:6])
+    norms = residual_norms(real_model, [p.user for p in few.pairs], layers=[12])
+    alphas = [-0.5, 0.5]
+    adherence = adherence_sweep(real_model, persona, few, steer_layers=[12], alphas=alphas, relative=norms)
+    margin = adherence[adherence.metric == "logprob_margin"].sort_values("alpha").value.tolist()
+    print("librarian margin at alpha -0.5, 0, 0.5 (layer 12):", [round(m, 3) for m in margin])
+    assert margin[0] < margin[1] < margin[2]
+    cos = cosine_sweep(real_model, persona, [p.user for p in few.pairs], steer_layers=[12], alphas=[0.25, 0.5],
+                       relative=norms)
+    last = cos[cos.read_layer == real_model.cfg.n_layers - 1].sort_values("alpha").value.tolist()
+    print("cosine to unsteered at the last layer, alpha 0, 0.25, 0.5:", [round(c, 3) for c in last])
+    assert last[0] == 1.0 and last[0] > last[1] > last[2]

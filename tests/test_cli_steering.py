@@ -1,0 +1,58 @@
+"""``lens-roles sweep`` and ``lens-roles generate`` on the tiny model (the model loader is patched)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+import lens_roles as lr
+from lens_roles.cli import main
+
+
+@pytest.fixture
+def vector_file(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr("lens_roles.models.load_model", lambda *a, **k: tiny_model)
+    torch.manual_seed(2)
+    d = lr.Direction(tuple(range(tiny_model.cfg.n_layers)), torch.randn(tiny_model.cfg.n_layers, 32),
+                     {"model": tiny_model.cfg.model_name, "name": "random"})
+    return d.save(tmp_path / "v.safetensors")
+
+
+def test_sweep_writes_csv_and_figures(vector_file, tmp_path, capsys):
+    pairs = lr.prompts.data_dir() / "personas" / "librarian.jsonl"
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--vector", str(vector_file), "--pairs", str(pairs), "--layers", "0,2",
+                 "--alphas=-1,1", "--eval-fraction", "0.05", "--generate", "1", "--max-new-tokens", "4",
+                 "--out", str(out)]) == 0
+    sweep = pd.read_csv(out / "sweep.csv")
+    assert list(sweep.columns) == ["layer", "alpha", "metric", "value", "read_layer", "alpha_mode"]
+    assert set(sweep.layer) == {0, 2} and set(sweep.alpha) == {-1.0, 0.0, 1.0}
+    assert {p.name for p in out.glob("*.html")} == {"cosine_vs_alpha_layer0.html", "cosine_vs_alpha_layer2.html",
+                                                     "steering_behaviour.html"}
+    assert "logprob_margin" in capsys.readouterr().out
+
+
+def test_generate_prints_three_continuations(vector_file, capsys):
+    assert main(["generate", "--vector", str(vector_file), "--layer", "1", "--alpha", "0.5", "--max-new-tokens",
+                 "4", "Where are the maps?"]) == 0
+    out = capsys.readouterr().out
+    assert "unsteered" in out and "+0.5" in out and "-0.5" in out
+
+
+def test_sweep_bad_input(vector_file, tmp_path, capsys, tiny_model):
+    pairs = lr.prompts.data_dir() / "personas" / "librarian.jsonl"
+    out = tmp_path / "o"
+    assert main(["sweep", "--vector", str(vector_file), "--pairs", str(pairs), "--alphas", "1,nan",
+                 "--layers", "1", "--out", str(out)]) == 2
+    assert "alpha values must be finite" in capsys.readouterr().err
+    assert main(["sweep", "--vector", str(vector_file), "--pairs", str(pairs), "--alphas", "one",
+                 "--out", str(out)]) == 2
+    assert "cannot read --alphas" in capsys.readouterr().err
+    assert main(["sweep", "--vector", str(vector_file), "--pairs", str(pairs), "--layers", "9",
+                 "--out", str(out)]) == 2
+    assert "out of range" in capsys.readouterr().err
+    other = lr.Direction((1,), torch.ones(1, 32), {"model": "someone-else"}).save(tmp_path / "other.safetensors")
+    assert main(["generate", "--vector", str(other), "--layer", "1", "--alpha", "1", "hi"]) == 2
+    assert "extracted from 'someone-else'" in capsys.readouterr().err
+    assert not out.exists()
