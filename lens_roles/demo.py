@@ -70,12 +70,12 @@ def run_demo(model, *, out: Path, directions_out: Path, layers="all", roles="all
     pairs = load_pairs(data_dir() / "personas" / "librarian.jsonl", "librarian")
     pos, neg = collect_sets(model, [pairs.positives(), pairs.negatives()], layers=layers, positions="reply",
                             keep_per_prompt=True, **collect_kw)
-    train, held = _split_indices(len(pairs))
-    persona = diff_in_means(pos.subset(train), neg.subset(train), method="mean_diff", name="librarian",
-                            dataset=pairs.fingerprint(), split=f"first {len(train)} of {len(pairs)} pairs")
+    pair_train, pair_held = _split_indices(len(pairs))
+    persona = diff_in_means(pos.subset(pair_train), neg.subset(pair_train), method="mean_diff", name="librarian",
+                            dataset=pairs.fingerprint(), split=f"first {len(pair_train)} of {len(pairs)} pairs")
     persona.save(directions_out / "librarian.safetensors")
     add("librarian", "persona", persona.to_frame())
-    add("librarian", "persona", separation_auc(persona, pos.subset(held), neg.subset(held)))
+    add("librarian", "persona", separation_auc(persona, pos.subset(pair_held), neg.subset(pair_held)))
     evens, odds = range(0, len(pairs), 2), range(1, len(pairs), 2)
     half_a = diff_in_means(pos.subset(evens), neg.subset(evens))
     half_b = diff_in_means(pos.subset(odds), neg.subset(odds))
@@ -93,11 +93,11 @@ def run_demo(model, *, out: Path, directions_out: Path, layers="all", roles="all
     base_train_acts, base_held_acts = base.subset(base_train), base.subset(base_held)
     role_acts, vectors = {}, {}
     for name, role_set, acts in zip(names, role_sets, all_role_acts):
-        train, held = _split_indices(len(role_set))
-        role_acts[name] = acts.subset(held)
-        vectors[name] = diff_in_means(acts.subset(train), base_train_acts, method="role_vector", name=name,
+        role_train, role_held = _split_indices(len(role_set))
+        role_acts[name] = acts.subset(role_held)
+        vectors[name] = diff_in_means(acts.subset(role_train), base_train_acts, method="role_vector", name=name,
                                       baseline="baseline", dataset=role_set.fingerprint(),
-                                      split=f"first {len(train)} of {len(role_set)} instructions")
+                                      split=f"first {len(role_train)} of {len(role_set)} instructions")
         vectors[name].save(directions_out / "roles" / f"{name}.safetensors")
     for name, vector in vectors.items():
         add(name, "role", vector.to_frame())
@@ -126,7 +126,7 @@ def run_demo(model, *, out: Path, directions_out: Path, layers="all", roles="all
         from .prompts import PairSet
         from .steering_report import run_steering_report
 
-        held_pairs = PairSet("librarian", tuple(pairs.pairs[i] for i in held), pairs.source)
+        held_pairs = PairSet("librarian", tuple(pairs.pairs[i] for i in pair_held), pairs.source)
         print("steering the librarian persona (held-out pairs):")
         run_steering_report(model, persona, held_pairs, layers=[layer for layer in steer_layers if layer in layers],
                             alphas=STEER_ALPHAS, relative=True, out=out / "steering", n_generate=3,

@@ -91,6 +91,8 @@ def test_demo_writes_the_steering_study(demo_run):
     assert (sweep[(sweep.metric == "cosine") & (sweep.alpha == 0)].value == 1.0).all()
     generations = pd.read_csv(steering / "generations.csv")
     assert len(generations) == 3 * 5
+    meta = json.loads((steering / "steering_behaviour.json").read_text())
+    assert meta["eval_pairs"]["n"] == 72 - 54  # the pairs held out from the persona vector
     for stem in ("cosine_vs_alpha_layer1", "steering_behaviour"):
         assert (steering / f"{stem}.html").is_file()
         assert json.loads((steering / f"{stem}.json").read_text())["alpha_mode"].startswith("relative")
