@@ -29,6 +29,7 @@ import time
 import torch
 
 import lens_roles as lr
+from lens_roles.batching import pad_batch, pad_id
 from lens_roles.prompts import render
 
 
@@ -45,14 +46,9 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 
 def bare_forward(model, texts_tokens: list[list[int]], batch_size: int) -> None:
     """A plain full forward (logits) over the texts in their given order, right-padded."""
-    pad = model.tokenizer.pad_token_id or 0
     with torch.inference_mode():
         for start in range(0, len(texts_tokens), batch_size):
-            chunk = texts_tokens[start : start + batch_size]
-            width = max(map(len, chunk))
-            tokens = torch.full((len(chunk), width), pad, dtype=torch.long)
-            for row, ids in enumerate(chunk):
-                tokens[row, : len(ids)] = torch.tensor(ids)
+            tokens, _ = pad_batch(texts_tokens[start : start + batch_size], pad_id(model))
             model(tokens)
 
 

@@ -21,6 +21,7 @@ import time
 import torch
 
 import lens_roles as lr
+from lens_roles.batching import pad_batch, pad_id
 from lens_roles.generation import generate
 from lens_roles.interventions import residual_norms, steer
 from lens_roles.sweeps import adherence_sweep
@@ -52,10 +53,7 @@ def main() -> None:
 
     all_alphas = [0.0, *alphas]
     items = lr.encode(model, [p for pair in held.pairs for p in pair.as_prompts()])
-    width = max(map(len, items))
-    tokens = torch.full((len(items), width), model.tokenizer.pad_token_id or 0, dtype=torch.long)
-    for row, item in enumerate(items):
-        tokens[row, : len(item)] = torch.tensor(item.tokens)
+    tokens, _ = pad_batch([item.tokens for item in items], pad_id(model))
 
     def batched():
         rows = torch.tensor(all_alphas).repeat(len(items))

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -38,6 +36,7 @@ from torch import Tensor
 
 from . import __version__
 from .errors import CacheError, DataError
+from .io import atomic_write
 from .batching import run_batches
 from .models import model_id, resid_hook, validate_layers
 from .positions import Encoded, PositionRule, default_prepend_bos, encode, rule_name, select_positions
@@ -131,18 +130,10 @@ def _load_cached(path: Path, key: str) -> Activations:
 def _save_cached(path: Path, acts: Activations) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"mean": acts.mean.contiguous()}
     if acts.per_prompt is not None:
         tensors["per_prompt"] = acts.per_prompt.contiguous()
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"meta": json.dumps(acts.meta)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"meta": json.dumps(acts.meta)}))
 
 
 def collect(

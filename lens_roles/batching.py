@@ -92,24 +92,23 @@ def plan(items: Sequence[Encoded], positions: Sequence[Sequence[int]], share: bo
     return Plan(trunk, tuple(groups))
 
 
-def _pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    width = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return tokens, mask
+def pad_id(model) -> int:
+    """The token id used for padding (the tokenizer's pad token, else 0)."""
+    pad = model.tokenizer.pad_token_id
+    return 0 if pad is None else int(pad)
 
 
-def _pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+def pad_batch(rows: Sequence[Sequence[int]], pad: int, side: str = "right") -> tuple[Tensor, Tensor]:
+    """Pad token rows to one width: ``(tokens [batch, pos], attention mask [batch, pos])`` (long)."""
     width = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    tokens = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        if r:
-            tokens[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r) :] = 1
+        if not r:
+            continue
+        cols = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
+        tokens[i, cols] = torch.tensor(r, dtype=torch.long)
+        mask[i, cols] = 1
     return tokens, mask
 
 
@@ -181,7 +180,7 @@ def run_batches(
         progress: an optional callable ``(n_prompts_done) -> None``.
     """
     device = model.cfg.device
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    pad = pad_id(model)
     p = plan(items, positions, share=share_prefixes)
     t = len(p.trunk)
     # the furthest token any prompt needs: its last read position
@@ -201,7 +200,7 @@ def run_batches(
         elif any(prefixes):
             chunk_cache = _empty_cache(model, len(chunk))
         if any(prefixes):
-            tokens, mask = _pad_left(prefixes, pad_id)
+            tokens, mask = pad_batch(prefixes, pad, side="left")
             model(tokens.to(device), attention_mask=mask.to(device), past_kv_cache=chunk_cache,
                   stop_at_layer=stop_at_layer)
         # (prompt, its group's row in the chunk cache, where its suffix starts), longest suffix first
@@ -210,7 +209,7 @@ def run_batches(
         for start in range(0, len(members), batch_size):
             batch = members[start : start + batch_size]
             suffixes = [items[i].tokens[s : needed[i]] for i, _, s in batch]
-            tokens, mask = _pad_right(suffixes, pad_id)
+            tokens, mask = pad_batch(suffixes, pad)
             weights = torch.zeros(tokens.shape, dtype=model.cfg.dtype)
             for row, (i, _, s) in enumerate(batch):
                 weights[row, [q - s for q in positions[i]]] = 1.0 / len(positions[i])

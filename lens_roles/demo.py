@@ -36,9 +36,10 @@ import torch
 from .activations import Activations, collect_sets
 from .directions import diff_in_means
 from .evaluation import separation_auc
+from .io import write_csv
 from .models import parse_layers, validate_layers
 from .plots import direction_profile, layer_heatmap, line_by_layer, save_figure
-from .prompts import available_roles, data_dir, load_baseline, load_pairs, load_role
+from .prompts import available_roles, data_dir, load_baseline, load_pairs, load_role, split_point
 
 TRAIN_FRACTION = 0.75
 #: α values of the demo's steering sweep, as multiples of the typical residual norm
@@ -51,7 +52,8 @@ def default_steer_layers(n_layers: int) -> list[int]:
 
 
 def _split_indices(n: int) -> tuple[range, range]:
-    k = max(1, min(n - 1, round(n * TRAIN_FRACTION)))
+    """The same deterministic split as ``PromptSet.split`` / ``PairSet.split``, as index ranges."""
+    k = split_point(n, TRAIN_FRACTION)
     return range(k), range(k, n)
 
 
@@ -139,7 +141,7 @@ def run_demo(model, *, out: Path, directions_out: Path, layers="all", roles="all
 def write_outputs(summary: pd.DataFrame, out: Path, meta: dict) -> None:
     """Write the summary CSV and the three figures (see the module docs)."""
     out.mkdir(parents=True, exist_ok=True)
-    summary.to_csv(out / "directions_summary.csv", index=False)
+    write_csv(summary, out / "directions_summary.csv")
     sub = f"{meta['model']} · resid_post · persona: reply tokens, roles: end-of-instruction tokens"
     save_figure(direction_profile(summary, title="Role and persona directions by layer", subtitle=sub),
                 out / "direction_profile", meta=meta)

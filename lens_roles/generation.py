@@ -17,11 +17,11 @@ reference the cached path is tested against).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 from .activations import _as_prompts
+from .batching import pad_batch, pad_id
 from .errors import DataError
 from .interventions import PositionState, position_state
 from .positions import encode
@@ -34,16 +34,6 @@ class Generation:
     prompt: str
     text: str
     tokens: tuple[int, ...]
-
-
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        tokens[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return tokens, mask
 
 
 @torch.no_grad()
@@ -76,13 +66,13 @@ def generate(
     items = encode(model, plist, template=template)
     device = model.cfg.device
     tok = model.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(model)
     eos = tok.eos_token_id if stop_at_eos else None
-    tokens, mask = _left_pad([it.tokens for it in items], pad_id)
+    tokens, mask = pad_batch([it.tokens for it in items], pad, side="left")
     tokens, mask = tokens.to(device), mask.to(device)
     batch, prompt_len = tokens.shape
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    new = torch.full((batch, 0), pad_id, dtype=torch.long, device=device)
+    new = torch.full((batch, 0), pad, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, batch) if use_kv_cache else None
 
@@ -106,7 +96,7 @@ def generate(
         else:
             probs = torch.softmax(logits / temperature, dim=-1).cpu()
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(device)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         new = torch.cat([new, nxt[:, None]], dim=1)
         if eos is not None:
             done |= nxt == eos

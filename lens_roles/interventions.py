@@ -247,20 +247,18 @@ def residual_norms(model, prompts, *, layers=None, positions="all", batch_size: 
     (an attention sink) and would make "typical" meaningless.
     """
     from .activations import _as_prompts
+    from .batching import pad_batch, pad_id
     from .positions import encode, select_positions
 
     layers = validate_layers(model, layers)
     items = encode(model, _as_prompts(prompts))
-    pos = select_positions(items, positions if isinstance(positions, str) else "all")
+    pos = select_positions(items, positions)
     totals = dict.fromkeys(layers, 0.0)
-    pad = model.tokenizer.pad_token_id or 0
     for start in range(0, len(items), batch_size):
         chunk = list(range(start, min(start + batch_size, len(items))))
-        width = max(len(items[i]) for i in chunk)
-        tokens = torch.full((len(chunk), width), pad, dtype=torch.long)
-        weights = torch.zeros(len(chunk), width)
+        tokens, _ = pad_batch([items[i].tokens for i in chunk], pad_id(model))
+        weights = torch.zeros(tokens.shape)
         for row, i in enumerate(chunk):
-            tokens[row, : len(items[i])] = torch.tensor(items[i].tokens)
             read = [q for q in pos[i] if q > 0] or pos[i]
             weights[row, read] = 1.0 / len(read)
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+from .io import atomic_write
 
 TEMPLATE = "simple_white"
 FONT = dict(family="Helvetica, Arial, sans-serif", size=13)
@@ -131,15 +132,7 @@ def save_figure(fig: go.Figure, stem: str | Path, *, meta: dict | None = None, p
     written = []
 
     def _atomic(path: Path, write) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, path)
-            written.append(path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        written.append(atomic_write(path, write))
 
     if meta is not None:
         fig.update_layout(meta=meta)

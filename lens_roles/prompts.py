@@ -68,11 +68,7 @@ class PromptSet:
 
     def split(self, fraction: float = 0.75) -> tuple["PromptSet", "PromptSet"]:
         """Deterministic train/held-out split: the first ``fraction`` and the rest."""
-        if not 0 < fraction < 1:
-            raise DataError(f"split fraction must be in (0, 1), got {fraction}")
-        k = max(1, min(len(self) - 1, round(len(self) * fraction)))
-        if len(self) < 2:
-            raise DataError(f"prompt set {self.name!r} has {len(self)} prompt(s); cannot split it")
+        k = split_point(len(self), fraction, f"prompt set {self.name!r}")
         return (
             PromptSet(self.name, self.prompts[:k], self.source),
             PromptSet(self.name, self.prompts[k:], self.source),
@@ -129,13 +125,23 @@ class PairSet:
         )
 
     def split(self, fraction: float = 0.75) -> tuple["PairSet", "PairSet"]:
-        if len(self) < 2 or not 0 < fraction < 1:
-            raise DataError(f"cannot split pair set {self.name!r} of {len(self)} with fraction {fraction}")
-        k = max(1, min(len(self) - 1, round(len(self) * fraction)))
+        k = split_point(len(self), fraction, f"pair set {self.name!r}")
         return PairSet(self.name, self.pairs[:k], self.source), PairSet(self.name, self.pairs[k:], self.source)
 
     def fingerprint(self) -> str:
         return fingerprint([(p.system, p.user, p.positive, p.negative) for p in self.pairs])
+
+
+def split_point(n: int, fraction: float, what: str = "set") -> int:
+    """Items before the split when the first ``fraction`` of ``n`` builds and the rest is held out.
+
+    Both sides keep at least one item.
+    """
+    if not 0 < fraction < 1:
+        raise DataError(f"split fraction must be in (0, 1), got {fraction}")
+    if n < 2:
+        raise DataError(f"{what} has {n} item(s); cannot split it")
+    return max(1, min(n - 1, round(n * fraction)))
 
 
 def fingerprint(items) -> str:

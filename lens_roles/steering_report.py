@@ -22,6 +22,7 @@ import pandas as pd
 from . import __version__
 from .directions import Direction
 from .interventions import residual_norms
+from .io import write_csv
 from .models import validate_layers
 from .plots import behaviour_vs_alpha, cosine_vs_alpha, save_figure
 from .prompts import PairSet
@@ -60,8 +61,8 @@ def run_steering_report(model, direction: Direction, pairs: PairSet, *, layers, 
         "lens_roles": __version__,
     }
     out.mkdir(parents=True, exist_ok=True)
-    sweep.to_csv(out / "sweep.csv", index=False)
-    texts.to_csv(out / "generations.csv", index=False)
+    write_csv(sweep, out / "sweep.csv")
+    write_csv(texts, out / "generations.csv")
     sub = f"{model.cfg.model_name} · {meta['direction']} · steered at resid_post, all positions"
     for layer in layers:
         save_figure(cosine_vs_alpha(sweep, layer, subtitle=sub), out / f"cosine_vs_alpha_layer{layer}", meta=meta)

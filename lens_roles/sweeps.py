@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 
 from .activations import _as_prompts
+from .batching import pad_batch, pad_id
 from .directions import Direction
 from .errors import DataError
 from .generation import generate
@@ -44,16 +45,6 @@ def _alphas(alphas: Sequence[float]) -> list[float]:
     return sorted(set(values) | {0.0})
 
 
-def _right_pad(rows, pad_id: int):
-    width = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = True
-    return tokens, mask
-
-
 def _mode(relative) -> str:
     return "absolute" if relative is None else "relative"
 
@@ -70,7 +61,7 @@ def cosine_sweep(model, direction: Direction, prompts, *, steer_layers: Sequence
     alpha_list = _alphas(alphas)
     steer_layers = validate_layers(model, steer_layers)
     items = encode(model, _as_prompts(prompts))
-    pad = model.tokenizer.pad_token_id or 0
+    pad = pad_id(model)
     n_a, ref = len(alpha_list), alpha_list.index(0.0)
     rows = []
     for layer in steer_layers:
@@ -78,10 +69,10 @@ def cosine_sweep(model, direction: Direction, prompts, *, steer_layers: Sequence
         sums = torch.zeros(len(downstream), n_a, dtype=torch.float64)
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            tokens, mask = _right_pad([it.tokens for it in chunk], pad)
+            tokens, mask = pad_batch([it.tokens for it in chunk], pad)
             tokens = tokens.repeat_interleave(n_a, dim=0)  # [prompt * alpha, pos]
             alpha_rows = torch.tensor(alpha_list).repeat(len(chunk))
-            valid, n_chunk = mask.to(model.cfg.device), len(chunk)
+            valid, n_chunk = mask.bool().to(model.cfg.device), len(chunk)
 
             def capture(acts, hook, _valid=valid, _n=n_chunk, _sums=sums, _first=layer):
                 k = int(hook.name.split(".")[1]) - _first
@@ -101,14 +92,15 @@ def cosine_sweep(model, direction: Direction, prompts, *, steer_layers: Sequence
     return pd.DataFrame(rows)
 
 
-def _logprobs_at(model, resid: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Next-token log-probabilities at ``(rows, cols)`` of the final residual stream, ``[n, vocab]``.
+def _logprobs_at(model, resid: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities from final residual vectors ``[..., d_model]`` → ``[..., vocab]``.
 
-    Only the positions asked for go through the final norm and the unembedding,
-    which is most of the cost of a forward for a small model with a large vocabulary.
+    Only the positions passed go through the final norm and the unembedding, which
+    is most of the cost of a forward for a small model with a large vocabulary.
     """
-    picked = resid[rows, cols][None]  # [1, n, d_model]
-    return torch.log_softmax(model.unembed(model.ln_final(picked))[0].float(), dim=-1)
+    flat = resid.reshape(1, -1, resid.shape[-1])
+    logits = model.unembed(model.ln_final(flat))[0].float()
+    return torch.log_softmax(logits, dim=-1).reshape(*resid.shape[:-1], -1)
 
 
 @torch.no_grad()
@@ -126,7 +118,7 @@ def adherence_sweep(model, direction: Direction, pairs: PairSet, *, steer_layers
     prompts: list[Prompt] = [p for pair in pairs.pairs for p in pair.as_prompts()]
     items = encode(model, prompts)
     spans = select_positions(items, "reply")
-    pad = model.tokenizer.pad_token_id or 0
+    pad = pad_id(model)
     n_a, ref = len(alpha_list), alpha_list.index(0.0)
     rows = []
     for layer in steer_layers:
@@ -135,38 +127,24 @@ def adherence_sweep(model, direction: Direction, pairs: PairSet, *, steer_layers
         n_kl = 0
         for start in range(0, len(items), 2 * batch_size):
             chunk = list(range(start, min(start + 2 * batch_size, len(items))))
-            tokens, _ = _right_pad([items[i].tokens for i in chunk], pad)
+            tokens, _ = pad_batch([items[i].tokens for i in chunk], pad)
             tokens = tokens.repeat_interleave(n_a, dim=0)
             alpha_rows = torch.tensor(alpha_list).repeat(len(chunk))
-            row_spans = [(spans[i][0], spans[i][-1] + 1) for i in chunk for _ in alpha_list]
             hooks = steering_hooks(model, direction, alpha_rows, layers=[layer], positions=positions,
                                    relative=relative)
             with model.hooks(fwd_hooks=hooks):
                 resid = model(tokens.to(model.cfg.device), stop_at_layer=model.cfg.n_layers)
-            # positions that predict a reply token: reply span shifted left by one
-            sel_rows, sel_cols = [], []
-            for r, (a, b) in enumerate(row_spans):
-                sel_rows += [r] * (b - a)
-                sel_cols += list(range(a - 1, b - 1))
-            sel_rows_t, sel_cols_t = torch.tensor(sel_rows), torch.tensor(sel_cols)
-            logp = _logprobs_at(model, resid, sel_rows_t, sel_cols_t).cpu()  # [n, vocab]
-            target = tokens[sel_rows_t, sel_cols_t + 1]
-            token_lp = logp[torch.arange(len(target)), target]
-            counts = torch.bincount(sel_rows_t, minlength=len(row_spans)).double()
-            lp = torch.zeros(len(row_spans), dtype=torch.float64).index_add_(0, sel_rows_t, token_lp.double()) / counts
-            lp = lp.reshape(len(chunk) // 2, 2, n_a)  # [pair, side, alpha]
-            margin += (lp[:, 0] - lp[:, 1]).sum(0)
-            # KL(unsteered || steered) at each position, against the α = 0 row of the same prompt
-            start_of = {}
-            for j, r in enumerate(sel_rows):
-                start_of.setdefault(r, j)
-            ref_pos = torch.tensor([start_of[(r // n_a) * n_a + ref] + (j - start_of[r])
-                                    for j, r in enumerate(sel_rows)])
-            p_ref = logp[ref_pos]
-            kl_tok = (p_ref.exp() * (p_ref - logp)).sum(-1)  # [n]
-            kl_row = torch.zeros(len(row_spans), dtype=torch.float64).index_add_(0, sel_rows_t, kl_tok.double())
-            kl_row = kl_row / counts
-            kl += kl_row.reshape(len(chunk), n_a).sum(0)
+            resid = resid.reshape(len(chunk), n_a, *resid.shape[1:])  # [prompt, alpha, pos, d_model]
+            mean_lp = torch.zeros(len(chunk), n_a, dtype=torch.float64)
+            for c, i in enumerate(chunk):
+                a, b = spans[i][0], spans[i][-1] + 1
+                # positions a-1 .. b-2 predict the reply tokens a .. b-1
+                logp = _logprobs_at(model, resid[c, :, a - 1 : b - 1]).cpu()  # [alpha, reply, vocab]
+                target = torch.tensor(items[i].tokens[a:b])
+                mean_lp[c] = logp[:, torch.arange(b - a), target].mean(-1).double()
+                p_ref = logp[ref]  # KL(unsteered || steered) per position, averaged over the reply
+                kl += (p_ref.exp() * (p_ref - logp)).sum(-1).mean(-1).double()
+            margin += (mean_lp[0::2] - mean_lp[1::2]).sum(0)  # chunks hold (positive, negative) in turn
             n_kl += len(chunk)
         for a, alpha in enumerate(alpha_list):
             base = {"layer": layer, "alpha": alpha, "alpha_mode": _mode(relative), "read_layer": model.cfg.n_layers - 1}
@@ -202,7 +180,7 @@ def generation_sweep(model, direction: Direction, prompts, *, steer_layers: Sequ
     plist = _as_prompts(prompts)
     items = encode(model, plist)
     rows, texts = [], []
-    pad = model.tokenizer.pad_token_id or 0
+    pad = pad_id(model)
     for layer in steer_layers:
         batch = [p for p in plist for _ in alpha_list]
         alpha_rows = torch.tensor(alpha_list).repeat(len(plist))
@@ -211,7 +189,7 @@ def generation_sweep(model, direction: Direction, prompts, *, steer_layers: Sequ
             outs = generate(model, batch, max_new_tokens=max_new_tokens, seed=seed)
         # perplexity of each generation under the unsteered model
         full = [list(items[r // len(alpha_list)].tokens) + list(o.tokens) for r, o in enumerate(outs)]
-        tokens, _ = _right_pad(full, pad)
+        tokens, _ = pad_batch(full, pad)
         logp = torch.log_softmax(model(tokens.to(model.cfg.device)).float(), dim=-1)
         stats = torch.zeros(len(alpha_list), 2, dtype=torch.float64)
         for r, o in enumerate(outs):
