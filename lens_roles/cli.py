@@ -4,6 +4,10 @@ Commands:
 
 * ``extract`` — a persona vector from contrast pairs → ``.safetensors`` + ``.json``;
 * ``roles`` — one role vector per role against the baseline, all layers → a folder;
+* ``sweep`` / ``generate`` — steering studies;
+* ``evaluate`` — role vectors on multiple-choice domains (addition, ablation,
+  prompting; in-domain vs off-domain with bootstrap intervals);
+* ``ab-curve`` — CAA behaviour curves against the steering multiplier;
 * ``demo`` — the main job: the librarian persona and every role on the default
   model, with held-out separation and split-half agreement, written to ``figures/``.
 
@@ -85,6 +89,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+
+    p = sub.add_parser("evaluate", help="role vectors on multiple-choice domains: addition, ablation, prompting")
+    p.add_argument("--roles", default="domain",
+                   help="'domain' (the first role of each evaluated domain in --role-domains), 'all', "
+                        "comma-separated names from --roles-dir, or paths to prompt files (JSONL or Role-Vectors "
+                        "JSON)")
+    p.add_argument("--questions", required=True,
+                   help="a folder of domain files (target_test_<domain>.json, else *.json/*.jsonl) or one file")
+    p.add_argument("--domains", default=None, help="comma-separated domains to keep (default: every file)")
+    p.add_argument("--out", required=True, help="output folder: CSV tables, study.json, figures, vectors/")
+    p.add_argument("--roles-dir", default=None, help="folder of <role>.jsonl (default: the project's data/roles)")
+    p.add_argument("--baseline", default=None, help="baseline JSONL/JSON (default: data/roles/baseline.jsonl)")
+    p.add_argument("--role-domains", default=None,
+                   help="JSON {domain: [roles]} saying which role is in-domain where (default: "
+                        "data/roles/domains.json)")
+    p.add_argument("--select-layers", default=None,
+                   help="addition layers tried on validation (default: 20/40/60/80%% of depth)")
+    p.add_argument("--alphas", default="0.5,1,2", help="multiples of the role vector tried on validation")
+    p.add_argument("--conditions", default="addition,ablation,prompting")
+    p.add_argument("--validation", type=float, default=0.25, help="fraction of each domain used for selection")
+    p.add_argument("--max-val", type=int, default=32, help="validation questions per domain (0: all)")
+    p.add_argument("--max-test", type=int, default=64, help="test questions per domain (0: all)")
+    p.add_argument("--letters", default="ABCD", help="option letters, in order")
+    p.add_argument("--answer-format", default="{letter}", help="how the reply writes a letter, e.g. '({letter})'")
+    p.add_argument("--system-template", default="You are {article} {role}.", help="persona prompt")
+    p.add_argument("--skip-invalid", action="store_true", help="leave out malformed questions instead of failing")
+    p.add_argument("--n-boot", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    _model_args(p)
+
+    p = sub.add_parser("ab-curve", help="CAA A/B behaviour curves: p(matching answer) against the multiplier")
+    p.add_argument("--pairs", required=True, nargs="+", help="CAA JSON files {positive, negative} (one per behaviour)")
+    p.add_argument("--layer", type=int, required=True, help="layer the vector is read at and added to")
+    p.add_argument("--multipliers", default="-2,-1,-0.5,0,0.5,1,2",
+                   help="comma-separated multiples of the raw mean-difference vector")
+    p.add_argument("--n-train", type=int, default=128, help="pairs that build the vector")
+    p.add_argument("--n-test", type=int, default=64, help="disjoint pairs that are scored")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder: curves.csv, scores.csv, monotonicity.csv, figure")
+    p.add_argument("--model", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--template", choices=["chat", "plain"], default=None)
 
     p = sub.add_parser("demo", help="the main job: librarian persona + all roles, figures to figures/")
     p.add_argument("--out", default="figures", help="figure folder (default: figures)")
@@ -215,8 +263,121 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _role_sets(spec: str, roles_dir, domains: list[str], role_domains: dict[str, str]):
+    """Prompt sets for ``evaluate --roles``: 'domain', 'all', names, or prompt-file paths."""
+    from .prompts import load_prompt_set, load_role, resolve_roles
+
+    if spec == "domain":
+        names = []
+        for d in domains:
+            home = [r for r, dom in role_domains.items() if dom == d]
+            if home:
+                names.append(home[0])
+        if not names:
+            raise LensRolesError(f"no role in --role-domains belongs to the domains {', '.join(domains)}; "
+                                 "name the roles with --roles")
+        return [load_role(n, roles_dir) for n in names]
+    parts = [s.strip() for s in spec.split(",") if s.strip()]
+    if any(s.endswith((".json", ".jsonl")) for s in parts):
+        sets = []
+        for s in parts:
+            path = Path(s)
+            stem = path.stem.removeprefix("target_train_").replace(" ", "_")
+            sets.append(load_prompt_set(path, stem))
+        return sets
+    return [load_role(n, roles_dir) for n in resolve_roles(spec if spec == "all" else parts, roles_dir)]
+
+
+def _int_list(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LensRolesError(f"cannot read {what} {text!r}: use comma-separated integers") from None
+
+
+def cmd_evaluate(args) -> int:
+    from .directions import role_vectors
+    from .geometry import cosine_matrix, role_map
+    from .plots import role_cosine_heatmap, role_map as role_map_figure, save_figure
+    from .prompts import load_baseline
+    from .questions import load_domains
+    from .role_study import StudyConfig, load_role_domains, run_role_study, write_role_study
+
+    domains = load_domains(args.questions, domains=args.domains.split(",") if args.domains else None,
+                           letters=args.letters, skip_invalid=args.skip_invalid)
+    role_domains = load_role_domains(args.role_domains)
+    role_sets = _role_sets(args.roles, args.roles_dir, list(domains), role_domains)
+    baseline = load_baseline(args.baseline)
+    try:
+        config = StudyConfig(
+            layers=tuple(_int_list(args.select_layers, "--select-layers")) if args.select_layers else None,
+            alphas=tuple(_parse_alphas(args.alphas)), validation=args.validation,
+            max_val=args.max_val or None, max_test=args.max_test or None,
+            conditions=tuple(c.strip() for c in args.conditions.split(",") if c.strip()),
+            n_boot=args.n_boot, seed=args.seed, batch_size=args.batch_size, answer_format=args.answer_format,
+            system_template=args.system_template)
+    except ValueError as exc:
+        raise LensRolesError(str(exc)) from None
+    model = _load(args)
+    from .models import validate_layers
+
+    if config.layers:
+        validate_layers(model, list(config.layers))
+    vectors = role_vectors(model, role_sets, baseline, **_collect_kw(args))
+    out = Path(args.out)
+    study = run_role_study(model, vectors, domains, role_domains=role_domains, config=config,
+                           progress=lambda msg: print(msg, file=sys.stderr))
+    write_role_study(study, out)
+    for name, direction in vectors.items():
+        direction.save(out / "vectors" / f"{name}.safetensors")
+    if len(vectors) > 1:
+        cos = cosine_matrix(vectors)
+        save_figure(role_cosine_heatmap(cos, subtitle=model.cfg.model_name), out / "role_cosine")
+        layer = study.selection.layer.mode().iloc[0] if not study.selection.empty else model.cfg.n_layers // 2
+        save_figure(role_map_figure(role_map(vectors, int(layer), groups=role_domains),
+                                    subtitle=model.cfg.model_name), out / "role_map")
+    summary = study.summary[study.summary.metric == "accuracy"]
+    print(study.baseline[study.baseline.metric == "accuracy"].round(3).to_string(index=False))
+    print(summary.round(3).to_string(index=False))
+    print(f"wrote {out}/ in {study.meta['seconds']['total']:.0f} s")
+    return 0
+
+
+def cmd_ab_curve(args) -> int:
+    import pandas as pd
+
+    from .ab_curves import ab_curve, monotonicity
+    from .io import write_csv
+    from .plots import ab_curves, save_figure
+    from .prompts import load_pairs
+
+    pair_sets = [load_pairs(p) for p in args.pairs]
+    multipliers = _parse_alphas(args.multipliers)
+    model = _load(args)
+    out = Path(args.out)
+    curves = []
+    for pairs in pair_sets:
+        curve = ab_curve(model, pairs, layer=args.layer, multipliers=multipliers, n_train=args.n_train,
+                         n_test=args.n_test, seed=args.seed, template=args.template, batch_size=args.batch_size)
+        curve.vector.save(out / "vectors" / f"{pairs.name}.safetensors")
+        curves.append(curve)
+    frame = pd.concat([c.frame for c in curves], ignore_index=True)
+    mono = monotonicity(frame)
+    write_csv(frame, out / "curves.csv")
+    write_csv(pd.concat([c.scores for c in curves], ignore_index=True), out / "scores.csv")
+    write_csv(mono, out / "monotonicity.csv")
+    meta = {"model": model.cfg.model_name, "behaviours": [c.meta for c in curves]}
+    save_figure(ab_curves(frame, subtitle=f"{model.cfg.model_name} · layer {args.layer} · held-out pairs, "
+                                          "95% bootstrap bands"), out / "ab_curves", meta=meta)
+    print(frame.round(3).to_string(index=False))
+    print(mono.round(3).to_string(index=False))
+    return 0
+
+
 COMMANDS = {"extract": cmd_extract, "roles": cmd_roles, "sweep": cmd_sweep, "generate": cmd_generate,
-            "demo": cmd_demo}
+            "evaluate": cmd_evaluate, "ab-curve": cmd_ab_curve, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,10 @@ Writes to ``out`` (default ``figures/``):
 * ``role_specificity_heatmap.{html,png,json}`` — held-out AUC of each role's prompts against
   all other roles' prompts, projected on that role's vector (harder than the baseline);
 * ``librarian_split_half.{html,png,json}`` — split-half cosine of the persona vector;
+* ``roles/`` — role geometry: ``role_cosine`` (cosine of every pair of role vectors,
+  a slider over layers), ``role_map`` (2-D PCA of the roles at the layer where they
+  are most distinct), ``role_sharing`` (mean pairwise cosine and mean specificity
+  AUC by layer), ``role_cosine.csv`` and ``nearest_roles.csv``;
 * ``steering/`` — steering with the librarian vector at three layers on the held-out
   pairs (see :mod:`lens_roles.steering_report`): ``sweep.csv``, ``generations.csv``,
   cosine-vs-α per layer and adherence/coherence-vs-α figures;
@@ -122,6 +126,8 @@ def run_demo(model, *, out: Path, directions_out: Path, layers="all", roles="all
         "lens_roles": __version__,
     }
     write_outputs(summary, out, meta)
+    if len(vectors) > 1:
+        write_geometry(vectors, summary, out / "roles", meta)
 
     # -- steering with the librarian vector, evaluated on the held-out pairs ---------------------
     if steer_layers:
@@ -162,6 +168,34 @@ def write_outputs(summary: pd.DataFrame, out: Path, meta: dict) -> None:
                               subtitle=f"{meta['model']} · resid_post · reply tokens · even vs odd pairs",
                               y_title="cosine(half A, half B)"),
                 out / "librarian_split_half", meta=meta)
+
+
+def write_geometry(vectors: dict, summary: pd.DataFrame, out: Path, meta: dict) -> None:
+    """Role geometry: cosine matrix per layer (slider), the 2-D map of roles, and how much they share.
+
+    The map is drawn at the layer where the roles are most distinguishable from
+    one another (highest mean held-out AUC against the other roles).
+    """
+    from .geometry import cosine_matrix, mean_offdiagonal_cosine, nearest_roles, role_map
+    from .plots import role_cosine_heatmap, role_map as role_map_figure
+    from .role_study import load_role_domains
+
+    cos = cosine_matrix(vectors)
+    spec = summary[summary.metric == "auc_vs_roles"].groupby("layer").value.mean()
+    layer = int(spec.idxmax()) if len(spec) else int(cos.layer.median())
+    groups = load_role_domains()
+    write_csv(cos, out / "role_cosine.csv")
+    write_csv(nearest_roles(cos), out / "nearest_roles.csv")
+    sub = f"{meta['model']} · role vectors at the end-of-instruction tokens"
+    save_figure(role_cosine_heatmap(cos, layer=layer, subtitle=sub), out / "role_cosine", meta=meta)
+    save_figure(role_map_figure(role_map(vectors, layer, groups=groups), subtitle=sub + " · centred on the roles' "
+                                "mean · colour: MMLU domain"), out / "role_map", meta=meta)
+    shared = mean_offdiagonal_cosine(cos).assign(direction="mean cosine between distinct roles")
+    if len(spec):
+        shared = pd.concat([shared, pd.DataFrame({"layer": spec.index, "value": spec.values,
+                                                  "direction": "mean held-out AUC vs other roles"})])
+    save_figure(line_by_layer(shared, title="How much the roles share, and how separable they are, by layer",
+                              subtitle=sub, y_title="value"), out / "role_sharing", meta=meta)
 
 
 def report(summary: pd.DataFrame, file=None) -> None:
