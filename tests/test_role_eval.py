@@ -435,3 +435,23 @@ def test_cli_ab_curve(tiny_cli, tmp_path, capsys):
     assert (out / "monotonicity.csv").exists() and (out / "ab_curves.html").exists()
     assert main(["ab-curve", "--pairs", str(pairs), "--layer", "9", "--out", str(out)]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_roles_from_role_vectors_files(shared_data):
+    from lens_roles.cli import _role_sets
+
+    files = [shared_data / "role-vectors" / "splits" / f"target_train_{r}.json" for r in ("chemist", "data scientist")]
+    sets = _role_sets(",".join(map(str, files)), None, [], {})
+    assert [s.name for s in sets] == ["chemist", "data_scientist"] and all(len(s) == 128 for s in sets)
+    domain_sets = _role_sets("domain", None, ["law", "econ"], rs.load_role_domains())
+    assert [s.name for s in domain_sets] == ["lawyer", "economist"]
+
+
+def test_shared_domain_sets_load(shared_data):
+    domains = load_domains(shared_data / "role-vectors" / "splits",
+                           domains=["econ", "eecs", "law", "math", "medicine", "natural_science", "politics",
+                                    "psychology"])
+    for name, qs in domains.items():  # every record loads; none is skipped or invalid
+        raw = json.loads((shared_data / "role-vectors" / "splits" / f"target_test_{name}.json").read_text())
+        assert len(qs) == len(raw) and not qs.skipped
+        assert [q.answer for q in qs] == [r["target_score"] for r in raw]
