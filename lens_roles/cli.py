@@ -105,12 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON {domain: [roles]} saying which role is in-domain where (default: "
                         "data/roles/domains.json)")
     p.add_argument("--select-layers", default=None,
-                   help="addition layers tried on validation (default: 20/40/60/80%% of depth)")
+                   help="addition layers tried on validation (default: 25/50/75%% of depth)")
     p.add_argument("--alphas", default="0.5,1,2", help="multiples of the role vector tried on validation")
     p.add_argument("--conditions", default="addition,ablation,prompting")
     p.add_argument("--validation", type=float, default=0.25, help="fraction of each domain used for selection")
-    p.add_argument("--max-val", type=int, default=32, help="validation questions per domain (0: all)")
-    p.add_argument("--max-test", type=int, default=64, help="test questions per domain (0: all)")
+    p.add_argument("--max-val", type=int, default=24, help="validation questions per domain (0: all)")
+    p.add_argument("--max-test", type=int, default=40, help="test questions per domain (0: all)")
     p.add_argument("--letters", default="ABCD", help="option letters, in order")
     p.add_argument("--answer-format", default="{letter}", help="how the reply writes a letter, e.g. '({letter})'")
     p.add_argument("--system-template", default="You are {article} {role}.", help="persona prompt")
@@ -363,6 +363,9 @@ def cmd_ab_curve(args) -> int:
                          n_test=args.n_test, seed=args.seed, template=args.template, batch_size=args.batch_size)
         curve.vector.save(out / "vectors" / f"{pairs.name}.safetensors")
         curves.append(curve)
+        p = curve.frame.p_match
+        print(f"{pairs.name}: p(match) {p.iloc[0]:.3f} at {multipliers[0]:g} → {p.iloc[-1]:.3f} at "
+              f"{multipliers[-1]:g}", file=sys.stderr)
     frame = pd.concat([c.frame for c in curves], ignore_index=True)
     mono = monotonicity(frame)
     write_csv(frame, out / "curves.csv")

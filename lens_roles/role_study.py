@@ -74,8 +74,8 @@ class StudyConfig:
     """Settings of :func:`run_role_study` (validated on creation).
 
     Attributes:
-        layers: the addition layers tried on validation (default: 4 layers spread
-            over 20–80 % of depth).
+        layers: the addition layers tried on validation (default: 3 layers at
+            25, 50 and 75 % of depth).
         alphas: multiples of the raw role vector tried on validation.
         validation: fraction of each domain set used for selection.
         max_val, max_test: at most this many validation / test questions per domain.
@@ -89,8 +89,8 @@ class StudyConfig:
     layers: tuple[int, ...] | None = None
     alphas: tuple[float, ...] = (0.5, 1.0, 2.0)
     validation: float = 0.25
-    max_val: int | None = 32
-    max_test: int | None = 64
+    max_val: int | None = 24
+    max_test: int | None = 40
     conditions: tuple[str, ...] = ("addition", "ablation", "prompting")
     n_boot: int = 2000
     level: float = 0.95
@@ -118,8 +118,8 @@ class StudyConfig:
 
 
 def default_selection_layers(n_layers: int) -> tuple[int, ...]:
-    """Four layers at 20, 40, 60 and 80 % of depth (6, 12, 17, 23 of 30)."""
-    return tuple(sorted({min(n_layers - 1, int(n_layers * f)) for f in (0.2, 0.4, 0.6, 0.8)}))
+    """Three layers at 25, 50 and 75 % of depth (7, 15, 22 of 30; 4, 9, 13 of 18)."""
+    return tuple(sorted({min(n_layers - 1, int(n_layers * f)) for f in (0.25, 0.5, 0.75)}))
 
 
 @dataclass
