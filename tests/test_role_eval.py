@@ -455,3 +455,11 @@ def test_shared_domain_sets_load(shared_data):
         raw = json.loads((shared_data / "role-vectors" / "splits" / f"target_test_{name}.json").read_text())
         assert len(qs) == len(raw) and not qs.skipped
         assert [q.answer for q in qs] == [r["target_score"] for r in raw]
+
+
+def test_plain_template_scores_the_spaced_letter(tiny_model, domain_dir):
+    qs = load_questions(domain_dir / "target_test_econ.json").head(2)
+    items = mc.choice_items(tiny_model, qs, template="plain")
+    decoded = [tiny_model.tokenizer.decode([t]) for t in items[0].choice_ids]
+    assert [d.strip() for d in decoded] == ["A", "B", "C", "D"]
+    assert tiny_model.tokenizer.decode(list(items[0].tokens)).rstrip().endswith("Assistant:")
