@@ -185,7 +185,12 @@ def write_geometry(vectors: dict, summary: pd.DataFrame, out: Path, meta: dict) 
     layer = int(spec.idxmax()) if len(spec) else int(cos.layer.median())
     groups = load_role_domains()
     write_csv(cos, out / "role_cosine.csv")
-    write_csv(nearest_roles(cos), out / "nearest_roles.csv")
+    centred = cosine_matrix(vectors, centre=True)
+    write_csv(nearest_roles(cos).merge(nearest_roles(centred), on=["role", "layer"], suffixes=("", "_centred")),
+              out / "nearest_roles.csv")
+    save_figure(role_cosine_heatmap(centred, layer=layer, title="Cosine of role vectors, centred on the roles' mean",
+                                    subtitle=f"{meta['model']} · what roles share beyond the common expert direction"),
+                out / "role_cosine_centred", meta=meta)
     sub = f"{meta['model']} · role vectors at the end-of-instruction tokens"
     save_figure(role_cosine_heatmap(cos, layer=layer, subtitle=sub), out / "role_cosine", meta=meta)
     save_figure(role_map_figure(role_map(vectors, layer, groups=groups), subtitle=sub + " · centred on the roles' "

@@ -41,12 +41,21 @@ def _layers(directions: Mapping[str, Direction], layers: Sequence[int] | None) -
     return list(layers) if layers is not None else common
 
 
-def cosine_matrix(directions: Mapping[str, Direction], layers: Sequence[int] | None = None) -> pd.DataFrame:
-    """Cosine of every ordered pair of roles per layer: ``role_a, role_b, layer, value``."""
+def cosine_matrix(directions: Mapping[str, Direction], layers: Sequence[int] | None = None, *,
+                  centre: bool = False) -> pd.DataFrame:
+    """Cosine of every ordered pair of roles per layer: ``role_a, role_b, layer, value``.
+
+    With ``centre``, the roles' mean unit vector is subtracted first: role vectors
+    share a large common component (any expert's instruction vs a generic one), and
+    centring shows which roles resemble each other beyond it.
+    """
     names = list(directions)
     rows = []
     for layer in _layers(directions, layers):
         units = _stack(directions, layer)
+        if centre:
+            units = units - units.mean(0, keepdim=True)
+            units = units / units.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         cos = (units @ units.T).tolist()
         rows += [{"role_a": a, "role_b": b, "layer": layer, "value": cos[i][j]}
                  for i, a in enumerate(names) for j, b in enumerate(names)]

@@ -50,12 +50,12 @@ def test_demo_writes_role_geometry(demo_run):
     import pandas as pd
 
     _, out, _ = demo_run
-    for stem in ("role_cosine", "role_map", "role_sharing"):
+    for stem in ("role_cosine", "role_cosine_centred", "role_map", "role_sharing"):
         assert (out / "roles" / f"{stem}.html").stat().st_size > 1000
     cos = pd.read_csv(out / "roles" / "role_cosine.csv")
     assert len(cos) == 3 * 3 * 3  # roles × roles × layers
     near = pd.read_csv(out / "roles" / "nearest_roles.csv")
-    assert set(near.role) == {"chemist", "lawyer", "nurse"}
+    assert set(near.role) == {"chemist", "lawyer", "nurse"} and "nearest_centred" in near
 
 
 def test_demo_saves_directions_that_reload(demo_run, tiny_model):

@@ -357,6 +357,11 @@ def test_role_geometry():
     assert got[("r1", "r3", 5)] == pytest.approx(float(direct), abs=1e-6)
     assert got[("r2", "r2", 0)] == pytest.approx(1.0)
     assert got[("r0", "r2", 0)] == pytest.approx(got[("r2", "r0", 0)])
+    centred = cosine_matrix(roles, centre=True).set_index(["role_a", "role_b", "layer"]).value
+    u = torch.nn.functional.normalize(v[:, 1], dim=-1)
+    c = u - u.mean(0)
+    expected = torch.nn.functional.cosine_similarity(c[0], c[2], dim=0)
+    assert centred[("r0", "r2", 5)] == pytest.approx(float(expected), abs=1e-6)
     near = nearest_roles(cos)
     assert len(near) == 8 and (near.role != near.nearest).all()
     mean = mean_offdiagonal_cosine(cos)
