@@ -779,33 +779,38 @@ class PatchSetup:
             [len(heads)] if "head" in spec.axes else [])
         raw = torch.empty(shape, dtype=torch.float64)
         cells = self._cells(spec, layers, positions, heads)
-        skipped = forwards = 0
-        for layer, group in itertools.groupby(cells, key=lambda c: c[1]):
+        todo = []
+        for index, layer, mask in cells:
             name = spec.hook.format(layer=layer)
-            clean, corrupt = self._acts["clean", name], self._acts["corrupt", name]
-            todo = []
-            for index, _, mask in group:
-                if torch.equal(clean[:, mask], corrupt[:, mask]):  # nothing to patch: exactly the corrupt run
-                    raw[index] = self.corrupt_value
-                    skipped += 1
-                else:
-                    todo.append((index, mask))
-            start = self._acts["corrupt", f"blocks.{layer}.hook_resid_pre"]
-            for k in range(0, len(todo), batch_size):
-                chunk = todo[k : k + batch_size]
-                n = len(chunk)
-                masks = torch.stack([m for _, m in chunk]).repeat_interleave(self.rows, dim=0)[..., None]
+            if torch.equal(self._acts["clean", name][:, mask], self._acts["corrupt", name][:, mask]):
+                raw[index] = self.corrupt_value  # nothing to patch: exactly the corrupt run
+            else:
+                todo.append((index, layer, mask))
+        forwards = 0
+        # Cells are in layer order; a chunk may span a few layers and starts at its first one.
+        for k in range(0, len(todo), batch_size):
+            chunk = todo[k : k + batch_size]
+            n, first = len(chunk), chunk[0][1]
+            hooks = []
+            for layer in sorted({c[1] for c in chunk}):
+                name = spec.hook.format(layer=layer)
+                masks = torch.stack([m if lay == layer else torch.zeros_like(m) for _, lay, m in chunk])
+                masks = masks.repeat_interleave(self.rows, dim=0)[..., None]  # [cell·row, pos(, head), 1]
+                clean = self._acts["clean", name]
                 source = clean.repeat(n, *([1] * (clean.ndim - 1)))
 
                 def hook(acts, hook, _m=masks, _c=source):
                     return torch.where(_m, _c, acts)
 
-                with self.model.hooks(fwd_hooks=[(name, hook)]):
-                    resid = self._forward(start.repeat(n, 1, 1), start_at_layer=layer)
-                values = self.metric(self.model, resid, self.n_prompt).double().cpu()
-                forwards += 1
-                for (index, _), v in zip(chunk, values):
-                    raw[index] = v
+                hooks.append((name, hook))
+            start = self._acts["corrupt", f"blocks.{first}.hook_resid_pre"].repeat(n, 1, 1)
+            with self.model.hooks(fwd_hooks=hooks):
+                resid = self._forward(start, start_at_layer=first)
+            values = self.metric(self.model, resid, self.n_prompt).double().cpu()
+            forwards += 1
+            for (index, _, _), v in zip(chunk, values):
+                raw[index] = v
+        skipped = len(cells) - len(todo)
         return self._result(spec, "activation", self.normalise(raw), layers, positions, heads,
                             batch_size=batch_size, forwards=forwards, skipped_identical_cells=skipped,
                             seconds=time.perf_counter() - t0)

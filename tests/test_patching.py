@@ -329,3 +329,75 @@ def test_no_hooks_left_after_a_failing_metric(tiny_model, ids):
     with pytest.raises(RuntimeError, match="boom"):
         s.attribution_patch("resid")
     assert tiny_model in _MODELS  # the autouse fixture checks every hook point after the test
+
+
+# ------------------------------------------------------------------ plots and CLI
+
+
+def test_heatmap_has_token_labels_and_a_centred_scale(setup):
+    from lens_roles import plots
+
+    results = [setup.activation_patch(g) for g in ("resid", "attn", "mlp", "heads")]
+    results += [setup.attribution_patch(g) for g in ("resid", "attn", "mlp", "heads")]
+    fig = plots.patch_heatmap(results)
+    heatmaps = [t for t in fig.data if t.type == "heatmap"]
+    assert len(heatmaps) == 6  # (resid, attn+mlp, heads) × (activation, attribution)
+    resid = heatmaps[0]
+    assert len(resid.x) == setup.n_prompt and len(set(resid.x)) == setup.n_prompt
+    differing = [p for p in range(setup.n_prompt) if setup.tokens[p] != setup.corrupt_tokens[p]]
+    assert resid.x[differing[0]] == f"{differing[0]} {setup.tokens[differing[0]]}|{setup.corrupt_tokens[differing[0]]}"
+    assert list(heatmaps[1].x) == ["attn", "mlp"] and list(heatmaps[2].x) == ["0", "1", "2", "3"]
+    for axis, method in (("coloraxis", "activation"), ("coloraxis2", "attribution")):
+        ca = fig.layout[axis]
+        bound = max(float(r.values.abs().max()) for r in results if r.method == method)
+        assert ca.cmin == -ca.cmax and ca.cmax == pytest.approx(bound) and ca.cmid == 0
+    scatter = plots.patch_scatter(results)
+    assert [a.text.split(" (")[0] for a in scatter.layout.annotations] == ["resid", "attn", "mlp", "heads"]
+
+
+@pytest.fixture
+def patched_cli(tiny_model, monkeypatch):
+    monkeypatch.setattr("lens_roles.models.load_model", lambda *a, **k: tiny_model)
+    monkeypatch.setattr("lens_roles.plots.find_browser", lambda: None)  # HTML only: PNG export takes seconds
+    monkeypatch.setattr("lens_roles.plots._png_warned", True)
+    from lens_roles.cli import main
+
+    return main
+
+
+def test_cli_patch_writes_results_and_figures(patched_cli, tiny_model, direction, tmp_path, capsys):
+    import pandas as pd
+
+    vector = direction.save(tmp_path / "v.safetensors")
+    out = tmp_path / "out"
+    argv = ["patch", "--clean", USER, "--corrupt", USER, "--clean-system", "You are a chemist.",
+            "--corrupt-system", "You are a helpful and friendly general assistant.", "--align",
+            "--metric", "projection", "--vector", str(vector), "--read-layer", "2", "--grid", "resid,attn,heads",
+            "--out", str(out)]
+    assert patched_cli(argv) == 0
+    frame = pd.read_csv(out / "patch.csv")
+    assert set(frame.grid) == {"resid", "attn", "heads"} and set(frame.method) == {"activation", "attribution"}
+    agreement = pd.read_csv(out / "agreement.csv")
+    assert list(agreement.grid) == ["resid", "attn", "heads"]
+    assert {p.name for p in out.glob("*.html")} == {"patch_resid.html", "patch_attn.html", "patch_heads.html",
+                                                     "attribution_vs_activation.html"}
+    assert "Pearson r" in capsys.readouterr().out
+    assert patched_cli(["patch", "--clean", "Hello there", "--corrupt", "Hello here", "--metric", "logit_diff",
+                        "--good", "e", "--bad", "o", "--method", "attribution", "--out", str(tmp_path / "o2")]) == 0
+
+
+def test_cli_patch_bad_input(patched_cli, tmp_path, capsys):
+    out = tmp_path / "o"
+    base = ["--metric", "logprob_margin", "--good", " Sure", "--bad", " No", "--out", str(out)]
+    assert patched_cli(["patch", "--clean", USER, "--corrupt", USER, "--grid", "resid,neurons", *base]) == 2
+    assert "unknown grid 'neurons'" in capsys.readouterr().err
+    assert patched_cli(["patch", "--clean", USER, "--corrupt", USER, "--clean-system", "You are a chemist.",
+                        "--corrupt-system", "You are a helpful and friendly general assistant.", *base]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("lens-roles: error: clean and corrupt prompts have different token lengths")
+    assert "--align" in err
+    assert patched_cli(["patch", "--clean", USER, "--corrupt", USER, *base]) == 2
+    assert "normalised patching (0 = corrupt, 1 = clean) is undefined" in capsys.readouterr().err
+    assert patched_cli(["patch", "--clean", "a", "--corrupt", "b", "--metric", "projection", "--out", str(out)]) == 2
+    assert "needs --vector" in capsys.readouterr().err
+    assert not out.exists()
