@@ -305,6 +305,9 @@ def cmd_patch(args) -> int:
         save_figure(patch_heatmap(pair, title=f"Patching: {grid}", subtitle=subtitle), out / f"patch_{grid}",
                     meta=dict(pair[0].meta, methods=methods))
     write_csv(pd.concat([r.to_frame() for r in results], ignore_index=True), out / "patch.csv")
+    if len(grids) > 1:
+        save_figure(patch_heatmap(results, title="Patching: every grid", subtitle=subtitle), out / "patch_overview",
+                    meta=dict(setup.meta, grids=grids, methods=methods))
     if len(methods) == 2:
         agreement = patch_agreement(results[0::2], results[1::2])
         write_csv(agreement, out / "agreement.csv")

@@ -67,7 +67,7 @@ from torch import Tensor
 
 from . import __version__
 from .batching import pad_batch, pad_id
-from .directions import Direction
+from .directions import Direction, _thaw
 from .errors import DirectionError, PatchingError
 from .models import model_id, validate_layers
 from .positions import default_prepend_bos, encode
@@ -225,7 +225,7 @@ class DirectionProjection(Metric):
         meta = self.direction.meta
         return {"kind": self.kind, "label": self.label, "direction": self.name, "layer": self.layer,
                 "position": self.position, "direction_model": meta.get("model"),
-                "direction_method": meta.get("method"), "direction_dataset": meta.get("dataset")}
+                "direction_method": meta.get("method"), "direction_dataset": _thaw(meta.get("dataset"))}
 
     def __call__(self, model, resid, n_prompt):
         u = self.direction.unit(self.layer).to(resid.device, resid.dtype)

@@ -248,8 +248,8 @@ def _token_label(pos: int, token: str, corrupt: str | None) -> str:
         return str(t).replace("\n", "\\n").replace("\t", "\\t") or "∅"
 
     if corrupt is None or pd.isna(corrupt) or corrupt == token:
-        return f"{pos} {show(token)}"
-    return f"{pos} {show(token)}|{show(corrupt)}"
+        return f"{int(pos)} {show(token)}"
+    return f"{int(pos)} {show(token)}|{show(corrupt)}"
 
 
 _POS_GRIDS = ("resid", "attn_pos", "mlp_pos")
@@ -287,10 +287,14 @@ def patch_heatmap(data, *, title: str | None = None, subtitle: str | None = None
              "heads": "attention heads (z)"}
     titles = [f"{method}: " + (names.get(g[0], g[0]) if kind != "layer" else " / ".join(g))
               for method in methods for kind, g in panels]
-    fig = make_subplots(rows=len(methods), cols=len(panels), column_widths=widths, shared_yaxes=True,
-                        horizontal_spacing=min(0.06, 0.3 / len(panels)), vertical_spacing=0.16 / len(methods),
-                        subplot_titles=titles)
     n_layers = frame.layer.nunique()
+    row_px = 15 * n_layers + 80
+    gap_px = 170 if panels[0][0] == "pos" else 110  # room for the rotated token labels
+    plot_px = len(methods) * row_px + (len(methods) - 1) * gap_px
+    fig = make_subplots(rows=len(methods), cols=len(panels), column_widths=widths, shared_yaxes=True,
+                        horizontal_spacing=min(0.06, 0.3 / len(panels)),
+                        vertical_spacing=gap_px / plot_px if len(methods) > 1 else 0.0,
+                        subplot_titles=titles)
     for r, method in enumerate(methods, start=1):
         sub = frame[frame.method == method]
         bound = float(sub.value.abs().max()) or 1.0
@@ -309,7 +313,7 @@ def patch_heatmap(data, *, title: str | None = None, subtitle: str | None = None
                 hover = "layer %{y}<br>%{x}<br>" + method + " %{z:.3f}<extra></extra>"
             else:
                 table = rows.pivot_table(index="layer", columns="head", values="value", aggfunc="first")
-                x = [str(h) for h in table.columns]
+                x = [str(int(h)) for h in table.columns]
                 hover = "layer %{y}<br>head %{x}<br>" + method + " %{z:.3f}<extra></extra>"
             fig.add_trace(go.Heatmap(z=table.values, x=x, y=[int(v) for v in table.index], coloraxis=axis,
                                      hovertemplate=hover, xgap=1, ygap=1), row=r, col=c)
@@ -317,10 +321,10 @@ def patch_heatmap(data, *, title: str | None = None, subtitle: str | None = None
                              tickangle=-60 if kind == "pos" else 0, title_text="head" if kind == "head" else None)
         fig.update_yaxes(title_text="layer", row=r, col=1)
         fig.update_layout({axis: dict(colorscale="RdBu", reversescale=True, cmin=-bound, cmax=bound, cmid=0,
-                                      colorbar=dict(title=method, len=0.85 / len(methods),
-                                                    y=1 - (r - 0.5) / len(methods), yanchor="middle"))})
+                                      colorbar=dict(title=method, len=row_px / plot_px * 0.9, yanchor="middle",
+                                                    y=1 - ((r - 1) * (row_px + gap_px) + row_px / 2) / plot_px))})
     fig.update_yaxes(autorange="reversed", dtick=2 if n_layers > 12 else 1)
-    fig.update_layout(width=max(700, sum(widths) + 260), height=len(methods) * (15 * n_layers + 190) + 60)
+    fig.update_layout(width=max(700, sum(widths) + 260), height=plot_px + 250)
     return _style(fig, title or "Activation patching: how much of the clean run each site restores",
                   subtitle or "0 = corrupt run, 1 = clean run")
 

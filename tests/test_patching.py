@@ -40,7 +40,7 @@ def direction(tiny_model):
     torch.manual_seed(3)
     n = tiny_model.cfg.n_layers
     return lr.Direction(tuple(range(n)), torch.randn(n, tiny_model.cfg.d_model),
-                        {"model": tiny_model.cfg.model_name, "name": "random"})
+                        {"model": tiny_model.cfg.model_name, "name": "random", "dataset": {"positive": "abc"}})
 
 
 def metrics(direction):
@@ -230,7 +230,7 @@ def test_steering_with_a_metric_read_upstream_is_refused(tiny_model, ids, direct
 # ----------------------------------------------------------------------- result
 
 
-def test_result_frame_and_labels(setup):
+def test_result_frame_and_labels(setup, direction):
     res = setup.activation_patch("resid", layers=[1, 2], positions=[4, 5, -1])
     assert res.values.shape == (2, 3) and res.labels == ((1, 2), (4, 5, setup.n_prompt - 1))
     frame = res.to_frame()
@@ -244,6 +244,11 @@ def test_result_frame_and_labels(setup):
     assert heads["pos"].isna().all() and sorted(heads["head"].unique()) == [0, 3]
     for key in ("model", "metric", "clean_tokens_hash", "template", "prepend_bos", "normalisation", "lens_roles"):
         assert key in res.meta
+    import json
+
+    projection = P.PatchSetup(setup.model, setup.clean_ids, setup.corrupt_ids, P.DirectionProjection(direction, 2))
+    assert json.loads(json.dumps(projection.activation_patch("attn").meta))["metric"]["direction_dataset"] == {
+        "positive": "abc"}
 
 
 # -------------------------------------------------------------------- bad input
@@ -380,7 +385,7 @@ def test_cli_patch_writes_results_and_figures(patched_cli, tiny_model, direction
     agreement = pd.read_csv(out / "agreement.csv")
     assert list(agreement.grid) == ["resid", "attn", "heads"]
     assert {p.name for p in out.glob("*.html")} == {"patch_resid.html", "patch_attn.html", "patch_heads.html",
-                                                     "attribution_vs_activation.html"}
+                                                     "patch_overview.html", "attribution_vs_activation.html"}
     assert "Pearson r" in capsys.readouterr().out
     assert patched_cli(["patch", "--clean", "Hello there", "--corrupt", "Hello here", "--metric", "logit_diff",
                         "--good", "e", "--bad", "o", "--method", "attribution", "--out", str(tmp_path / "o2")]) == 0
