@@ -285,8 +285,9 @@ def patch_heatmap(data, *, title: str | None = None, subtitle: str | None = None
               for kind, g in panels]
     names = {"resid": "residual stream (resid_pre)", "attn_pos": "attention output", "mlp_pos": "MLP output",
              "heads": "attention heads (z)"}
+    present = {(m, g) for m, g in zip(frame.method, frame.grid)}
     titles = [f"{method}: " + (names.get(g[0], g[0]) if kind != "layer" else " / ".join(g))
-              for method in methods for kind, g in panels]
+              if any((method, grid) in present for grid in g) else "" for method in methods for kind, g in panels]
     n_layers = frame.layer.nunique()
     row_px = 15 * n_layers + 80
     gap_px = 170 if panels[0][0] == "pos" else 110  # room for the rotated token labels
@@ -299,8 +300,16 @@ def patch_heatmap(data, *, title: str | None = None, subtitle: str | None = None
         sub = frame[frame.method == method]
         bound = float(sub.value.abs().max()) or 1.0
         axis = "coloraxis" if r == 1 else f"coloraxis{r}"
+        labelled = False
         for c, (kind, group) in enumerate(panels, start=1):
             rows = sub[sub.grid.isin(group)]
+            if rows.empty:  # this method did not run this grid: leave the panel out
+                fig.update_xaxes(visible=False, row=r, col=c)
+                fig.update_yaxes(visible=False, row=r, col=c)
+                continue
+            if not labelled:  # layer labels on the first panel shown in the row
+                fig.update_yaxes(showticklabels=True, title_text="layer", row=r, col=c)
+                labelled = True
             if kind == "pos":
                 table = rows.pivot_table(index="layer", columns="pos", values="value", aggfunc="first")
                 first = rows.drop_duplicates("pos").set_index("pos")
@@ -319,7 +328,6 @@ def patch_heatmap(data, *, title: str | None = None, subtitle: str | None = None
                                      hovertemplate=hover, xgap=1, ygap=1), row=r, col=c)
             fig.update_xaxes(type="category", tickfont=dict(size=10 if kind == "pos" else 11), row=r, col=c,
                              tickangle=-60 if kind == "pos" else 0, title_text="head" if kind == "head" else None)
-        fig.update_yaxes(title_text="layer", row=r, col=1)
         fig.update_layout({axis: dict(colorscale="RdBu", reversescale=True, cmin=-bound, cmax=bound, cmid=0,
                                       colorbar=dict(title=method, len=row_px / plot_px * 0.9, yanchor="middle",
                                                     y=1 - ((r - 1) * (row_px + gap_px) + row_px / 2) / plot_px))})

@@ -356,6 +356,12 @@ def test_heatmap_has_token_labels_and_a_centred_scale(setup):
         ca = fig.layout[axis]
         bound = max(float(r.values.abs().max()) for r in results if r.method == method)
         assert ca.cmin == -ca.cmax and ca.cmax == pytest.approx(bound) and ca.cmid == 0
+    mixed = plots.patch_heatmap([setup.activation_patch("attn"), setup.attribution_patch("resid")])
+    assert [t.type for t in mixed.data] == ["heatmap", "heatmap"]
+    first_shown = mixed.layout["yaxis" + mixed.data[0].yaxis[1:]]  # activation row: only its attn panel is shown
+    assert first_shown.showticklabels and first_shown.title.text == "layer"
+    assert [a.text for a in mixed.layout.annotations if a.text] == ["activation: attn",
+                                                                    "attribution: residual stream (resid_pre)"]
     scatter = plots.patch_scatter(results)
     assert [a.text.split(" (")[0] for a in scatter.layout.annotations] == ["resid", "attn", "mlp", "heads"]
 
@@ -406,3 +412,31 @@ def test_cli_patch_bad_input(patched_cli, tmp_path, capsys):
     assert patched_cli(["patch", "--clean", "a", "--corrupt", "b", "--metric", "projection", "--out", str(out)]) == 2
     assert "needs --vector" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ real model
+
+
+@pytest.mark.integration
+def test_default_model_patching_is_exact_and_matches_transformer_lens(real_model):
+    """On SmolLM2: exact 0 and 1, and TransformerLens's own patching on a few residual cells."""
+    import pandas as pd
+    import transformer_lens.patching as tlp
+
+    user = "Tell me about your work."
+    s = lr.PatchSetup(real_model, lr.Prompt(user, system="You are a chemist."),
+                      lr.Prompt(user, system="You are an assistant."), lr.LogitDiff(" chemist", " assistant"))
+    assert s.patch({"blocks.0.hook_resid_pre": "all"}) == 1.0 and s.patch({}) == 0.0
+    layers, positions = [0, 14, 29], [6, s.n_prompt - 1]
+    ours = s.activation_patch("resid", layers=layers, positions=positions)
+    a, b = s.metric.ids(real_model)
+    with torch.no_grad():
+        _, cache = real_model.run_with_cache(torch.tensor([s.clean_ids]))
+        raw = tlp.generic_activation_patch(
+            real_model, torch.tensor([s.corrupt_ids]), cache, lambda logits: logits[0, -1, a] - logits[0, -1, b],
+            patch_setter=tlp.layer_pos_patch_setter, activation_name="resid_pre",
+            index_df=pd.DataFrame([(lay, p) for lay in layers for p in positions], columns=["layer", "pos"]))
+    print("ours:", ours.values.flatten().tolist(), "TransformerLens:", s.normalise(raw).tolist())
+    torch.testing.assert_close(ours.values.flatten(), s.normalise(raw), rtol=0, atol=1e-3)
+    attn = s.activation_patch("attn", layers=[27, 28, 29])
+    assert float(attn.values[-1]) == pytest.approx(s.patch({"blocks.29.hook_attn_out": "all"}), abs=1e-4)
