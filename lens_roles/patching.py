@@ -531,7 +531,8 @@ class PatchSetup:
         corrupt_ids = _ids_of(model, corrupt, "corrupt", template, prepend_bos)
         self.tokens, self.corrupt_tokens = _str_tokens(model, clean_ids), _str_tokens(model, corrupt_ids)
         if len(clean_ids) != len(corrupt_ids):
-            raise self._length_error(clean_ids, corrupt_ids, filler)
+            text = _as_prompt(clean, "") is not None and _as_prompt(corrupt, "") is not None
+            raise self._length_error(clean_ids, corrupt_ids, filler, text)
         self.clean_ids, self.corrupt_ids = tuple(clean_ids), tuple(corrupt_ids)
         self.n_prompt = len(clean_ids)
         self.read_layer = metric.read_layer(model)
@@ -581,15 +582,17 @@ class PatchSetup:
         }
 
     # ---------------------------------------------------------------- runs
-    def _length_error(self, clean_ids, corrupt_ids, filler) -> PatchingError:
+    def _length_error(self, clean_ids, corrupt_ids, filler, text: bool) -> PatchingError:
         first = next((i for i, (a, b) in enumerate(zip(clean_ids, corrupt_ids)) if a != b),
                      min(len(clean_ids), len(corrupt_ids)))
+        fix = (f"pass align=True (CLI: --align), which appends {filler!r} to the shorter prompt's differing text "
+               "until the lengths match (lens_roles.patching.align_prompts), or reword one prompt" if text else
+               "pad or cut the token ids to one length (align=True only works on text and Prompt inputs)")
         return PatchingError(
             f"clean and corrupt prompts have different token lengths: clean {len(clean_ids)} tokens "
             f"{list(self.tokens)}, corrupt {len(corrupt_ids)} tokens {list(self.corrupt_tokens)} (they first differ "
             f"at position {first}). Patching swaps activations position by position, so the two runs must line up "
-            f"token for token. Fix: pass align=True (CLI: --align), which appends {filler!r} to the shorter prompt's "
-            "differing text until the lengths match (lens_roles.patching.align_prompts), or reword one prompt"
+            f"token for token. Fix: {fix}"
         )
 
     def _forward(self, tokens: Tensor, **kw) -> Float[Tensor, "row pos d_model"]:

@@ -271,6 +271,8 @@ def test_different_lengths_are_explained_and_align_fixes_them(tiny_model):
     assert a.system.startswith("You are a chemist. .") and b == corrupt
     with pytest.raises(PatchingError, match="token ids"):
         P.align_prompts(tiny_model, [1, 2], [1, 2, 3])
+    with pytest.raises(PatchingError, match="clean 2 tokens .* corrupt 3 tokens .* pad or cut the token ids"):
+        P.PatchSetup(tiny_model, [1, 2], [1, 2, 3], P.LogitDiff(11, 23), align=True)
 
 
 def test_metric_that_cannot_depend_on_the_site_is_refused(tiny_model, ids, direction):
