@@ -44,6 +44,19 @@ from .directions import (  # noqa: E402
     role_vectors,
 )
 from .evaluation import separation_auc, split_half_agreement  # noqa: E402
+from .errors import PatchingError  # noqa: E402
+from .patching import (  # noqa: E402
+    DirectionProjection,
+    LogitDiff,
+    LogprobMargin,
+    PatchResult,
+    PatchSetup,
+    activation_patch,
+    align_prompts,
+    attribution_patch,
+    patch_agreement,
+    steering_setup,
+)
 
 __all__ = [
     "Activations",
@@ -53,12 +66,21 @@ __all__ = [
     "DataError",
     "Direction",
     "DirectionError",
+    "DirectionProjection",
     "EMBEDDED_MODELS",
     "LensRolesError",
+    "LogitDiff",
+    "LogprobMargin",
     "ModelError",
     "PairSet",
+    "PatchResult",
+    "PatchSetup",
+    "PatchingError",
     "Prompt",
     "PromptSet",
+    "activation_patch",
+    "align_prompts",
+    "attribution_patch",
     "available_roles",
     "collect",
     "collect_sets",
@@ -70,6 +92,7 @@ __all__ = [
     "load_pairs",
     "load_prompt_set",
     "load_role",
+    "patch_agreement",
     "pca_direction",
     "persona_vector",
     "probe_direction",
@@ -80,6 +103,7 @@ __all__ = [
     "select_positions",
     "separation_auc",
     "split_half_agreement",
+    "steering_setup",
     "validate_layers",
     "__version__",
 ]

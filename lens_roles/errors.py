@@ -26,3 +26,8 @@ class CacheError(LensRolesError):
 
 class DirectionError(LensRolesError, ValueError):
     """A direction is malformed or does not fit the model or layer it is used with."""
+
+
+class PatchingError(LensRolesError, ValueError):
+    """A patching request that cannot be answered: unknown grid, a site the metric cannot
+    depend on, clean and corrupt runs that do not line up or give the same metric value."""
