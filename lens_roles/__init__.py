@@ -44,6 +44,7 @@ from .directions import (  # noqa: E402
     role_vectors,
 )
 from .evaluation import separation_auc, split_half_agreement  # noqa: E402
+from .psr import PSR, PSRError, TrainConfig, compare_at_matched_coherence, prompt_steering, train_psr  # noqa: E402
 
 __all__ = [
     "Activations",
@@ -82,4 +83,11 @@ __all__ = [
     "split_half_agreement",
     "validate_layers",
     "__version__",
+    # psr (issue 7)
+    "PSR",
+    "PSRError",
+    "TrainConfig",
+    "compare_at_matched_coherence",
+    "prompt_steering",
+    "train_psr",
 ]
