@@ -877,10 +877,16 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
     prompting = evaluate("prompting", 0.0)
     target = config.target_perplexity or prompting["perplexity"]
     matched = {"none": base, "prompting": prompting}
+    # PSR's mean λ on these texts, so that both methods start bracketing at the same mean strength
+    lam = token_coefficients(model, psr, [Prompt(p.user, None, p.positive) for p in pairs.pairs])
+    mean_lambda = float(lam.lam.mean())
+    if mean_lambda <= 0:
+        raise PSRError("the PSR's λ is 0 on every token of these prompts: it does not steer at all")
+    strength = {"none": 0.0, "prompting": float("nan"), "constant": 1.0, "psr": mean_lambda}
     for method in ("constant", "psr"):
-        lo, hi = 0.0, config.alpha_hi * float(psr.alpha)
+        lo, hi = 0.0, config.alpha_hi * float(psr.alpha) / strength[method]
         row = evaluate(method, hi)
-        for _ in range(6):  # bracket: grow hi until the perplexity passes the target
+        for _ in range(8):  # bracket: grow hi until the perplexity passes the target
             if row["perplexity"] >= target:
                 break
             lo, hi = hi, 2 * hi
@@ -902,6 +908,7 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
         rows.append({"method": method, "alpha": m["alpha"], "perplexity": m["perplexity"],
                      "target_perplexity": target, "repetition": m["repetition"], "margin": m["margin"]})
     table = pd.DataFrame(rows)
+    table["mean_strength"] = table.alpha * table.method.map(strength)
     table["margin_gain"] = table.margin - base["margin"]
     if questions is not None:
         accs = {}
@@ -915,7 +922,7 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
         table["mc_effect"] = table.mc_p_correct - accs["none"][1]
     meta = {"model": model.cfg.model_name, "layers": list(psr.layers), "system": system, "pairs": pairs.name,
             "pairs_hash": pairs.fingerprint(), "n_pairs": len(pairs), "target_perplexity": target,
-            "max_new_tokens": config.max_new_tokens, "bisection_steps": config.steps,
+            "max_new_tokens": config.max_new_tokens, "bisection_steps": config.steps, "psr_mean_lambda": mean_lambda,
             "psr": dict(psr.meta, alpha=float(psr.alpha)), "direction": _thaw(direction.meta),
             "questions": None if questions is None else getattr(questions, "name", "questions"),
             "n_questions": None if questions is None else len(list(questions)), "lens_roles": __version__,
