@@ -57,6 +57,7 @@ from .patching import (  # noqa: E402
     patch_agreement,
     steering_setup,
 )
+from .psr import PSR, PSRError, TrainConfig, compare_at_matched_coherence, prompt_steering, train_psr  # noqa: E402
 
 __all__ = [
     "Activations",
@@ -106,4 +107,11 @@ __all__ = [
     "steering_setup",
     "validate_layers",
     "__version__",
+    # psr (issue 7)
+    "PSR",
+    "PSRError",
+    "TrainConfig",
+    "compare_at_matched_coherence",
+    "prompt_steering",
+    "train_psr",
 ]

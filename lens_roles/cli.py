@@ -165,6 +165,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    # --- psr (issue 7): Prompt Steering Replacement
+    p = sub.add_parser("psr", help="Prompt Steering Replacement: token-specific steering trained to mimic prompting")
+    psr_sub = p.add_subparsers(dest="psr_command", required=True)
+    q = psr_sub.add_parser("train", help="train a PSR to mimic a system prompt; held-out distance, λ heatmap")
+    q.add_argument("--vector", required=True, help="direction .safetensors (from extract or roles)")
+    q.add_argument("--system-prompt", required=True, help="the system prompt to mimic")
+    q.add_argument("--prompts", required=True,
+                   help="contrast pairs JSONL (the positive replies are used) or a prompt set (no replies: mse only)")
+    q.add_argument("--layers", default="one", choices=["one", "all"], help="one layer (S-PSR) or all (A-PSR)")
+    q.add_argument("--layer", type=int, default=None, help="the steered layer of S-PSR (default: the middle one)")
+    q.add_argument("--objective", default="mse", choices=["mse", "kl"])
+    q.add_argument("--alpha", type=float, default=None, help="α (default: prompting's mean strength on v)")
+    q.add_argument("--epochs", type=int, default=4)
+    q.add_argument("--lr", type=float, default=0.02)
+    q.add_argument("--batch-size", type=int, default=4)
+    q.add_argument("--train-fraction", type=float, default=0.75, help="the first fraction trains, the rest is held out")
+    q.add_argument("--max-prompts", type=int, default=24, help="training prompts used (0: all)")
+    q.add_argument("--max-held-out", type=int, default=12, help="held-out prompts scored (0: all)")
+    q.add_argument("--out", required=True, help="folder: psr.safetensors, history.csv, distance.csv, figure")
+    q.add_argument("--model", default=None)
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    q = psr_sub.add_parser("compare", help="constant steering vs PSR vs prompting at matched coherence")
+    q.add_argument("--vector", required=True, help="the direction the PSR was trained with")
+    q.add_argument("--psr", required=True, help="psr.safetensors from 'psr train'")
+    q.add_argument("--pairs", required=True, help="contrast pairs; the last --eval-fraction are evaluated")
+    q.add_argument("--system-prompt", default=None, help="default: the one the PSR was trained to mimic")
+    q.add_argument("--eval-fraction", type=float, default=0.25)
+    q.add_argument("--max-pairs", type=int, default=8, help="held-out pairs evaluated (0: all)")
+    q.add_argument("--target-perplexity", type=float, default=None, help="default: prompting's perplexity")
+    q.add_argument("--max-new-tokens", type=int, default=24)
+    q.add_argument("--steps", type=int, default=5, help="bisection steps per method")
+    q.add_argument("--questions", default=None, help="optional multiple-choice domain folder or file")
+    q.add_argument("--domains", default=None, help="comma-separated domains of --questions")
+    q.add_argument("--max-questions", type=int, default=16, help="questions per domain")
+    q.add_argument("--out", required=True, help="folder: matched.csv, curve.csv, figure")
+    q.add_argument("--model", default=None)
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
     return parser
 
 
@@ -486,6 +525,99 @@ def cmd_patch(args) -> int:
 COMMANDS = {"extract": cmd_extract, "roles": cmd_roles, "sweep": cmd_sweep, "generate": cmd_generate,
             "evaluate": cmd_evaluate, "ab-curve": cmd_ab_curve, "demo": cmd_demo}
 COMMANDS["patch"] = cmd_patch
+
+
+# --- psr (issue 7)
+def _head(items, n: int):
+    return list(items)[:n] if n else list(items)
+
+
+def cmd_psr_train(args) -> int:
+    from .directions import Direction
+    from .errors import DataError
+    from .io import write_csv
+    from .plots import save_figure, token_heatmap
+    from .prompts import Prompt, load_pairs, load_prompt_set
+    from .psr import TrainConfig, activation_distance, make_psr, prepare, prompt_pairs, token_coefficients, train_psr
+
+    direction = Direction.load(args.vector)
+    prompt_pairs([Prompt("x")], args.system_prompt)  # fail early on an empty system prompt
+    config = TrainConfig(objective=args.objective, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
+    try:
+        pairs = load_pairs(args.prompts)
+        train, held = pairs.split(args.train_fraction)
+        train = [Prompt(p.user, None, p.positive) for p in train.pairs]
+        held = [Prompt(p.user, None, p.positive) for p in held.pairs]
+    except DataError:
+        train, held = (list(s.prompts) for s in load_prompt_set(args.prompts).split(args.train_fraction))
+    train, held = _head(train, args.max_prompts), _head(held, args.max_held_out)
+    model = _load(args)
+    psr = make_psr(model, direction, train, args.system_prompt, layers=args.layers, layer=args.layer,
+                   alpha=args.alpha)
+    print(f"{psr.meta['variant']} at layer(s) {list(psr.layers)[:3]}{'...' if len(psr.layers) > 3 else ''}, "
+          f"α = {float(psr.alpha):.3f}", file=sys.stderr)
+    history = train_psr(model, psr, train, args.system_prompt, config,
+                        progress=lambda msg: print(msg, file=sys.stderr))
+    data = prepare(model, psr, held, args.system_prompt, read_layers=psr.meta["read_layers"])
+    distance = activation_distance(model, psr, data)
+    lam = token_coefficients(model, psr, held[:1])
+    out = Path(args.out)
+    psr.meta.update({"vector": str(args.vector), "prompts": str(args.prompts), "held_out": len(held)})
+    psr.save(out / "psr.safetensors")
+    write_csv(history, out / "history.csv")
+    write_csv(distance, out / "distance.csv")
+    write_csv(lam, out / "lambda_tokens.csv")
+    meta = {"model": model.cfg.model_name, "psr": psr.meta, "layers": list(psr.layers)}
+    save_figure(token_heatmap(lam, subtitle=f"{model.cfg.model_name} · {psr.meta['variant']} · held-out prompt 0"),
+                out / "lambda_tokens", meta=meta)
+    print(history.round(4).to_string(index=False))
+    print("held-out distance to the prompted activations (relative = / unsteered):")
+    print(distance.round(4).to_string(index=False))
+    print(f"wrote {out}/")
+    return 0
+
+
+def cmd_psr_compare(args) -> int:
+    from .directions import Direction
+    from .io import write_csv
+    from .plots import psr_coherence_curve, save_figure
+    from .prompts import PairSet, load_pairs
+    from .psr import PSR, CompareConfig, compare_at_matched_coherence
+    from .questions import QuestionSet, load_domains
+
+    direction = Direction.load(args.vector)
+    config = CompareConfig(target_perplexity=args.target_perplexity, max_new_tokens=args.max_new_tokens,
+                           steps=args.steps)
+    pairs = load_pairs(args.pairs)
+    held = pairs.split(1 - args.eval_fraction)[1]
+    held = PairSet(held.name, tuple(_head(held.pairs, args.max_pairs)), held.source)
+    questions = None
+    if args.questions:
+        domains = args.domains.split(",") if args.domains else None
+        sets = load_domains(args.questions, domains=domains)
+        questions = QuestionSet("+".join(sets), tuple(q for s in sets.values() for q in _head(s, args.max_questions)))
+    model = _load(args)
+    psr = PSR.load(args.psr, model)
+    system = args.system_prompt or psr.meta.get("system")
+    result = compare_at_matched_coherence(model, direction, psr, held, system, questions=questions, config=config,
+                                          progress=lambda msg: print(msg, file=sys.stderr))
+    out = Path(args.out)
+    write_csv(result.table, out / "matched.csv")
+    write_csv(result.curve, out / "curve.csv")
+    save_figure(psr_coherence_curve(result.curve, result.table,
+                                    subtitle=f"{model.cfg.model_name} · layer(s) {list(psr.layers)[:3]} · "
+                                             f"{len(held)} held-out pairs"),
+                out / "matched_coherence", meta=result.meta)
+    print("behaviour at matched coherence:")
+    print(result.table.round(3).to_string(index=False))
+    return 0
+
+
+def cmd_psr(args) -> int:
+    return {"train": cmd_psr_train, "compare": cmd_psr_compare}[args.psr_command](args)
+
+
+COMMANDS["psr"] = cmd_psr
 
 
 def main(argv: list[str] | None = None) -> int:

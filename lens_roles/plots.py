@@ -545,3 +545,68 @@ def patch_scatter(data, *, title: str | None = None, subtitle: str | None = None
     fig.update_layout(width=330 * len(grids) + 120, height=420)
     return _style(fig, title or "Attribution patching against activation patching",
                   subtitle or "normalised effects (0 = corrupt, 1 = clean); dotted: y = x")
+
+
+# ----------------------------------------------------------------------- PSR
+
+_PSR_COLORS = {"none": "#7f7f7f", "prompting": "#2ca02c", "constant": "#1f77b4", "psr": "#d62728"}
+_PSR_NAMES = {"none": "no intervention", "prompting": "prompting", "constant": "constant steering", "psr": "PSR"}
+
+
+def psr_coherence_curve(curve: pd.DataFrame, table: pd.DataFrame | None = None, *,
+                        title: str = "Behaviour against coherence: constant steering, PSR and prompting",
+                        subtitle: str | None = None) -> go.Figure:
+    """Persona margin against perplexity, one line per steering method (points sorted by α).
+
+    Args:
+        curve: ``method, alpha, perplexity, margin`` (every evaluated point).
+        table: the matched points (``method, perplexity, margin``), drawn as large
+            markers; the target perplexity as a dashed line when present.
+    """
+    fig = go.Figure()
+    for method in ("constant", "psr", "none", "prompting"):
+        part = curve[curve.method == method].sort_values("alpha")
+        if part.empty:
+            continue
+        mode = "lines+markers" if method in ("constant", "psr") else "markers"
+        fig.add_trace(go.Scatter(x=part.perplexity, y=part.margin, mode=mode, name=_PSR_NAMES[method],
+                                 marker=dict(color=_PSR_COLORS[method], size=8),
+                                 line=dict(color=_PSR_COLORS[method]),
+                                 text=[f"α={a:.3g}" for a in part.alpha],
+                                 hovertemplate="%{text}<br>perplexity %{x:.2f}<br>margin %{y:.3f}<extra></extra>"))
+    if table is not None:
+        for _, row in table.iterrows():
+            fig.add_trace(go.Scatter(x=[row.perplexity], y=[row.margin], mode="markers", showlegend=False,
+                                     marker=dict(color=_PSR_COLORS.get(row.method, "#000"), size=16, symbol="star",
+                                                 line=dict(color="black", width=1)),
+                                     hovertemplate=f"{_PSR_NAMES.get(row.method, row.method)} (matched)"
+                                                   "<extra></extra>"))
+        if "target_perplexity" in table:
+            fig.add_vline(x=float(table.target_perplexity.iloc[0]), line_dash="dash", line_color="#555",
+                          annotation_text="target coherence", annotation_position="top")
+    fig.update_xaxes(title="perplexity of generations under the unsteered model (lower = more coherent)",
+                     type="log")
+    fig.update_yaxes(title="persona adherence: log-prob margin (positive − negative reply)")
+    return _style(fig, title, subtitle)
+
+
+def token_heatmap(frame: pd.DataFrame, *, value: str = "lam", row: str = "layer", prompt: int = 0,
+                  title: str = "PSR coefficient λ per token", subtitle: str | None = None,
+                  colorbar: str | None = None) -> go.Figure:
+    """Heatmap of ``value`` over the tokens of one prompt (x) and ``row`` (y, e.g. layer).
+
+    ``frame`` needs ``prompt, position, token`` and the ``row`` and ``value`` columns
+    (from :func:`lens_roles.psr.token_coefficients` or :func:`lens_roles.psr.prompt_steering`).
+    """
+    part = frame[frame.prompt == prompt]
+    table = part.pivot_table(index=row, columns="position", values=value, aggfunc="mean").sort_index()
+    tokens = part.drop_duplicates("position").set_index("position").token.reindex(table.columns)
+    labels = [f"{t!r}"[1:-1].replace(" ", "·") or "∅" for t in tokens]
+    x = [f"{p}:{lab}" for p, lab in zip(table.columns, labels)]
+    diverging = bool((table.values < 0).any())
+    fig = go.Figure(go.Heatmap(z=table.values, x=x, y=[f"{row} {r}" for r in table.index],
+                               colorscale="RdBu" if diverging else "Viridis", zmid=0 if diverging else None,
+                               colorbar=dict(title=colorbar or value)))
+    fig.update_xaxes(tickangle=-60, tickfont=dict(size=9), title="token")
+    fig.update_layout(height=max(320, 120 + 22 * len(table.index)), width=max(700, 16 * len(x) + 200))
+    return _style(fig, title, subtitle)
