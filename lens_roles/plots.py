@@ -137,8 +137,10 @@ def save_figure(fig: go.Figure, stem: str | Path, *, meta: dict | None = None, p
     if meta is not None:
         fig.update_layout(meta=meta)
         _atomic(stem.with_suffix(".json"), lambda t: Path(t).write_text(json.dumps(meta, indent=2, default=str)))
-    # plotly.min.js is written once beside the figures, so the HTML works offline.
-    _atomic(stem.with_suffix(".html"), lambda t: fig.write_html(t, include_plotlyjs="directory", full_html=True))
+    # plotly.js is written once beside the figures, so the HTML works offline; figures in
+    # sub-folders reuse a copy up to three folders above them (figures/plotly.min.js).
+    plotlyjs = _shared_plotlyjs(stem.parent)
+    _atomic(stem.with_suffix(".html"), lambda t: fig.write_html(t, include_plotlyjs=plotlyjs, full_html=True))
     if png:
         browser = find_browser()
         if browser is None:
@@ -153,6 +155,15 @@ def save_figure(fig: go.Figure, stem: str | Path, *, meta: dict | None = None, p
             except Exception as exc:  # kaleido/browser failures must not lose the HTML
                 warnings.warn(f"PNG export of {stem} failed ({exc}); HTML written", stacklevel=2)
     return written
+
+
+def _shared_plotlyjs(folder: Path) -> str:
+    """``"directory"`` (write plotly.min.js here) or the relative path of a copy in a parent folder."""
+    folder = folder.resolve()
+    for parent in list(folder.parents)[:3]:
+        if (parent / "plotly.min.js").is_file():
+            return os.path.relpath(parent / "plotly.min.js", folder)
+    return "directory"
 
 
 def line_by_layer(frame: pd.DataFrame, *, title: str, subtitle: str | None = None,

@@ -108,3 +108,14 @@ def test_demo_writes_the_steering_study(demo_run):
     for stem in ("cosine_vs_alpha_layer1", "steering_behaviour"):
         assert (steering / f"{stem}.html").is_file()
         assert json.loads((steering / f"{stem}.json").read_text())["alpha_mode"].startswith("relative")
+
+
+def test_figures_in_subfolders_share_one_plotly_js(tmp_path):
+    import plotly.graph_objects as go
+
+    from lens_roles.plots import save_figure
+
+    save_figure(go.Figure(), tmp_path / "top", png=False)
+    save_figure(go.Figure(), tmp_path / "a" / "b" / "deep", png=False)
+    assert (tmp_path / "plotly.min.js").is_file() and not (tmp_path / "a" / "b" / "plotly.min.js").exists()
+    assert 'src="../../plotly.min.js"' in (tmp_path / "a" / "b" / "deep.html").read_text()
