@@ -329,7 +329,7 @@ def ab_curves(frame: pd.DataFrame, *, title: str = "Behaviour A/B curves", subti
         grp = grp.sort_values("multiplier")
         colour = PALETTE[i % len(PALETTE)]
         fig.add_trace(go.Scatter(x=list(grp.multiplier) + list(grp.multiplier[::-1]),
-                                 y=list(grp.hi) + list(grp.lo[::-1]), fill="toself", fillcolor=colour,
+                                 y=list(grp.hi) + list(grp.lo[::-1]), mode="lines", fill="toself", fillcolor=colour,
                                  opacity=0.15, line=dict(width=0), hoverinfo="skip", showlegend=False,
                                  legendgroup=str(name)))
         layer = f" (layer {int(grp.layer.iloc[0])})" if "layer" in grp else ""
