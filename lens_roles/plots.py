@@ -593,12 +593,17 @@ def psr_coherence_curve(curve: pd.DataFrame, table: pd.DataFrame | None = None, 
                                      hovertemplate=f"{_PSR_NAMES.get(row.method, row.method)} (matched)"
                                                    "<extra></extra>"))
         if "target_perplexity" in table:
-            fig.add_vline(x=float(table.target_perplexity.iloc[0]), line_dash="dash", line_color="#555",
-                          annotation_text="target coherence", annotation_position="top")
+            # a line trace, not add_vline: plotly places vline annotations in log10 units on log axes
+            target = float(table.target_perplexity.iloc[0])
+            ys = list(curve.margin) + list(table.margin)
+            fig.add_trace(go.Scatter(x=[target, target], y=[min(ys), max(ys)], mode="lines", name="target coherence",
+                                     line=dict(color="#555", dash="dash", width=1)))
     fig.update_xaxes(title="perplexity of generations under the unsteered model (lower = more coherent)",
                      type="log")
-    fig.update_yaxes(title="persona adherence: log-prob margin (positive − negative reply)")
-    return _style(fig, title, subtitle)
+    fig.update_yaxes(title="persona adherence: log-prob margin<br>(positive − negative reply)")
+    fig = _style(fig, title, subtitle)
+    fig.update_layout(margin=dict(l=100, t=110))
+    return fig
 
 
 def token_heatmap(frame: pd.DataFrame, *, value: str = "lam", row: str = "layer", prompt: int = 0,
