@@ -243,7 +243,7 @@ def test_plots(tiny_model, direction, prompts):
     curve = pd.DataFrame({"method": ["none", "prompting", "constant", "constant", "psr"], "alpha": [0, 0, 1, 2, 1],
                           "perplexity": [2.0, 3.0, 2.5, 4.0, 3.1], "margin": [0.0, 0.5, 0.2, 0.3, 0.4]})
     table = curve.drop_duplicates("method", keep="last").assign(target_perplexity=3.0)
-    assert len(psr_coherence_curve(curve, table).data) == 4 + len(table)
+    assert len(psr_coherence_curve(curve, table).data) == 4 + len(table) + 1  # lines, matched stars, target line
     lam = token_coefficients(tiny_model, PSR(direction, [0, 2], 1.0), prompts[:1])
     fig = token_heatmap(lam)
     assert fig.data[0].z.shape == (2, lam.position.nunique())
