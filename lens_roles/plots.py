@@ -251,7 +251,7 @@ def role_domain_heatmap(table: pd.DataFrame, *, condition: str, metric: str = "a
     """Change in ``metric`` from no intervention, roles (rows) × domains (columns), for one condition.
 
     Each cell shows the change with its paired interval (hover and text); in-domain
-    cells are outlined. ``table`` is :attr:`lens_roles.role_study.RoleStudy.table`.
+    cells are starred. ``table`` is :attr:`lens_roles.role_study.RoleStudy.table`.
     """
     sub = table[(table.condition == condition) & (table.metric == metric)]
     if sub.empty:
@@ -259,20 +259,18 @@ def role_domain_heatmap(table: pd.DataFrame, *, condition: str, metric: str = "a
     z = sub.pivot_table(index="role", columns="domain", values="delta", sort=False)
     lo = sub.pivot_table(index="role", columns="domain", values="delta_lo", sort=False).loc[z.index, z.columns]
     hi = sub.pivot_table(index="role", columns="domain", values="delta_hi", sort=False).loc[z.index, z.columns]
-    text = [[f"{z.iat[i, j]:+.2f}<br>[{lo.iat[i, j]:+.2f}, {hi.iat[i, j]:+.2f}]" for j in range(z.shape[1])]
-            for i in range(z.shape[0])]
+    home = set(zip(sub[sub.in_domain].role, sub[sub.in_domain].domain))
+    text = [[("★ " if (r, d) in home else "") + f"{z.iat[i, j]:+.2f}<br>[{lo.iat[i, j]:+.2f}, {hi.iat[i, j]:+.2f}]"
+             for j, d in enumerate(z.columns)] for i, r in enumerate(z.index)]
     bound = max(0.05, float(abs(sub[["delta_lo", "delta_hi"]]).max().max()))
     fig = go.Figure(go.Heatmap(z=z.values, x=list(z.columns), y=list(z.index), zmid=0, zmin=-bound, zmax=bound,
                                colorscale="RdBu", text=text, texttemplate="%{text}", textfont=dict(size=9),
                                colorbar=dict(title=f"Δ {metric}"),
                                hovertemplate="%{y} on %{x}<br>Δ %{text}<extra></extra>"))
-    for _, row in sub[sub.in_domain].iterrows():
-        i, j = list(z.index).index(row.role), list(z.columns).index(row.domain)
-        fig.add_shape(type="rect", x0=j - 0.5, x1=j + 0.5, y0=i - 0.5, y1=i + 0.5, line=dict(color="black", width=2.5))
     fig.update_xaxes(title_text="question domain", tickangle=-30)
     fig.update_yaxes(title_text="role", autorange="reversed")
     fig.update_layout(width=140 + 105 * z.shape[1], height=max(380, 52 * z.shape[0] + 170))
-    return _style(fig, title or f"{condition}: change in {metric} from no intervention (in-domain outlined)", subtitle)
+    return _style(fig, title or f"{condition}: change in {metric} from no intervention (★ in-domain)", subtitle)
 
 
 def in_off_domain_bars(summary: pd.DataFrame, *, metric: str = "accuracy", title: str | None = None,
