@@ -89,8 +89,8 @@ class StudyConfig:
     layers: tuple[int, ...] | None = None
     alphas: tuple[float, ...] = (0.5, 1.0, 2.0)
     validation: float = 0.25
-    max_val: int | None = 24
-    max_test: int | None = 40
+    max_val: int | None = 16
+    max_test: int | None = 30
     conditions: tuple[str, ...] = ("addition", "ablation", "prompting")
     n_boot: int = 2000
     level: float = 0.95
