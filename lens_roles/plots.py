@@ -2,7 +2,10 @@
 
 Nothing here touches a model. :func:`save_figure` always writes a self-contained
 HTML file and, when a Chrome/Chromium is available to ``kaleido``, a PNG beside
-it; a missing browser only skips the PNG (with one warning).
+it; a missing browser only skips the PNG (with one warning), and a browser that
+hangs is given up after ``LENS_ROLES_PNG_TIMEOUT`` seconds (default 120).
+``LENS_ROLES_PNG=0`` switches PNG export off (the test suite does, so that it
+needs no browser).
 """
 
 from __future__ import annotations
@@ -141,6 +144,8 @@ def save_figure(fig: go.Figure, stem: str | Path, *, meta: dict | None = None, p
     # sub-folders reuse a copy up to three folders above them (figures/plotly.min.js).
     plotlyjs = _shared_plotlyjs(stem.parent)
     _atomic(stem.with_suffix(".html"), lambda t: fig.write_html(t, include_plotlyjs=plotlyjs, full_html=True))
+    if png and os.environ.get("LENS_ROLES_PNG", "1") == "0":
+        png = False  # PNG export switched off (the test suite does this: it needs no browser)
     if png:
         browser = find_browser()
         if browser is None:
@@ -151,10 +156,35 @@ def save_figure(fig: go.Figure, stem: str | Path, *, meta: dict | None = None, p
         else:
             os.environ.setdefault("BROWSER_PATH", browser)
             try:
-                _atomic(stem.with_suffix(".png"), lambda t: fig.write_image(t, format="png", scale=scale))
+                _atomic(stem.with_suffix(".png"), lambda t: _write_png(fig, t, scale))
             except Exception as exc:  # kaleido/browser failures must not lose the HTML
                 warnings.warn(f"PNG export of {stem} failed ({exc}); HTML written", stacklevel=2)
     return written
+
+
+#: seconds a PNG export may take before it is given up (a browser can hang on a loaded machine)
+PNG_TIMEOUT = float(os.environ.get("LENS_ROLES_PNG_TIMEOUT", "120"))
+
+
+def _write_png(fig: go.Figure, path: str, scale: float) -> None:
+    """``fig.write_image`` in a worker thread, abandoned with an error after ``PNG_TIMEOUT`` seconds."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def work():
+        try:
+            fig.write_image(path, format="png", scale=scale)
+        except BaseException as exc:  # handed to the caller
+            errors.append(exc)
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    worker.join(PNG_TIMEOUT)
+    if worker.is_alive():
+        raise TimeoutError(f"the browser did not finish within {PNG_TIMEOUT:g} s")
+    if errors:
+        raise errors[0]
 
 
 def _shared_plotlyjs(folder: Path) -> str:

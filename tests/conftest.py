@@ -5,10 +5,15 @@ hook on any model."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# The suite needs no browser: figures are written as HTML only (set LENS_ROLES_PNG=1 to
+# exercise PNG export too). Notebook kernels inherit this.
+os.environ.setdefault("LENS_ROLES_PNG", "0")
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"

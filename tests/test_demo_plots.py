@@ -69,6 +69,7 @@ def test_demo_saves_directions_that_reload(demo_run, tiny_model):
 
 
 def test_missing_browser_still_writes_html(tmp_path, monkeypatch):
+    monkeypatch.setenv("LENS_ROLES_PNG", "1")
     monkeypatch.setattr(plots, "find_browser", lambda: None)
     monkeypatch.setattr(plots, "_png_warned", False)
     frame = pd.DataFrame({"direction": ["a", "a"], "layer": [0, 1], "metric": ["auc", "auc"], "value": [0.5, 0.9]})
@@ -119,3 +120,32 @@ def test_figures_in_subfolders_share_one_plotly_js(tmp_path):
     save_figure(go.Figure(), tmp_path / "a" / "b" / "deep", png=False)
     assert (tmp_path / "plotly.min.js").is_file() and not (tmp_path / "a" / "b" / "plotly.min.js").exists()
     assert 'src="../../plotly.min.js"' in (tmp_path / "a" / "b" / "deep.html").read_text()
+
+
+def test_a_hanging_browser_is_given_up_and_html_kept(tmp_path, monkeypatch):
+    import time
+
+    import plotly.graph_objects as go
+
+    from lens_roles import plots
+
+    monkeypatch.setenv("LENS_ROLES_PNG", "1")
+    monkeypatch.setattr(plots, "find_browser", lambda: "/usr/bin/true")
+    monkeypatch.setattr(plots, "PNG_TIMEOUT", 0.2)
+    monkeypatch.setattr(go.Figure, "write_image", lambda self, *a, **k: time.sleep(3))
+    with pytest.warns(UserWarning, match="did not finish within 0.2 s"):
+        plots.save_figure(go.Figure(), tmp_path / "fig")
+    assert (tmp_path / "fig.html").is_file() and not (tmp_path / "fig.png").exists()
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_png_switch(tmp_path, monkeypatch):
+    import plotly.graph_objects as go
+
+    from lens_roles import plots
+
+    calls = []
+    monkeypatch.setattr(plots, "find_browser", lambda: calls.append(1) or None)
+    monkeypatch.setenv("LENS_ROLES_PNG", "0")
+    plots.save_figure(go.Figure(), tmp_path / "fig")
+    assert not calls and (tmp_path / "fig.html").is_file()
