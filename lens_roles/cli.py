@@ -365,6 +365,7 @@ def _int_list(text: str | None, what: str) -> list[int] | None:
 def cmd_evaluate(args) -> int:
     from .directions import role_vectors
     from .geometry import cosine_matrix, role_map
+    from .models import validate_layers
     from .plots import role_cosine_heatmap, role_map as role_map_figure, save_figure
     from .prompts import load_baseline
     from .questions import load_domains
@@ -386,8 +387,6 @@ def cmd_evaluate(args) -> int:
     except ValueError as exc:
         raise LensRolesError(str(exc)) from None
     model = _load(args)
-    from .models import validate_layers
-
     if config.layers:
         validate_layers(model, list(config.layers))
     vectors = role_vectors(model, role_sets, baseline, **_collect_kw(args))

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping, Sequence
@@ -37,6 +35,7 @@ from torch import Tensor
 from . import __version__
 from .activations import Activations, collect, collect_sets
 from .errors import DirectionError
+from .io import save_tensors
 from .models import validate_layers
 from .prompts import PairSet, PromptSet
 
@@ -230,31 +229,10 @@ class Direction:
 
         Both are written to temporary files first and renamed into place.
         """
-        from safetensors.torch import save_file
-
         path = Path(path)
         if path.suffix != ".safetensors":
             raise DirectionError(f"direction files end in .safetensors, got {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sidecar = path.with_suffix(".json")
-        info = {"layers": list(self.layers), **_thaw(self.meta)}
-        tmps = []
-        try:
-            fd, tmp_st = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-            os.close(fd)
-            tmps.append(tmp_st)
-            save_file({"vectors": self._vectors.contiguous()}, tmp_st, metadata={"meta": json.dumps(info)})
-            fd, tmp_js = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-            tmps.append(tmp_js)
-            with os.fdopen(fd, "w") as f:
-                json.dump(info, f, indent=2)
-            os.replace(tmp_st, path)
-            os.replace(tmp_js, sidecar)
-        finally:
-            for tmp in tmps:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        return path
+        return save_tensors(path, {"vectors": self._vectors}, {"layers": list(self.layers), **_thaw(self.meta)})
 
     @classmethod
     def load(cls, path: str | Path) -> "Direction":

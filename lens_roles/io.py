@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
@@ -30,3 +30,19 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
 def write_csv(frame, path: str | Path) -> Path:
     """``frame.to_csv(path, index=False)``, atomically."""
     return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+def save_tensors(path: str | Path, tensors: Mapping, info: dict) -> Path:
+    """Write ``tensors`` as safetensors (``info`` as JSON metadata key ``meta``) and ``info`` as a
+    JSON sidecar beside it (``path`` with suffix ``.json``); each atomically."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = json.dumps(info, default=str)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"meta": meta}))
+    atomic_write(path.with_suffix(".json"),
+                 lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2, default=str)))
+    return path

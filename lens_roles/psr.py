@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -61,6 +59,7 @@ from .batching import pad_batch, pad_id
 from .directions import Direction, _thaw
 from .errors import DirectionError, LensRolesError
 from .generation import generate
+from .io import save_tensors
 from .interventions import steer
 from .models import resid_hook, validate_layers
 from .positions import Encoded, encode
@@ -332,34 +331,13 @@ class PSR(nn.Module):
     # -------------------------------------------------------------- I/O
     def save(self, path: str | Path) -> Path:
         """Write ``path`` (safetensors: w, b, vectors) and a JSON sidecar, both atomically."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         if path.suffix != ".safetensors":
             raise PSRError(f"PSR files end in .safetensors, got {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
         info = {"kind": "psr", "layers": list(self.layers), "alpha": float(self.alpha), "constant": self.constant,
                 "model": self.model_name, "direction": _thaw(self.direction.meta), "lens_roles": __version__,
                 **self.meta}
-        tensors = {"w": self.w.detach().cpu().contiguous(), "b": self.b.detach().cpu().contiguous(),
-                   "vectors": self.vectors.detach().cpu().contiguous()}
-        tmps = []
-        try:
-            fd, tmp_st = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-            os.close(fd)
-            tmps.append(tmp_st)
-            save_file(tensors, tmp_st, metadata={"meta": json.dumps(info, default=str)})
-            fd, tmp_js = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-            tmps.append(tmp_js)
-            with os.fdopen(fd, "w") as f:
-                json.dump(info, f, indent=2, default=str)
-            os.replace(tmp_st, path)
-            os.replace(tmp_js, path.with_suffix(".json"))
-        finally:
-            for tmp in tmps:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        return path
+        return save_tensors(path, {"w": self.w, "b": self.b, "vectors": self.vectors}, info)
 
     @classmethod
     def load(cls, path: str | Path, model=None) -> "PSR":
