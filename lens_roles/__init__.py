@@ -7,6 +7,8 @@ The public API, in the order of the data flow::
     persona = persona_vector(model, pairs)                 # directions (via activations)
     role = role_vector(model, load_role("chemist"), load_baseline())
     persona.save("librarian.safetensors"); Direction.load("librarian.safetensors")
+    sae = load_sae("data/saes/layer_12")                   # sae (sae_lens SAEs)
+    feature_alignment(sae, persona, top=10)                # features (alignment, decomposition, attribution)
 """
 
 __version__ = "0.1.0"
@@ -58,6 +60,16 @@ from .patching import (  # noqa: E402
     steering_setup,
 )
 from .psr import PSR, PSRError, TrainConfig, compare_at_matched_coherence, prompt_steering, train_psr  # noqa: E402
+from .sae import SAEError, SAETrainConfig, check_sae, load_sae, sae_quality, save_sae, spliced, train_sae  # noqa: E402
+from .corpus import Corpus, build_corpus  # noqa: E402
+from .features import (  # noqa: E402
+    ProjectionMetric,
+    ablation_check,
+    attribute_features,
+    decompose,
+    feature_alignment,
+)
+from .cards import feature_cards, write_cards  # noqa: E402
 
 __all__ = [
     "Activations",
@@ -114,4 +126,22 @@ __all__ = [
     "compare_at_matched_coherence",
     "prompt_steering",
     "train_psr",
+    # sae (issue 6)
+    "Corpus",
+    "ProjectionMetric",
+    "SAEError",
+    "SAETrainConfig",
+    "ablation_check",
+    "attribute_features",
+    "build_corpus",
+    "check_sae",
+    "decompose",
+    "feature_alignment",
+    "feature_cards",
+    "load_sae",
+    "sae_quality",
+    "save_sae",
+    "spliced",
+    "train_sae",
+    "write_cards",
 ]

@@ -11,7 +11,13 @@ Commands:
 * ``demo`` — the main job: the librarian persona and every role on the default
   model, with held-out separation and split-half agreement, written to ``figures/``;
 * ``patch`` — activation and attribution patching between a clean and a corrupt
-  prompt over resid/attn/mlp/heads grids → CSV + heatmaps.
+  prompt over resid/attn/mlp/heads grids → CSV + heatmaps;
+* ``psr train|compare`` — Prompt Steering Replacement;
+* ``train-sae`` — residual-stream SAEs (``sae_lens``) on the model's own seeded
+  generations, with their quality table;
+* ``sae-align`` / ``sae-attribute`` — the SAE features a direction is made of
+  (alignment, decomposition, cards) and those that carry it (attribution checked
+  by ablation).
 
 Every library error is printed as one line ``lens-roles: error: …`` with exit code 2.
 """
@@ -204,6 +210,65 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", default=None)
     q.add_argument("--device", default="cpu")
     q.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    # --- sae (issue 6): sparse autoencoders and role features
+    p = sub.add_parser("train-sae", help="train residual-stream SAEs (sae_lens) on the model's own seeded generations")
+    p.add_argument("--layer", required=True, help="layer(s): 12, 6,12,24 or 10-12")
+    p.add_argument("--d-sae", type=int, default=2304, help="number of features (default 2304 = 4 x d_model of SmolLM2)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--k", type=int, default=None, help="TopK SAE with k active features (default: 32)")
+    kind.add_argument("--l1", type=float, default=None, help="ReLU SAE with this L1 coefficient instead of TopK")
+    p.add_argument("--tokens", type=int, default=600_000, help="training activations drawn (epochs over the corpus)")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--corpus", default=None,
+                   help="corpus JSON: read it if it exists, else generate it and write it there "
+                        "(default: generate into OUT/corpus.json)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="generated tokens per continued prompt")
+    p.add_argument("--max-prompts", type=int, default=384,
+                   help="corpus prompts the model continues (0: all); the others enter as prompts alone")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-fraction", type=float, default=0.1, help="held-out sequences for the quality table")
+    p.add_argument("--dtype-out", default="float16", choices=["float16", "float32"], help="weights on disk")
+    p.add_argument("--out", required=True, help="folder: layer_<L>/ (sae_lens format), quality.csv, corpus.json")
+    p.add_argument("--model", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    p.add_argument("--batch-size", type=int, default=16)
+
+    p = sub.add_parser("sae-align", help="SAE features aligned with a direction, its sparse decomposition, "
+                                         "feature cards")
+    p.add_argument("--vector", required=True, help="direction .safetensors (from extract or roles)")
+    p.add_argument("--sae", required=True, help="SAE folder (sae_lens format), or a registry release with --sae-id")
+    p.add_argument("--sae-id", default=None, help="sae_id within the registry release given as --sae")
+    p.add_argument("--top", type=int, default=10, help="aligned features listed and carded")
+    p.add_argument("--decompose", type=int, default=16, help="most features in the decomposition")
+    p.add_argument("--cards", default="auto", choices=["auto", "yes", "no"],
+                   help="feature cards (need the model and a corpus; auto: when a corpus is found)")
+    p.add_argument("--corpus", default=None, help="corpus JSON for the cards (default: corpus.json beside the SAE)")
+    p.add_argument("--roles", default=None, help="folder of role vectors (from 'lens-roles roles') for the cards' "
+                                                 "alignment table")
+    p.add_argument("--out", required=True, help="folder: alignment.csv, decomposition.csv, figures, cards.html")
+    p.add_argument("--model", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    p.add_argument("--batch-size", type=int, default=16)
+
+    p = sub.add_parser("sae-attribute", help="gradient x activation attribution of a direction's projection to "
+                                             "SAE features, checked by ablation")
+    p.add_argument("--vector", required=True, help="direction .safetensors; the metric is the projection on it")
+    p.add_argument("--sae", required=True, help="SAE folder, or a registry release with --sae-id")
+    p.add_argument("--sae-id", default=None)
+    p.add_argument("--prompts", required=True, help="prompt set JSONL/JSON, or contrast pairs (both replies are used)")
+    p.add_argument("--system-prompt", default=None, help="system prompt added to every prompt")
+    p.add_argument("--read-layer", type=int, default=None,
+                   help="layer whose residual stream is projected (default: the direction's deepest layer)")
+    p.add_argument("--max-prompts", type=int, default=128, help="prompts used (0: all)")
+    p.add_argument("--top", type=int, default=20, help="features listed")
+    p.add_argument("--check", type=int, default=16, help="top features ablated one by one to check (0: none)")
+    p.add_argument("--out", required=True, help="folder: attribution.csv, check.csv, figure")
+    p.add_argument("--model", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    p.add_argument("--batch-size", type=int, default=16)
     return parser
 
 
@@ -617,6 +682,195 @@ def cmd_psr(args) -> int:
 
 
 COMMANDS["psr"] = cmd_psr
+
+
+# --- sae (issue 6)
+def cmd_train_sae(args) -> int:
+    """``lens-roles train-sae``: corpus → activations → one SAE per layer → quality table."""
+    from dataclasses import asdict
+
+    import pandas as pd
+
+    from .corpus import Corpus, build_corpus
+    from .io import write_csv
+    from .models import parse_layers, validate_layers
+    from .sae import SAETrainConfig, harvest, sae_quality, save_sae, train_sae
+
+    layers = parse_layers(args.layer)
+    if layers == "all":
+        raise LensRolesError("--layer all would train one SAE per layer; name the layers, e.g. 6,12,24")
+    try:
+        k = None if args.l1 is not None else (32 if args.k is None else args.k)
+        config = SAETrainConfig(d_sae=args.d_sae, k=k, l1=args.l1, samples=args.tokens, lr=args.lr, seed=args.seed)
+    except ValueError as exc:
+        raise LensRolesError(f"train-sae: {exc}") from None
+    out = Path(args.out)
+    model = _load(args)
+    layers = validate_layers(model, layers)
+    corpus_path = Path(args.corpus) if args.corpus else out / "corpus.json"
+    if corpus_path.is_file():
+        corpus = Corpus.load(corpus_path)
+        if corpus.meta.get("model") != model.cfg.model_name:
+            raise LensRolesError(f"{corpus_path} was generated by {corpus.meta.get('model')!r}, "
+                                 f"not {model.cfg.model_name!r}")
+        print(f"corpus: {corpus_path} ({len(corpus)} sequences, {corpus.n_tokens} tokens)")
+    else:
+        t0 = time.perf_counter()
+        corpus = build_corpus(model, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                              max_prompts=args.max_prompts or None, batch_size=128, progress=True)
+        corpus.save(corpus_path)
+        print(f"corpus: generated {len(corpus)} sequences, {corpus.n_tokens} tokens in "
+              f"{time.perf_counter() - t0:.0f} s -> {corpus_path}")
+    train, held = corpus.split(args.eval_fraction, seed=args.seed)
+    t0 = time.perf_counter()
+    acts = harvest(model, train.sequences, layers, batch_size=args.batch_size, progress=True)
+    held_acts = harvest(model, held.sequences, layers, batch_size=args.batch_size)
+    print(f"activations: {len(acts[layers[0]])} training tokens per layer in {time.perf_counter() - t0:.0f} s")
+    rows = []
+    for layer in layers:
+        t0 = time.perf_counter()
+        sae = train_sae(acts.pop(layer), layer=layer, model_name=model.cfg.model_name, config=config,
+                        provenance={"corpus": corpus.meta})
+        seconds = time.perf_counter() - t0
+        quality = sae_quality(model, sae, held.sequences, batch_size=args.batch_size, acts=held_acts.pop(layer))
+        quality.update(train_seconds=round(seconds, 1), tokens_per_second=round(config.samples / seconds),
+                       kind=f"topk k={config.k}" if config.k else f"l1 {config.l1}")
+        folder = save_sae(sae, out / f"layer_{layer}", dtype=getattr(torch, args.dtype_out),
+                          extra={"quality": quality, "corpus": corpus.meta, "train": asdict(config)})
+        quality["size_mb"] = round(sum(f.stat().st_size for f in folder.iterdir()) / 2**20, 2)
+        rows.append(quality)
+        print(f"layer {layer}: EV {quality['explained_variance']:.3f}, L0 {quality['l0']:.1f}, "
+              f"dead {quality['dead_fraction']:.3f}, CE clean/SAE/zero {quality['ce_clean']:.3f}/"
+              f"{quality['ce_sae']:.3f}/{quality['ce_zero']:.3f}, recovered {quality['loss_recovered']:.3f} "
+              f"({seconds:.0f} s, {config.samples / seconds:.0f} tokens/s) -> {folder}")
+    write_csv(pd.DataFrame(rows), out / "quality.csv")
+    print(f"wrote {out}/quality.csv")
+    return 0
+
+
+COMMANDS["train-sae"] = cmd_train_sae
+
+
+def _load_sae_for(args, direction):
+    """Load --sae and check it against the direction (width, layer) before any model loads."""
+    from .sae import SAEError, load_sae, sae_layer
+
+    sae = load_sae(args.sae, args.sae_id, device=args.device)
+    layer = sae_layer(sae)
+    if direction.d_model != sae.cfg.d_in:
+        raise SAEError(f"{args.vector} is {direction.d_model}-wide, but the SAE {args.sae} reads "
+                       f"{sae.cfg.d_in}-wide activations")
+    if layer not in direction:
+        raise SAEError(f"the SAE {args.sae} reads layer {layer}, but {args.vector} has no vector there "
+                       f"(its layers: {list(direction.layers)})")
+    return sae, layer
+
+
+def _sae_meta(args, direction, layer) -> dict:
+    return {"vector": str(args.vector), "direction": direction.meta.get("name"), "direction_model":
+            direction.meta.get("model"), "sae": str(args.sae), "sae_id": args.sae_id, "sae_layer": layer}
+
+
+def cmd_sae_align(args) -> int:
+    """``lens-roles sae-align``: alignment, decomposition and cards of one direction against one SAE."""
+    from .cards import feature_cards, write_cards
+    from .corpus import Corpus
+    from .directions import Direction
+    from .features import decompose, feature_alignment
+    from .io import write_csv
+    from .plots import decomposition_plot, sae_alignment_bars, save_figure
+    from .sae import check_sae
+
+    if args.top < 1 or args.decompose < 1:
+        raise LensRolesError("--top and --decompose must be >= 1")
+    direction = Direction.load(args.vector)
+    sae, layer = _load_sae_for(args, direction)
+    name = str(direction.meta.get("name", Path(args.vector).stem))
+    corpus_path = Path(args.corpus) if args.corpus else Path(args.sae).parent / "corpus.json"
+    if args.cards == "yes" and not corpus_path.is_file():
+        raise LensRolesError(f"--cards yes needs a corpus: no {corpus_path} (pass --corpus)")
+    out = Path(args.out)
+    meta = _sae_meta(args, direction, layer)
+    alignment = feature_alignment(sae, direction)
+    write_csv(alignment, out / "alignment.csv")
+    dec = decompose(sae, direction, max_features=args.decompose)
+    write_csv(dec.to_frame(), out / "decomposition.csv")
+    top = alignment.head(args.top)
+    sub = f"{direction.meta.get('model')} · SAE at layer {layer} ({sae.cfg.d_sae} features)"
+    save_figure(sae_alignment_bars({f"{name}, layer {layer}": top}, subtitle=sub), out / "alignment", meta=meta)
+    save_figure(decomposition_plot({name: dec}, subtitle=sub + f" · residual {dec.relative_residual:.3f} of ‖v‖"),
+                out / "decomposition", meta=meta)
+    print(f"top {args.top} features by cosine with {name} at layer {layer}:")
+    print(top.round(3).to_string(index=False))
+    print(f"decomposition: {len(dec.features)} features, relative residual {dec.relative_residual:.3f}")
+    print(dec.to_frame().round(3).to_string(index=False))
+    if args.cards == "yes" or (args.cards == "auto" and corpus_path.is_file()):
+        model = _load(args)
+        _check_model_match(direction, model)
+        check_sae(sae, model, layer)
+        corpus = Corpus.load(corpus_path)
+        roles = {name: direction}
+        if args.roles:
+            for path in sorted(Path(args.roles).glob("*.safetensors")):
+                roles[path.stem] = Direction.load(path)
+        features = list(dict.fromkeys([int(f) for f in top.feature] + [int(f) for f in dec.features[:5]]))
+        notes = {int(r.feature): f"rank {int(r.rank)} by cosine with {name} ({r.cosine:+.3f})"
+                 for r in top.itertuples()}
+        cards = feature_cards(model, sae, features, corpus.sequences, directions=roles, notes=notes,
+                              batch_size=args.batch_size)
+        write_cards(cards, out / "cards.html", title=f"Features of {name} at layer {layer}",
+                    subtitle=f"{sub} · corpus {corpus_path} ({len(corpus)} sequences)", meta=meta)
+        print(f"wrote {out}/cards.html ({len(cards)} cards)")
+    print(f"wrote {out}/alignment.csv, decomposition.csv and figures")
+    return 0
+
+
+def cmd_sae_attribute(args) -> int:
+    """``lens-roles sae-attribute``: attribution of the projection metric to features, ablation check."""
+    from .directions import Direction
+    from .features import ProjectionMetric, ablation_check, attribute_features
+    from .io import write_csv
+    from .plots import attribution_check_scatter, save_figure
+    from .prompts import Prompt, load_pairs, load_prompt_set
+    from .sae import check_sae
+
+    direction = Direction.load(args.vector)
+    sae, layer = _load_sae_for(args, direction)
+    read = max(direction.layers) if args.read_layer is None else args.read_layer
+    metric = ProjectionMetric(direction, read)  # a layer the vector lacks is a DirectionError
+    try:  # contrast pairs: both replies; else a prompt set
+        items = [q for pair in load_pairs(args.prompts).pairs for q in pair.as_prompts()]
+    except LensRolesError:
+        items = list(load_prompt_set(args.prompts).prompts)
+    prompts = [Prompt(q.user, args.system_prompt or q.system, q.reply) for q in items]
+    prompts = prompts[: args.max_prompts or None]
+    model = _load(args)
+    _check_model_match(direction, model)
+    check_sae(sae, model, layer)
+    out = Path(args.out)
+    meta = dict(_sae_meta(args, direction, layer), read_layer=read, prompts=str(args.prompts),
+                n_prompts=len(prompts), system_prompt=args.system_prompt)
+    t0 = time.perf_counter()
+    frame = attribute_features(model, sae, prompts, metric, batch_size=args.batch_size)
+    seconds = time.perf_counter() - t0
+    write_csv(frame, out / "attribution.csv")
+    print(f"{metric.label}: mean {frame.attrs['metric']:.3f} over {len(prompts)} prompts; "
+          f"attribution in {seconds:.1f} s")
+    print(frame.head(args.top).round(4).to_string(index=False))
+    if args.check:
+        check = ablation_check(model, sae, prompts, metric, frame, top=args.check, batch_size=args.batch_size)
+        write_csv(check, out / "check.csv")
+        save_figure(attribution_check_scatter(check, subtitle=f"{model.cfg.model_name} · SAE layer {layer} · "
+                                                                f"{metric.label} · {len(prompts)} prompts"),
+                    out / "attribution_vs_ablation", meta=dict(meta, pearson=check.attrs["pearson"]))
+        print(check.round(4).to_string(index=False))
+        print(f"attribution vs ablation over the top {len(check)} features: Pearson r = {check.attrs['pearson']:.3f}")
+    print(f"wrote {out}/attribution.csv")
+    return 0
+
+
+COMMANDS["sae-align"] = cmd_sae_align
+COMMANDS["sae-attribute"] = cmd_sae_attribute
 
 
 def main(argv: list[str] | None = None) -> int:
