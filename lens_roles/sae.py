@@ -358,10 +358,9 @@ def identity_sae(d_model: int, *, layer: int, model_name: str | None = None):
 
 
 def _next_token_loss(logits: Tensor, tokens: Tensor, mask: Tensor) -> tuple[float, int]:
-    """Sum of next-token cross-entropy over real target tokens from position 2 on, and their count.
+    """Sum of next-token cross-entropy over the real tokens from position 2 on, and their count.
 
-    Targets at positions 0 and 1 are skipped: position 1 is predicted from the
-    untouched BOS alone, so no splice can change it.
+    Token 1 is not scored: it is predicted from the untouched BOS alone, so no splice can change it.
     """
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     target = tokens[:, 1:]

@@ -342,3 +342,14 @@ def test_cli_sae_align_without_cards_and_its_errors(tiny_model, direction, tmp_p
     assert cli.main(["sae-align", "--vector", str(tmp_path / "v.safetensors"), "--sae", str(tmp_path / "narrow"),
                      "--out", str(tmp_path / "o4")]) == 2
     assert "32-wide, but the SAE" in capsys.readouterr().err
+
+
+def test_an_l1_sae_trains_too(tiny_model, trained):
+    from sae_lens.saes.standard_sae import StandardSAE
+
+    _, _, seqs, acts = trained
+    sae = train_sae(acts, layer=1, model_name=tiny_model.cfg.model_name,
+                    config=SAETrainConfig(d_sae=64, k=None, l1=0.5, samples=64 * 40, batch_size=64, lr=3e-3))
+    assert isinstance(sae, StandardSAE) and sae.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
+    q = sae_quality(tiny_model, sae, seqs[:4])
+    assert q["explained_variance"] > 0 and 0 < q["l0"] < 64
