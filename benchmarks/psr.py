@@ -24,7 +24,7 @@ from lens_roles.batching import pad_batch, pad_id
 from lens_roles.generation import generate
 from lens_roles.interventions import steer
 from lens_roles.prompts import Prompt
-from lens_roles.psr import PSR, TrainConfig, prepare, train_psr
+from lens_roles.psr import TrainConfig, make_psr, prepare, train_psr
 
 SYSTEM = "You are a warm, helpful public librarian who loves connecting people with books and library resources."
 
@@ -53,7 +53,7 @@ def main() -> None:
     persona = lr.persona_vector(model, train, layers=[args.layer])
     prompts = [Prompt(p.user, None, p.positive) for p in train.pairs[: args.prompts]]
     for objective in ("mse", "kl"):
-        psr = PSR(persona, [args.layer], 1.0)
+        psr = make_psr(model, persona, prompts, SYSTEM, layer=args.layer, alpha=1.0)  # skips the sink, as in use
         t0 = time.perf_counter()
         data = prepare(model, psr, prompts, SYSTEM, batch_size=4)
         t_prep = time.perf_counter() - t0

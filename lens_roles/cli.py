@@ -196,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = psr_sub.add_parser("compare", help="constant steering vs PSR vs prompting at matched coherence")
     q.add_argument("--vector", required=True, help="the direction the PSR was trained with")
     q.add_argument("--psr", required=True, help="psr.safetensors from 'psr train'")
-    q.add_argument("--pairs", required=True, help="contrast pairs; the last --eval-fraction are evaluated")
+    q.add_argument("--pairs", required=True,
+                   help="contrast pairs; the last --eval-fraction are evaluated. For a role: its instructions "
+                        "(a prompt set; needs --questions, whose multiple-choice effect is then the behaviour)")
     q.add_argument("--system-prompt", default=None, help="default: the one the PSR was trained to mimic")
     q.add_argument("--eval-fraction", type=float, default=0.25)
     q.add_argument("--max-pairs", type=int, default=8, help="held-out pairs evaluated (0: all)")
@@ -645,16 +647,24 @@ def cmd_psr_compare(args) -> int:
     from .directions import Direction
     from .io import write_csv
     from .plots import psr_coherence_curve, save_figure
-    from .prompts import PairSet, load_pairs
+    from .errors import DataError
+    from .prompts import PairSet, PromptSet, load_pairs, load_prompt_set
     from .psr import PSR, CompareConfig, compare_at_matched_coherence
     from .questions import QuestionSet, load_domains
 
     direction = Direction.load(args.vector)
     config = CompareConfig(target_perplexity=args.target_perplexity, max_new_tokens=args.max_new_tokens,
                            steps=args.steps)
-    pairs = load_pairs(args.pairs)
-    held = pairs.split(1 - args.eval_fraction)[1]
-    held = PairSet(held.name, tuple(_head(held.pairs, args.max_pairs)), held.source)
+    try:
+        pairs = load_pairs(args.pairs)
+        held = pairs.split(1 - args.eval_fraction)[1]
+        held = PairSet(held.name, tuple(_head(held.pairs, args.max_pairs)), held.source)
+    except DataError:  # a role: instructions, no contrast pairs; behaviour = the multiple-choice effect
+        if not args.questions:
+            raise
+        prompts = load_prompt_set(args.pairs)
+        held = prompts.split(1 - args.eval_fraction)[1]
+        held = PromptSet(held.name, tuple(_head(held.prompts, args.max_pairs)), held.source)
     questions = None
     if args.questions:
         domains = args.domains.split(",") if args.domains else None
@@ -668,9 +678,11 @@ def cmd_psr_compare(args) -> int:
     out = Path(args.out)
     write_csv(result.table, out / "matched.csv")
     write_csv(result.curve, out / "curve.csv")
+    kind = "pairs" if isinstance(held, PairSet) else "prompts"
     save_figure(psr_coherence_curve(result.curve, result.table,
                                     subtitle=f"{model.cfg.model_name} · layer(s) {list(psr.layers)[:3]} · "
-                                             f"{len(held)} held-out pairs"),
+                                             f"{len(held)} held-out {kind}",
+                                    y="margin" if kind == "pairs" else "mean_strength"),
                 out / "matched_coherence", meta=result.meta)
     print("behaviour at matched coherence:")
     print(result.table.round(3).to_string(index=False))

@@ -593,30 +593,42 @@ _PSR_COLORS = {"none": "#7f7f7f", "prompting": "#2ca02c", "constant": "#1f77b4",
 _PSR_NAMES = {"none": "no intervention", "prompting": "prompting", "constant": "constant steering", "psr": "PSR"}
 
 
+_PSR_Y = {"margin": "persona adherence: log-prob margin<br>(positive − negative reply)",
+          "mean_strength": "mean steering strength α·mean(λ)<br>(prompting and none: 0)"}
+
+
 def psr_coherence_curve(curve: pd.DataFrame, table: pd.DataFrame | None = None, *,
                         title: str = "Behaviour against coherence: constant steering, PSR and prompting",
-                        subtitle: str | None = None) -> go.Figure:
-    """Persona margin against perplexity, one line per steering method (points sorted by α).
+                        subtitle: str | None = None, y: str = "margin") -> go.Figure:
+    """Persona margin (or another ``y`` column) against perplexity, one line per steering method (sorted by α).
 
     Args:
-        curve: ``method, alpha, perplexity, margin`` (every evaluated point).
-        table: the matched points (``method, perplexity, margin``), drawn as large
+        curve: ``method, alpha, perplexity`` and the ``y`` column (every evaluated point).
+        table: the matched points (``method, perplexity`` and ``y``), drawn as large
             markers; the target perplexity as a dashed line when present.
+        y: ``"margin"`` (persona adherence) or ``"mean_strength"`` (how hard each
+            method steers to reach a perplexity: a role, which has no contrast pairs).
     """
+    if y not in _PSR_Y:
+        raise ValueError(f"unknown y {y!r}; use one of {list(_PSR_Y)}")
+    curve = curve.assign(**{y: curve[y].fillna(0.0)}) if y == "mean_strength" else curve
+    if table is not None and y == "mean_strength":
+        table = table.assign(mean_strength=table.mean_strength.fillna(0.0))
     fig = go.Figure()
     for method in ("constant", "psr", "none", "prompting"):
         part = curve[curve.method == method].sort_values("alpha")
         if part.empty:
             continue
         mode = "lines+markers" if method in ("constant", "psr") else "markers"
-        fig.add_trace(go.Scatter(x=part.perplexity, y=part.margin, mode=mode, name=_PSR_NAMES[method],
+        fig.add_trace(go.Scatter(x=part.perplexity, y=part[y], mode=mode, name=_PSR_NAMES[method],
                                  marker=dict(color=_PSR_COLORS[method], size=8),
                                  line=dict(color=_PSR_COLORS[method]),
                                  text=[f"α={a:.3g}" for a in part.alpha],
-                                 hovertemplate="%{text}<br>perplexity %{x:.2f}<br>margin %{y:.3f}<extra></extra>"))
+                                 hovertemplate="%{text}<br>perplexity %{x:.2f}<br>" + y
+                                               + " %{y:.3f}<extra></extra>"))
     if table is not None:
         for _, row in table.iterrows():
-            fig.add_trace(go.Scatter(x=[row.perplexity], y=[row.margin], mode="markers", showlegend=False,
+            fig.add_trace(go.Scatter(x=[row.perplexity], y=[row[y]], mode="markers", showlegend=False,
                                      marker=dict(color=_PSR_COLORS.get(row.method, "#000"), size=16, symbol="star",
                                                  line=dict(color="black", width=1)),
                                      hovertemplate=f"{_PSR_NAMES.get(row.method, row.method)} (matched)"
@@ -624,12 +636,12 @@ def psr_coherence_curve(curve: pd.DataFrame, table: pd.DataFrame | None = None, 
         if "target_perplexity" in table:
             # a line trace, not add_vline: plotly places vline annotations in log10 units on log axes
             target = float(table.target_perplexity.iloc[0])
-            ys = list(curve.margin) + list(table.margin)
+            ys = list(curve[y]) + list(table[y])
             fig.add_trace(go.Scatter(x=[target, target], y=[min(ys), max(ys)], mode="lines", name="target coherence",
                                      line=dict(color="#555", dash="dash", width=1)))
     fig.update_xaxes(title="perplexity of generations under the unsteered model (lower = more coherent)",
                      type="log")
-    fig.update_yaxes(title="persona adherence: log-prob margin<br>(positive − negative reply)")
+    fig.update_yaxes(title=_PSR_Y[y])
     fig = _style(fig, title, subtitle)
     fig.update_layout(margin=dict(l=100, t=110))
     return fig

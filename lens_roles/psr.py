@@ -21,13 +21,30 @@ it matches the prompt's behaviour. This module measures that and replaces it:
   a huge λ. With ``w = 0, b = 1`` (or ``constant=True``) PSR is exactly
   :func:`lens_roles.interventions.steer` with ``α``. The one-layer variant
   (S-PSR) steers one layer, the all-layer variant (A-PSR) every layer with its
-  own ``w_l, b_l``; both steer every position, like ``steer``.
+  own ``w_l, b_l``; both steer every position, like ``steer``, except the
+  attention sink when built by :func:`make_psr` (next point).
+* **The attention sink.** No system prompt can change a sequence's first token
+  (causal attention), yet a trained λ landed there (its normalised activation is
+  unlike every other token's, so ``w`` could give it a λ for free). A PSR made by
+  :func:`make_psr` therefore sets ``λ := 0`` on that token, recognised by its
+  residual (:func:`sink_residuals`, the same in every sequence), which works
+  under padding and KV caches alike; its constant baseline
+  (:meth:`PSR.constant_twin`) skips it too, so the comparison isolates the
+  per-token λ. ``PSR(...)`` without ``sink`` steers every token.
+* **Compared positions.** The objectives cover every position that has a
+  counterpart in the prompted run: the aligned tail, and the *shared prefix* (the
+  leading template tokens both runs have before their system prompts differ,
+  position 0 among them). A causal model computes the same activations there
+  with and without the system prompt, so there the target is "no change". The
+  unprompted run's own default system prompt (between the prefix and the user
+  turn) has no counterpart and is still steered but not compared.
 * **Training** (:func:`train_psr`): the model is frozen (``requires_grad`` off
   for the duration; only ``w, b`` are optimised). Objective ``"mse"``: squared
-  distance to the prompted residuals at the read layers over aligned positions,
-  each layer divided by the unprompted run's distance there (so 1.0 = no
-  steering at all). Objective ``"kl"``: ``KL(prompted ‖ steered)`` of the
-  next-token distributions at the aligned positions that predict reply tokens.
+  distance to the prompted residuals at the read layers over the compared
+  positions, each layer divided by the unprompted run's distance there (so 1.0 =
+  no steering at all). Objective ``"kl"``: ``KL(prompted ‖ steered)`` of the
+  next-token distributions at the shared-prefix positions and the aligned
+  positions that predict reply tokens.
   The prompted targets and the unprompted residual at the first steered layer are
   computed once; each step runs the model from that layer on.
 * **Comparison** (:func:`compare_at_matched_coherence`): constant steering, PSR
@@ -63,11 +80,13 @@ from .io import save_tensors
 from .interventions import steer
 from .models import resid_hook, validate_layers
 from .positions import Encoded, encode
-from .prompts import PairSet, Prompt, fingerprint
+from .prompts import PairSet, Prompt, PromptSet, common_prefix_len, fingerprint
 from .sweeps import _logprobs_at, repetition_rate
 
 OBJECTIVES = ("mse", "kl")
 METHODS = ("none", "constant", "psr", "prompting")
+#: a token whose residual has at least this cosine with the sequence-start token's is the attention sink
+SINK_COS = 0.9999
 
 
 class PSRError(LensRolesError, ValueError):
@@ -83,7 +102,11 @@ class Aligned:
 
     ``prompted.tokens[p_start + i] == unprompted.tokens[u_start + i]`` for
     ``0 <= i < length``; ``reply`` is the aligned index where the reply starts
-    (None without a reply).
+    (None without a reply). ``prefix``: the leading tokens both runs share before
+    the system prompts differ (e.g. the first ``<|im_start|>system``), at the same
+    positions in both; a causal model computes the same activations there in both
+    runs, so the prompt does not change them (position 0, the attention sink,
+    among them).
     """
 
     prompted: Encoded
@@ -92,6 +115,7 @@ class Aligned:
     u_start: int
     length: int
     reply: int | None
+    prefix: int = 0
 
     def unprompted_positions(self) -> list[int]:
         return list(range(self.u_start, self.u_start + self.length))
@@ -104,6 +128,18 @@ class Aligned:
         if self.reply is None:
             return []
         return list(range(self.u_start + self.reply - 1, self.u_start + self.length - 1))
+
+    def compared(self) -> tuple[list[int], list[int]]:
+        """``(unprompted, prompted)`` positions the MSE objective compares: the shared prefix, then the aligned tail."""
+        head = list(range(self.prefix))
+        return head + self.unprompted_positions(), head + self.prompted_positions()
+
+    def compared_kl(self) -> tuple[list[int], list[int]]:
+        """``(unprompted, prompted)`` positions the KL objective compares: the shared prefix (whose next-token
+        distributions the prompt cannot change), then the positions predicting reply tokens."""
+        head = list(range(self.prefix))
+        shift = self.p_start - self.u_start
+        return head + self.predicting_reply(), head + [q + shift for q in self.predicting_reply()]
 
 
 def prompt_pairs(prompts, system: str) -> tuple[list[Prompt], list[Prompt]]:
@@ -145,7 +181,8 @@ def align(model, prompted: Sequence[Prompt], unprompted: Sequence[Prompt], *,
                            f"({len(tail_p)} tokens) and unprompted ({len(tail_u)} tokens) runs, so they cannot "
                            "be aligned")
         reply = None if eu.reply is None else eu.reply[0] - eu.user[0]
-        out.append(Aligned(ep, eu, ep.user[0], eu.user[0], len(tail_u), reply))
+        prefix = min(common_prefix_len(ep.tokens, eu.tokens), ep.user[0], eu.user[0])
+        out.append(Aligned(ep, eu, ep.user[0], eu.user[0], len(tail_u), reply, prefix))
     return out
 
 
@@ -243,13 +280,22 @@ class PSR(nn.Module):
         alpha: the overall strength α (a buffer, not trained).
         bias: initial ``b`` (default 1: the PSR starts as constant steering).
         constant: force ``λ ≡ 1`` (constant steering through the PSR code path).
+        sink: ``[layer, d_model]``, the residual of the sequence-start token (the
+            attention sink) at each steered layer (:func:`sink_residuals`). Given,
+            ``λ_t := 0`` on tokens whose residual has cosine ≥ :data:`SINK_COS` with
+            it — the first token of every sequence, wherever padding or a KV cache
+            puts it — because a system prompt cannot change that token (causal
+            attention). None (the default): every token is steered, and ``w = 0,
+            b = 1`` or ``constant=True`` is :func:`lens_roles.interventions.steer` bit
+            for bit; with a sink, the same holds for ``steer`` on every token but the
+            first. :func:`make_psr` passes one.
 
     Attributes:
         w: ``[layer, d_model]`` (starts at 0), b: ``[layer]`` — the only parameters.
     """
 
     def __init__(self, direction: Direction, layers: Sequence[int], alpha: float, *, bias: float = 1.0,
-                 constant: bool = False, meta: dict | None = None):
+                 constant: bool = False, sink: Tensor | None = None, meta: dict | None = None):
         super().__init__()
         layers = tuple(int(layer) for layer in layers)
         if not layers or len(set(layers)) != len(layers):
@@ -267,6 +313,16 @@ class PSR(nn.Module):
         self.b = nn.Parameter(torch.full((len(layers),), float(bias)))
         self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32))
         self.register_buffer("vectors", torch.stack([direction[layer] for layer in layers]))
+        if sink is not None and tuple(sink.shape) != tuple(self.vectors.shape):
+            raise PSRError(f"sink residuals have shape {tuple(sink.shape)}, expected {tuple(self.vectors.shape)} "
+                           "(steered layer x d_model)")
+        self.has_sink = sink is not None
+        self.register_buffer("sink", torch.zeros_like(self.vectors) if sink is None else sink.detach().float().clone())
+
+    def constant_twin(self, alpha: float) -> "PSR":
+        """Constant steering (``λ ≡ 1``) with strength ``alpha`` at the same layers and on the same tokens (the
+        sink rule included): the fair constant baseline for this PSR."""
+        return PSR(self.direction, self.layers, alpha, constant=True, sink=self.sink if self.has_sink else None)
 
     @property
     def model_name(self) -> str | None:
@@ -274,7 +330,15 @@ class PSR(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"layers={list(self.layers)}, alpha={float(self.alpha):.4g}, constant={self.constant}, "
-                f"model={self.model_name!r}")
+                f"sink={self.has_sink}, model={self.model_name!r}")
+
+    def keep(self, acts: Float[Tensor, "batch pos d_model"], k: int) -> Float[Tensor, "batch pos"] | None:
+        """0 on the attention-sink token(s), 1 elsewhere, at the ``k``-th steered layer (None without a sink)."""
+        if not self.has_sink:
+            return None
+        sink = self.sink[k].to(acts.device, acts.dtype)
+        cos = (acts @ sink) / (acts.norm(dim=-1) * sink.norm()).clamp_min(1e-12)
+        return (cos < SINK_COS).to(acts.dtype)
 
     def coefficient(self, acts: Float[Tensor, "batch pos d_model"], k: int) -> Float[Tensor, "batch pos"]:
         """``λ_t`` at the ``k``-th steered layer from the activations arriving there."""
@@ -289,9 +353,12 @@ class PSR(nn.Module):
         alpha = self.alpha if alpha is None else alpha
         delta = alpha.to(acts.device, acts.dtype) * self.vectors[k].to(acts.device, acts.dtype)
         lam = self.coefficient(acts, k)
+        keep = self.keep(acts, k)
+        if keep is not None:
+            lam = lam * keep
         if record is not None:
             record.append((self.layers[k], lam.detach()))
-        if self.constant:
+        if self.constant and keep is None:
             return acts + delta
         return acts + lam[..., None] * delta
 
@@ -336,8 +403,11 @@ class PSR(nn.Module):
             raise PSRError(f"PSR files end in .safetensors, got {path}")
         info = {"kind": "psr", "layers": list(self.layers), "alpha": float(self.alpha), "constant": self.constant,
                 "model": self.model_name, "direction": _thaw(self.direction.meta), "lens_roles": __version__,
-                **self.meta}
-        return save_tensors(path, {"w": self.w, "b": self.b, "vectors": self.vectors}, info)
+                **self.meta, "sink": self.has_sink}
+        tensors = {"w": self.w, "b": self.b, "vectors": self.vectors}
+        if self.has_sink:
+            tensors["sink"] = self.sink
+        return save_tensors(path, tensors, info)
 
     @classmethod
     def load(cls, path: str | Path, model=None) -> "PSR":
@@ -350,16 +420,17 @@ class PSR(nn.Module):
         try:
             with safe_open(str(path), framework="pt") as f:
                 info = json.loads((f.metadata() or {}).get("meta", "{}"))
-                tensors = {k: f.get_tensor(k) for k in ("w", "b", "vectors")}
+                tensors = {k: f.get_tensor(k) for k in ("w", "b", "vectors", "sink") if k in f.keys()}
         except Exception as exc:
             raise PSRError(f"{path} is not a readable PSR file ({exc})") from None
         if info.get("kind") != "psr" or len(info.get("layers", [])) != tensors["w"].shape[0]:
             raise PSRError(f"{path}: not a PSR file, or its layer list does not match its parameters")
         layers = info.pop("layers")
         direction = Direction(layers, tensors["vectors"], info.pop("direction", {}))
-        for key in ("kind", "model", "lens_roles"):
+        for key in ("kind", "model", "lens_roles", "sink"):
             info.pop(key, None)
-        psr = cls(direction, layers, info.pop("alpha"), constant=info.pop("constant", False), meta=info)
+        psr = cls(direction, layers, info.pop("alpha"), constant=info.pop("constant", False),
+                  sink=tensors.get("sink"), meta=info)
         with torch.no_grad():
             psr.w.copy_(tensors["w"])
             psr.b.copy_(tensors["b"])
@@ -412,17 +483,19 @@ class _Batch:
     tokens: Tensor  # [batch, pos] unprompted, right-padded
     start: Tensor  # [batch, pos, d_model] unprompted residual at the first steered layer (unsteered)
     rows: list[int]  # item index per row
-    positions: list[list[int]]  # aligned unprompted positions per row (MSE)
-    reply_pos: list[list[int]]  # positions predicting reply tokens per row (KL)
+    positions: list[list[int]]  # compared unprompted positions per row (MSE): shared prefix + aligned tail
+    reply_pos: list[list[int]]  # compared positions per row (KL): shared prefix + those predicting reply tokens
 
 
 @dataclass
 class TrainingData:
     """Everything training and held-out scoring need, computed once without gradients.
 
-    ``targets[layer][i]``: the prompted residual ``[aligned, d_model]`` of item ``i``;
-    ``base[layer][i]``: the unprompted one; ``final_p[i]``: the prompted final
-    residual at the positions predicting reply tokens; ``scale[layer]``: mean
+    ``targets[layer][i]``: the prompted residual ``[compared, d_model]`` of item ``i``
+    at the compared positions (:meth:`Aligned.compared`: the shared prefix, where it
+    equals the unprompted one, then the aligned tail); ``base[layer][i]``: the
+    unprompted one; ``final_p[i]``: the prompted final residual at the KL positions
+    (:meth:`Aligned.compared_kl`); ``scale[layer]``: mean
     squared unprompted-to-prompted distance (MSE normaliser).
     """
 
@@ -460,13 +533,12 @@ def prepare(model, psr: PSR, prompts, system: str, *, read_layers: Sequence[int]
     final_p, starts = [], []
     changed = False
     for run, ap, au in zip(runs, acts_p, acts_u):
-        pp, uu = run.prompted_positions(), run.unprompted_positions()
+        uu, pp = run.compared()
         for layer in read:
             targets[layer].append(ap[layers_needed.index(layer), pp])
             base[layer].append(au[u_layers.index(layer), uu])
             changed |= bool((targets[layer][-1] - base[layer][-1]).abs().max() > 0)
-        shift = run.p_start - run.u_start
-        final_p.append(ap[layers_needed.index(last), [q + shift for q in run.predicting_reply()]])
+        final_p.append(ap[layers_needed.index(last), run.compared_kl()[1]])
         starts.append(au[u_layers.index(start)])
     if not changed:
         raise PSRError(f"the system prompt {system!r} changes nothing at the read layers {list(read)}: there is "
@@ -482,8 +554,8 @@ def prepare(model, psr: PSR, prompts, system: str, *, read_layers: Sequence[int]
         st = torch.zeros(len(idx), width, model.cfg.d_model)
         for r, i in enumerate(idx):
             st[r, : starts[i].shape[0]] = starts[i]
-        batches.append(_Batch(tokens, st.to(model.cfg.dtype), idx, [runs[i].unprompted_positions() for i in idx],
-                              [runs[i].predicting_reply() for i in idx]))
+        batches.append(_Batch(tokens, st.to(model.cfg.dtype), idx, [runs[i].compared()[0] for i in idx],
+                              [runs[i].compared_kl()[0] for i in idx]))
     fp = fingerprint([system, [(p.user, p.reply) for p in prompted]])
     return TrainingData(runs, start, read, targets, base, final_p, scale, batches, fp)
 
@@ -492,7 +564,8 @@ def _forward(model, psr: PSR, batch: _Batch, data: TrainingData, *, alpha: Tenso
              constant_alpha: float | None = None) -> tuple[dict[int, Tensor], Tensor]:
     """Run the batch from the first steered layer: residuals at the read layers and the final one.
 
-    With ``constant_alpha``, constant steering ``x + α·v`` replaces the PSR (same layers).
+    With ``constant_alpha``, constant steering ``x + α·v`` replaces the PSR (same layers and tokens:
+    :meth:`PSR.constant_twin`).
     """
     device = model.cfg.device
     start = data.start_layer
@@ -500,13 +573,9 @@ def _forward(model, psr: PSR, batch: _Batch, data: TrainingData, *, alpha: Tenso
     k0 = psr.layers.index(start)
     x = batch.start.to(device)
     if constant_alpha is not None:
-        a = torch.tensor(float(constant_alpha), dtype=torch.float32)
-        x = x + a.to(x.dtype) * psr.vectors[k0].to(device, x.dtype)
-        hooks = [(resid_hook(layer), _const_hook(a, psr.vectors[k])) for k, layer in enumerate(psr.layers)
-                 if layer != start]
-    else:
-        x = psr.add(x, k0, alpha)
-        hooks = psr.hooks(model, skip=(start,), alpha=None if alpha is None else float(alpha))
+        psr = psr.constant_twin(constant_alpha).to(device)
+    x = psr.add(x, k0, alpha)
+    hooks = psr.hooks(model, skip=(start,), alpha=None if alpha is None else float(alpha))
     store: dict[int, Tensor] = {start: x}
 
     def capture(acts, hook):
@@ -520,13 +589,6 @@ def _forward(model, psr: PSR, batch: _Batch, data: TrainingData, *, alpha: Tenso
     return store, store[last]
 
 
-def _const_hook(alpha: Tensor, vector: Tensor):
-    def hook(acts, hook):
-        return acts + alpha.to(acts.device, acts.dtype) * vector.to(acts.device, acts.dtype)
-
-    return hook
-
-
 def _losses(model, data: TrainingData, batch: _Batch, store: dict[int, Tensor], final: Tensor,
             objective: str) -> Tensor:
     if objective == "mse":
@@ -537,7 +599,7 @@ def _losses(model, data: TrainingData, batch: _Batch, store: dict[int, Tensor], 
                     for r, (i, pos) in enumerate(zip(batch.rows, batch.positions))]
             total = total + torch.cat(errs).mean() / data.scale[layer]
         return total / len(data.read_layers)
-    rows = [r for r, pos in enumerate(batch.reply_pos) if pos]
+    rows = [r for r, i in enumerate(batch.rows) if data.runs[i].predicting_reply()]
     if not rows:
         raise PSRError("the KL objective needs prompts with replies (it compares the distributions over reply "
                        "tokens)")
@@ -625,14 +687,36 @@ def matched_alpha(model, direction: Direction, prompts, system: str, layer: int)
     return float(frame.strength.mean())
 
 
+@torch.no_grad()
+def sink_residuals(model, layers: Sequence[int], token: int) -> Float[Tensor, "layer d_model"]:
+    """The residual of ``token`` as a sequence's first token at ``layers``: the attention sink.
+
+    Causal attention makes it the same in every sequence that starts with ``token``
+    (it sees only itself; padding is masked and a lone key's attention weight is 1
+    whatever its position), so :class:`PSR` recognises the sink by it.
+    """
+    layers = validate_layers(model, list(layers))
+    store: dict[int, Tensor] = {}
+
+    def capture(acts, hook):
+        store[int(hook.name.split(".")[1])] = acts[0, 0].detach().float().cpu()
+
+    with model.hooks(fwd_hooks=[(resid_hook(layer), capture) for layer in layers]):
+        model(torch.tensor([[int(token)]], device=model.cfg.device), stop_at_layer=max(layers) + 1)
+    return torch.stack([store[layer] for layer in layers])
+
+
 def make_psr(model, direction: Direction, prompts, system: str, *, layers: str | Sequence[int] = "one",
-             layer: int | None = None, alpha: float | None = None) -> PSR:
+             layer: int | None = None, alpha: float | None = None, skip_sink: bool = True,
+             template: str | None = None) -> PSR:
     """A fresh PSR starting as constant steering at prompting's mean strength.
 
     ``layers="one"`` steers ``layer`` (default: the middle layer) — S-PSR;
     ``"all"`` every layer of the direction — A-PSR, each starting at ``b = 1/L``
     so that the accumulated addition matches the one-layer start. ``alpha``
-    defaults to :func:`matched_alpha` at the (first) steered layer.
+    defaults to :func:`matched_alpha` at the (first) steered layer. With
+    ``skip_sink`` (the default) the PSR never steers the sequence-start token (the
+    attention sink), which no system prompt can change (see :class:`PSR`).
     """
     _check_direction(model, direction)
     if layers == "one":
@@ -648,7 +732,11 @@ def make_psr(model, direction: Direction, prompts, system: str, *, layers: str |
         if alpha <= 0:
             raise PSRError(f"prompting with {system!r} moves the residual stream against the direction at layer "
                            f"{probe} (mean strength {alpha:.3g}); negate the direction or pass alpha")
-    return PSR(direction, chosen, alpha, bias=1.0 if len(chosen) == 1 else 1.0 / len(chosen),
+    sink = None
+    if skip_sink:
+        first = encode(model, _as_prompts(prompts)[:1], template=template)[0].tokens[0]
+        sink = sink_residuals(model, chosen, first)
+    return PSR(direction, chosen, alpha, bias=1.0 if len(chosen) == 1 else 1.0 / len(chosen), sink=sink,
                meta={"system": system, "variant": "S-PSR" if len(chosen) == 1 else "A-PSR"})
 
 
@@ -656,7 +744,7 @@ def make_psr(model, direction: Direction, prompts, system: str, *, layers: str |
 
 
 def mean_strength(model, psr: PSR, data: TrainingData) -> float:
-    """Mean of ``λ_t·α`` over the aligned positions (and steered layers) of ``data``."""
+    """Mean of ``λ_t·α`` over the compared positions (shared prefix + aligned tail, and steered layers) of ``data``."""
     record: list = []
     vals = []
     with torch.no_grad():
@@ -674,17 +762,24 @@ def activation_distance(model, psr: PSR, data: TrainingData) -> pd.DataFrame:
     """Held-out distance to the prompted activations: unsteered, constant steering and PSR.
 
     Constant steering uses the PSR's own mean strength (:func:`mean_strength`) at
-    the same layers. Rows: ``method, alpha, read_layer, mse, relative_mse`` (MSE
-    over aligned positions, summed over ``d_model``; relative = divided by the
+    the same layers and on the same tokens (:meth:`PSR.constant_twin`: a PSR that
+    skips the attention sink is compared with constant steering that skips it
+    too); for such a PSR a row ``constant_all_tokens`` adds plain
+    :func:`~lens_roles.interventions.steer` (the sink steered as well) at the same
+    strength. Rows: ``method, alpha, read_layer, mse, relative_mse`` (MSE over the
+    compared positions, summed over ``d_model``; relative = divided by the
     unsteered run's).
     """
     strength = mean_strength(model, psr, data)
     rows = []
-    for method, const in (("none", 0.0), ("constant", strength), ("psr", None)):
+    runs = [("none", psr, 0.0), ("constant", psr, strength), ("psr", psr, None)]
+    if psr.has_sink:
+        runs.insert(2, ("constant_all_tokens", PSR(psr.direction, psr.layers, float(psr.alpha)), strength))
+    for method, model_psr, const in runs:
         sums = {layer: [] for layer in data.read_layers}
         with torch.no_grad():
             for batch in data.batches:
-                store, _ = _forward(model, psr, batch, data, constant_alpha=const)
+                store, _ = _forward(model, model_psr, batch, data, constant_alpha=const)
                 for layer in data.read_layers:
                     for r, (i, pos) in enumerate(zip(batch.rows, batch.positions)):
                         sums[layer].append((store[layer][r, pos].float().cpu() - data.targets[layer][i]
@@ -752,7 +847,7 @@ class CompareConfig:
 
 @dataclass(frozen=True)
 class Comparison:
-    """``curve``: every evaluated point (``method, alpha, perplexity, repetition, margin``);
+    """``curve``: every evaluated point (``method, alpha, perplexity, repetition, margin, mean_strength``);
     ``table``: behaviour at matched coherence, one row per method; ``meta``: provenance."""
 
     curve: pd.DataFrame
@@ -762,6 +857,8 @@ class Comparison:
 
 def _context(model, method: str, direction: Direction, psr: PSR, alpha: float):
     if method == "constant":
+        if psr.has_sink:  # the same tokens as the PSR: every one but the sink
+            return psr.constant_twin(alpha).applied(model)
         return steer(model, direction, alpha, layers=list(psr.layers))
     if method == "psr":
         return psr.applied(model, alpha=alpha)
@@ -816,13 +913,17 @@ def _mc(model, ctx, questions, system: str | None) -> tuple[float, float]:
     return float(frame.correct.mean()), float(frame.p_correct.mean())
 
 
-def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: PairSet, system: str, *,
-                                 questions=None, config: CompareConfig = CompareConfig(),
+def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: PairSet | PromptSet, system: str,
+                                 *, questions=None, config: CompareConfig = CompareConfig(),
                                  progress: Callable[[str], None] | None = None) -> Comparison:
     """Constant steering, PSR and prompting at matched coherence (see the module docs).
 
     Coherence is measured on the pairs' user turns; behaviour on the pairs (held
-    out: pass pairs not used to build the direction or train the PSR). For each
+    out: pass pairs not used to build the direction or train the PSR). A role has
+    instructions, not contrast pairs: ``pairs`` may then be a :class:`PromptSet`
+    (or a list of prompts), whose user turns give the coherence, and the
+    behaviour is the multiple-choice effect alone (``margin`` is NaN, and
+    ``questions`` are required). For each
     steering method α is bisected on ``[0, hi]`` so that the perplexity of its
     generations reaches the target; the point closest to it is the matched one.
     With ``questions``, the matched points (and prompting, and no intervention)
@@ -837,7 +938,19 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
         raise PSRError(f"the PSR steers with a different direction (or layers {missing}) than the one compared "
                        "against")
     say = progress or (lambda msg: None)
-    users = [Prompt(p.user) for p in pairs.pairs]
+    has_pairs = isinstance(pairs, PairSet)
+    if has_pairs:
+        users = [Prompt(p.user) for p in pairs.pairs]
+        lam_prompts = [Prompt(p.user, None, p.positive) for p in pairs.pairs]
+    else:
+        plist = _as_prompts(pairs)
+        if questions is None:
+            raise PSRError("without contrast pairs there is no persona margin: pass questions (the multiple-choice "
+                           "effect is then the behaviour)")
+        users = [Prompt(p.user) for p in plist]
+        lam_prompts = [Prompt(p.user, None, p.reply) for p in plist]
+        if not users:
+            raise PSRError("no prompts to measure coherence on")
     t0 = time.perf_counter()
     points = []
 
@@ -845,10 +958,11 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
         system_ = system if method == "prompting" else None
         ppl, rep = _coherence(model, _context(model, method, direction, psr, alpha), users, system_,
                               config.max_new_tokens)
-        margin = _margin(model, _context(model, method, direction, psr, alpha), pairs, system_)
+        margin = (_margin(model, _context(model, method, direction, psr, alpha), pairs, system_) if has_pairs
+                  else float("nan"))
         row = {"method": method, "alpha": alpha, "perplexity": ppl, "repetition": rep, "margin": margin}
         points.append(row)
-        say(f"{method} α={alpha:.3g}: perplexity {ppl:.2f}, margin {margin:.3f}")
+        say(f"{method} α={alpha:.3g}: perplexity {ppl:.2f}" + (f", margin {margin:.3f}" if has_pairs else ""))
         return row
 
     base = evaluate("none", 0.0)
@@ -856,7 +970,7 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
     target = config.target_perplexity or prompting["perplexity"]
     matched = {"none": base, "prompting": prompting}
     # PSR's mean λ on these texts, so that both methods start bracketing at the same mean strength
-    lam = token_coefficients(model, psr, [Prompt(p.user, None, p.positive) for p in pairs.pairs])
+    lam = token_coefficients(model, psr, lam_prompts)
     mean_lambda = float(lam.lam.mean())
     if mean_lambda <= 0:
         raise PSRError("the PSR's λ is 0 on every token of these prompts: it does not steer at all")
@@ -898,18 +1012,23 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
         table["mc_accuracy"] = table.method.map(lambda m: accs[m][0])
         table["mc_p_correct"] = table.method.map(lambda m: accs[m][1])
         table["mc_effect"] = table.mc_p_correct - accs["none"][1]
-    meta = {"model": model.cfg.model_name, "layers": list(psr.layers), "system": system, "pairs": pairs.name,
-            "pairs_hash": pairs.fingerprint(), "n_pairs": len(pairs), "target_perplexity": target,
+    curve = pd.DataFrame(points)
+    curve["mean_strength"] = curve.alpha * curve.method.map(strength)
+    meta = {"model": model.cfg.model_name, "layers": list(psr.layers), "system": system,
+            "pairs": getattr(pairs, "name", "prompts"), "pairs_kind": "contrast pairs" if has_pairs else "prompts",
+            "pairs_hash": pairs.fingerprint() if hasattr(pairs, "fingerprint") else fingerprint(
+                [(p.system, p.user, p.reply) for p in plist]), "n_pairs": len(users), "target_perplexity": target,
             "max_new_tokens": config.max_new_tokens, "bisection_steps": config.steps, "psr_mean_lambda": mean_lambda,
             "psr": dict(psr.meta, alpha=float(psr.alpha)), "direction": _thaw(direction.meta),
             "questions": None if questions is None else getattr(questions, "name", "questions"),
             "n_questions": None if questions is None else len(list(questions)), "lens_roles": __version__,
             "seconds": time.perf_counter() - t0}
-    return Comparison(pd.DataFrame(points), table, meta)
+    return Comparison(curve, table, meta)
 
 
 __all__ = [
     "PSR", "PSRError", "Aligned", "TrainConfig", "TrainingData", "CompareConfig", "Comparison", "align",
     "prompt_pairs", "prompt_steering", "prepare", "train_psr", "psr_loss", "make_psr", "matched_alpha",
+    "sink_residuals", "SINK_COS",
     "mean_strength", "activation_distance", "token_coefficients", "compare_at_matched_coherence", "apply_psr",
 ]

@@ -70,6 +70,55 @@ def test_lambda_one_is_constant_steering_bit_for_bit(tiny_model, direction, prom
     assert not torch.equal(plain, ref)
 
 
+def test_sink_is_never_steered(tiny_model, direction, prompts):
+    """make_psr's PSR leaves the first token (the attention sink) alone; λ ≡ 1 is then constant steering of
+    every other token, bit for bit, and so is its constant twin."""
+    psr = make_psr(tiny_model, direction, prompts, SYSTEM, layers=[1, 2], alpha=1.7)
+    assert psr.has_sink
+    with torch.no_grad():
+        psr.b.fill_(1.0)  # λ ≡ 1 (make_psr starts a several-layer PSR at 1/L per layer)
+    lam = token_coefficients(tiny_model, psr, prompts[:2])
+    assert (lam[lam.position == 0].lam == 0).all() and (lam[lam.position > 0].lam == 1).all()
+    tokens = _tokens(tiny_model, prompts)
+    mask = torch.ones(tokens.shape, dtype=torch.bool)
+    mask[:, 0] = False
+    with torch.no_grad():
+        with steer(tiny_model, direction, 1.7, layers=[1, 2], positions=mask):
+            ref = tiny_model(tokens)
+        for p in (psr, psr.constant_twin(1.7)):
+            with p.applied(tiny_model):
+                assert torch.equal(tiny_model(tokens), ref)
+        with steer(tiny_model, direction, 1.7, layers=[1, 2]):
+            assert not torch.equal(tiny_model(tokens), ref)  # steering the sink does change the run
+
+def test_sink_survives_save_and_load(tiny_model, direction, prompts, tmp_path):
+    psr = make_psr(tiny_model, direction, prompts, SYSTEM, layers=[1], alpha=1.0)
+    back = PSR.load(psr.save(tmp_path / "s.safetensors"), tiny_model)
+    assert back.has_sink and torch.equal(back.sink, psr.sink)
+    assert not PSR.load(PSR(direction, [1], 1.0).save(tmp_path / "n.safetensors"), tiny_model).has_sink
+
+
+def test_sink_is_found_under_left_padding_and_kv_cache(tiny_model, direction, prompts):
+    from lens_roles.generation import generate
+
+    psr = make_psr(tiny_model, direction, prompts, SYSTEM, layers=[1], alpha=1.0)
+    with torch.no_grad():
+        psr.w.normal_(std=0.3)
+    batch = [Prompt(p.user) for p in prompts[:3]]
+    lengths = [len(it) for it in lr.encode(tiny_model, batch)]
+    assert len(set(lengths)) > 1  # left padding differs per row
+    record: list = []
+    with psr.applied(tiny_model, record=record):
+        cached = generate(tiny_model, batch, max_new_tokens=3)
+    first = record[0][1]  # the prompt forward: [batch, width]
+    width = first.shape[1]
+    for r, n in enumerate(lengths):
+        assert first[r, width - n] == 0  # each row's first real token
+    with psr.applied(tiny_model):
+        plain = generate(tiny_model, batch, max_new_tokens=3, use_kv_cache=False)
+    assert [o.tokens for o in cached] == [o.tokens for o in plain]
+
+
 def test_coefficient_is_relu_of_affine_map(tiny_model, direction):
     psr = PSR(direction, [1], 1.0)
     with torch.no_grad():
@@ -135,6 +184,41 @@ def test_training_reduces_loss_and_touches_only_psr(tiny_model, direction, promp
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert {k: p.requires_grad for k, p in tiny_model.named_parameters()} == flags
     assert psr.meta["objective"] == objective and psr.meta["train_prompts"] == len(prompts)
+
+
+class _SinkOnly(PSR):
+    """λ = 1 at absolute position 0 (the first token, the attention sink) and 0 elsewhere."""
+
+    def coefficient(self, acts, k):
+        lam = torch.zeros(acts.shape[:-1], dtype=acts.dtype, device=acts.device)
+        lam[:, 0] = 1.0
+        return lam
+
+
+def test_shared_prefix_is_compared(tiny_model, direction, prompts):
+    runs = align(tiny_model, *prompt_pairs(prompts[:3], SYSTEM))
+    assert all(0 < r.prefix <= r.u_start for r in runs)  # position 0 at least
+    for r in runs:
+        assert r.prompted.tokens[: r.prefix] == r.unprompted.tokens[: r.prefix]
+        assert r.compared()[0][: r.prefix] == list(range(r.prefix)) == r.compared_kl()[0][: r.prefix]
+    psr = PSR(direction, [1], 1.0)
+    data = prepare(tiny_model, psr, prompts[:3], SYSTEM)
+    for i, r in enumerate(runs):
+        # causal model: the prompt cannot change the shared prefix, so there the target is the unprompted run
+        assert torch.allclose(data.targets[1][i][: r.prefix], data.base[1][i][: r.prefix], atol=1e-5)
+        assert data.targets[1][i].shape[0] == r.prefix + r.length
+
+
+def test_loss_sees_steering_of_position_0(tiny_model, direction, prompts):
+    """Steering only the attention sink (position 0) is an error the objectives see (it used to be invisible:
+    read at the steered layer, the loss was exactly that of not steering)."""
+    sink = _SinkOnly(direction, [1], 3.0)
+    data = prepare(tiny_model, sink, prompts[:3], SYSTEM, read_layers=[1])
+    unsteered = psr_loss(tiny_model, sink, data, constant_alpha=0.0)
+    assert unsteered == pytest.approx(1.0, rel=1e-5)
+    assert psr_loss(tiny_model, sink, data) > unsteered + 1e-3
+    kl_data = prepare(tiny_model, sink, prompts[:3], SYSTEM)
+    assert psr_loss(tiny_model, sink, kl_data, "kl") > psr_loss(tiny_model, sink, kl_data, "kl", constant_alpha=0.0)
 
 
 def test_psr_loss_of_constant_matches_constant_psr(tiny_model, direction, prompts):
@@ -237,6 +321,24 @@ def test_compare_at_matched_coherence(tiny_model, direction, pairs):
         compare_at_matched_coherence(tiny_model, direction * 2.0, psr, held, SYSTEM)
 
 
+def test_compare_for_a_role_without_pairs(tiny_model, direction, pairs):
+    """A role has instructions, not contrast pairs: coherence on its prompts, behaviour = the MC effect."""
+    from lens_roles.questions import Question, QuestionSet
+
+    held = lr.PromptSet("role", tuple(Prompt(p.user) for p in pairs.pairs[:2]))
+    psr = PSR(direction, [1], 1.0)
+    config = CompareConfig(max_new_tokens=4, steps=1, alpha_hi=1.0)
+    with pytest.raises(PSRError, match="pass questions"):
+        compare_at_matched_coherence(tiny_model, direction, psr, held, SYSTEM, config=config)
+    qs = QuestionSet("q", tuple(Question(f"Which letter is {a}?\n A. a\n B. b\n Answer:", ("A", "B"), a, f"q:{i}")
+                                for i, a in enumerate("AB")))
+    result = compare_at_matched_coherence(tiny_model, direction, psr, held, SYSTEM, questions=qs, config=config)
+    assert list(result.table.method) == ["none", "prompting", "constant", "psr"]
+    assert result.table.margin.isna().all() and result.table.mc_effect.notna().all()
+    assert result.table.mc_effect.iloc[0] == 0.0 and result.meta["pairs_kind"] == "prompts"
+    assert {"mean_strength"} <= set(result.curve.columns)
+
+
 def test_plots(tiny_model, direction, prompts):
     from lens_roles.plots import psr_coherence_curve, token_heatmap
 
@@ -244,6 +346,12 @@ def test_plots(tiny_model, direction, prompts):
                           "perplexity": [2.0, 3.0, 2.5, 4.0, 3.1], "margin": [0.0, 0.5, 0.2, 0.3, 0.4]})
     table = curve.drop_duplicates("method", keep="last").assign(target_perplexity=3.0)
     assert len(psr_coherence_curve(curve, table).data) == 4 + len(table) + 1  # lines, matched stars, target line
+    strength = curve.assign(mean_strength=[None, None, 1.0, 2.0, 1.0])
+    fig = psr_coherence_curve(strength, strength.drop_duplicates("method", keep="last").assign(target_perplexity=3.0),
+                              y="mean_strength")
+    assert "strength" in fig.layout.yaxis.title.text
+    with pytest.raises(ValueError, match="unknown y"):
+        psr_coherence_curve(curve, y="accuracy")
     lam = token_coefficients(tiny_model, PSR(direction, [0, 2], 1.0), prompts[:1])
     fig = token_heatmap(lam)
     assert fig.data[0].z.shape == (2, lam.position.nunique())
@@ -265,7 +373,7 @@ def test_cli_train_and_compare(cli_files, tmp_path, capsys):
                  "--max-prompts", "4", "--max-held-out", "2", "--out", str(out)]) == 0
     assert (out / "psr.safetensors").is_file() and (out / "history.csv").is_file()
     dist = pd.read_csv(out / "distance.csv")
-    assert set(dist.method) == {"none", "constant", "psr"}
+    assert set(dist.method) == {"none", "constant", "constant_all_tokens", "psr"}  # make_psr skips the sink
     assert (out / "lambda_tokens.html").is_file()
     assert "relative" in capsys.readouterr().out
     cmp_out = tmp_path / "cmp"
@@ -275,6 +383,28 @@ def test_cli_train_and_compare(cli_files, tmp_path, capsys):
     table = pd.read_csv(cmp_out / "matched.csv")
     assert list(table.method) == ["none", "prompting", "constant", "psr"]
     assert (cmp_out / "curve.csv").is_file() and (cmp_out / "matched_coherence.html").is_file()
+
+
+def test_cli_compare_for_a_role(cli_files, tmp_path, capsys):
+    import json
+
+    vector, pairs = cli_files
+    out = tmp_path / "psr"
+    role = tmp_path / "role.jsonl"
+    role.write_text("".join(json.dumps({"instruction": p.user}) + "\n" for p in lr.load_pairs(pairs).pairs[:8]))
+    assert main(["psr", "train", "--vector", str(vector), "--system-prompt", "You are a chemist.", "--prompts",
+                 str(role), "--layer", "1", "--alpha", "1", "--epochs", "1", "--out", str(out)]) == 0
+    qdir = tmp_path / "q"
+    qdir.mkdir()
+    items = [{"instruction": f"Pick {a}.\n A. a\n B. b\n C. c\n D. d\n Answer:", "target_score": a} for a in "AB"]
+    (qdir / "target_test_chem.json").write_text(json.dumps(items))
+    args = ["psr", "compare", "--vector", str(vector), "--psr", str(out / "psr.safetensors"), "--pairs", str(role),
+            "--max-pairs", "2", "--max-new-tokens", "4", "--steps", "1", "--out", str(tmp_path / "cmp")]
+    assert main(args) == 2  # instructions without questions: no behaviour to measure
+    assert "positive" in capsys.readouterr().err
+    assert main(args + ["--questions", str(qdir), "--domains", "chem"]) == 0
+    table = pd.read_csv(tmp_path / "cmp" / "matched.csv")
+    assert table.margin.isna().all() and table.mc_accuracy.notna().all()
 
 
 def test_cli_bad_input(cli_files, tmp_path, capsys):
