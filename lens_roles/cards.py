@@ -135,7 +135,7 @@ def write_cards(cards: Sequence[Card], path: str | Path, *, title: str, subtitle
         parts.append(f"<div class='card' id='f{c.feature}'><h2>Feature {c.feature}</h2>")
         if c.note:
             parts.append(f"<p>{html.escape(c.note)}</p>")
-        parts.append(f"<p class='muted'>density {c.density:.4f} of corpus tokens · max activation "
+        parts.append(f"<p class='muted'>density {c.density:.3g} of corpus tokens · max activation "
                      f"{c.max_activation:.2f}</p>")
         if c.alignment:
             cells = "".join(f"<td>{html.escape(k)}</td><td>{v:+.3f}</td>" for k, v in c.alignment.items())

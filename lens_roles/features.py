@@ -216,7 +216,8 @@ def attribute_features(model, sae, prompts, metric: ProjectionMetric, *, batch_s
         metric_sum += float(values.detach().sum())
         n += len(idx)
     frame = pd.DataFrame({"feature": np.arange(n_feat), "attribution": (total / n).numpy(),
-                          "mean_activation": (act_sum / max(n_tokens, 1)).numpy(), "frac_prompts_active": (active / n).numpy()})
+                          "mean_activation": (act_sum / max(n_tokens, 1)).numpy(),
+                          "frac_prompts_active": (active / n).numpy()})
     frame = frame.iloc[np.argsort(-np.abs(frame["attribution"].to_numpy()), kind="stable")].reset_index(drop=True)
     frame.attrs.update(metric=metric_sum / n, label=metric.label, n_prompts=n, sae_layer=sae_layer(sae))
     return frame
