@@ -322,6 +322,8 @@ def test_a_missing_or_foreign_sae_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SAEError, match="has no cfg.json"):
         load_sae(tmp_path / "empty")
+    with pytest.raises(SAEError, match="of release 'no-such-release' from sae_lens's registry"):
+        load_sae("no-such-release", "blocks.0.hook_resid_post")
 
 
 def test_train_config_rejects_bad_values():
