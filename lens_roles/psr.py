@@ -826,12 +826,15 @@ class CompareConfig:
         max_new_tokens: length of the generations scored for coherence.
         steps: bisection steps per method (after bracketing).
         alpha_hi: first upper bracket, as a multiple of the PSR's α (doubled until it brackets).
+        tolerance: a method's point counts as matched (``matched`` column) when its
+            perplexity is within this relative distance of the target (``|log(ppl/target)|``).
     """
 
     target_perplexity: float | None = None
     max_new_tokens: int = 24
     steps: int = 5
     alpha_hi: float = 2.0
+    tolerance: float = 0.05
 
     def __post_init__(self):
         if self.target_perplexity is not None and not (self.target_perplexity > 1
@@ -843,6 +846,8 @@ class CompareConfig:
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
         if not self.alpha_hi > 0:
             raise ValueError(f"alpha_hi must be positive, got {self.alpha_hi}")
+        if not self.tolerance > 0:
+            raise ValueError(f"tolerance must be positive, got {self.tolerance}")
 
 
 @dataclass(frozen=True)
@@ -1000,6 +1005,11 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
         rows.append({"method": method, "alpha": m["alpha"], "perplexity": m["perplexity"],
                      "target_perplexity": target, "repetition": m["repetition"], "margin": m["margin"]})
     table = pd.DataFrame(rows)
+    # the closest point found is reported either way; say whether it is a matched one
+    table["matched"] = [abs(math.log(p / target)) <= config.tolerance for p in table.perplexity]
+    for row in table[~table.matched & table.method.isin(["constant", "psr"])].itertuples():
+        say(f"warning: {row.method} did not reach the target perplexity {target:.3f} (closest: "
+            f"{row.perplexity:.3f} at α={row.alpha:.3g}); its row is not a matched-coherence point")
     table["mean_strength"] = table.alpha * table.method.map(strength)
     table["margin_gain"] = table.margin - base["margin"]
     if questions is not None:

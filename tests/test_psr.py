@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import pytest
 import torch
@@ -310,7 +312,9 @@ def test_compare_at_matched_coherence(tiny_model, direction, pairs):
     result = compare_at_matched_coherence(tiny_model, direction, psr, held, SYSTEM,
                                           config=CompareConfig(max_new_tokens=4, steps=2, alpha_hi=1.0))
     assert list(result.table.method) == ["none", "prompting", "constant", "psr"]
-    assert {"alpha", "perplexity", "target_perplexity", "margin", "margin_gain"} <= set(result.table.columns)
+    assert {"alpha", "perplexity", "target_perplexity", "margin", "margin_gain", "matched"} <= set(result.table.columns)
+    t = result.table
+    assert list(t.matched) == [abs(math.log(p / q)) <= 0.05 for p, q in zip(t.perplexity, t.target_perplexity)]
     assert set(result.curve.method) == {"none", "prompting", "constant", "psr"}
     # λ ≡ 1 at init: PSR and constant steering see the same points
     c = result.curve[result.curve.method == "constant"].reset_index(drop=True)
