@@ -49,6 +49,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="chat template (default: the model's own if it has one, else plain)")
 
 
+def _run_args(p: argparse.ArgumentParser) -> None:
+    """Model, device, dtype and batch size (the commands that do not take --layers)."""
+    p.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    p.add_argument("--batch-size", type=int, default=16)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lens-roles", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,10 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-test", type=int, default=64, help="disjoint pairs that are scored")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder: curves.csv, scores.csv, monotonicity.csv, figure")
-    p.add_argument("--model", default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
-    p.add_argument("--batch-size", type=int, default=16)
+    _run_args(p)
     p.add_argument("--template", choices=["chat", "plain"], default=None)
 
     p = sub.add_parser("demo", help="the main job: librarian persona + all roles, figures to figures/")
@@ -231,10 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-fraction", type=float, default=0.1, help="held-out sequences for the quality table")
     p.add_argument("--dtype-out", default="float16", choices=["float16", "float32"], help="weights on disk")
     p.add_argument("--out", required=True, help="folder: layer_<L>/ (sae_lens format), quality.csv, corpus.json")
-    p.add_argument("--model", default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
-    p.add_argument("--batch-size", type=int, default=16)
+    _run_args(p)
 
     p = sub.add_parser("sae-align", help="SAE features aligned with a direction, its sparse decomposition, "
                                          "feature cards")
@@ -249,10 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roles", default=None, help="folder of role vectors (from 'lens-roles roles') for the cards' "
                                                  "alignment table")
     p.add_argument("--out", required=True, help="folder: alignment.csv, decomposition.csv, figures, cards.html")
-    p.add_argument("--model", default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
-    p.add_argument("--batch-size", type=int, default=16)
+    _run_args(p)
 
     p = sub.add_parser("sae-attribute", help="gradient x activation attribution of a direction's projection to "
                                              "SAE features, checked by ablation")
@@ -267,10 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=20, help="features listed")
     p.add_argument("--check", type=int, default=16, help="top features ablated one by one to check (0: none)")
     p.add_argument("--out", required=True, help="folder: attribution.csv, check.csv, figure")
-    p.add_argument("--model", default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
-    p.add_argument("--batch-size", type=int, default=16)
+    _run_args(p)
     return parser
 
 

@@ -12,17 +12,12 @@ from lens_roles.errors import PatchingError
 
 from conftest import _MODELS, make_tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SYSTEM = "You are a chemist."
 USER = "Explain the mechanism of an SN2 reaction."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are far too small for two threads: on a shared machine one is ~30x faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -36,18 +36,14 @@ from lens_roles.sae import (
 
 from conftest import make_tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPTS = [lr.Prompt("Where can I find books about the history of our town?", system="You are a helpful librarian."),
            lr.Prompt("Explain the mechanism of an SN2 reaction.", system="You are a chemist."),
            lr.Prompt("What should I read next?"),
            lr.Prompt("How do I renew a loan?", reply="You can renew it at the desk or online.")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def random_sae(d_model: int, layer: int, *, d_sae: int = 48, seed: int = 0, dtype=torch.float32):
