@@ -128,7 +128,7 @@ def test_alignment_equals_a_direct_cosine(tiny_model, direction):
     direct = torch.nn.functional.cosine_similarity(sae.W_dec.detach(), v[None].expand_as(sae.W_dec), dim=-1)
     assert len(frame) == sae.cfg.d_sae
     assert list(frame.feature) == torch.argsort(direct, descending=True).tolist()
-    torch.testing.assert_close(torch.tensor(frame.cosine.to_numpy().copy()), direct[frame.feature.to_numpy()],
+    torch.testing.assert_close(torch.tensor(frame.cosine.to_numpy().copy()), direct[frame.feature.to_numpy().copy()],
                                rtol=1e-5, atol=1e-6)
     assert feature_alignment(sae, direction, top=5).feature.tolist() == frame.feature.head(5).tolist()
 
