@@ -30,7 +30,7 @@ import torch
 from .directions import Direction
 from .io import atomic_write
 from .models import resid_hook
-from .sae import _padded, batches, check_sae, decoder_directions
+from .sae import batches, check_sae, decoder_directions, padded_batch
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def feature_cards(model, sae, features: Sequence[int], sequences: Sequence[Seque
         store["x"] = x
 
     for _, batch in batches(sequences, batch_size):
-        tokens, mask = _padded(model, [s for _, s in batch])
+        tokens, mask = padded_batch(model, [s for _, s in batch])
         with model.hooks(fwd_hooks=[(resid_hook(layer), grab)]):
             model(tokens, attention_mask=mask, stop_at_layer=layer + 1)
         acts = sae.encode(store.pop("x")[:, 1:].to(sae.dtype))[..., feats.to(sae.device)].float().cpu()

@@ -32,7 +32,7 @@ from .directions import Direction
 from .errors import DirectionError
 from .models import resid_hook
 from .positions import encode
-from .sae import SAEError, SpliceRecord, batches, check_sae, decoder_directions, sae_layer, spliced
+from .sae import SAEError, SpliceRecord, batches, check_sae, decoder_directions, padded_batch, sae_layer, spliced
 
 
 def _direction_at(direction: Direction | Tensor, sae, layer: int | None = None) -> Float[Tensor, " d_model"]:
@@ -167,11 +167,9 @@ def _metric_run(model, sae, prompts, metric: ProjectionMetric, *, batch_size: in
     seqs = [it.tokens for it in items]
     u = metric.direction.unit(metric.layer).to(model.cfg.device)
     read: dict[str, Tensor] = {}
-    from .sae import _padded
-
     for _, batch in batches(seqs, batch_size):
         idx = [i for i, _ in batch]
-        tokens, mask = _padded(model, [s for _, s in batch])
+        tokens, mask = padded_batch(model, [s for _, s in batch])
         last = torch.tensor([len(s) - 1 for _, s in batch], device=tokens.device)
         record = SpliceRecord([])
 

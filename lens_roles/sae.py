@@ -130,7 +130,8 @@ def decoder_directions(sae) -> Float[Tensor, "d_sae d_model"]:
 # --------------------------------------------------------------------------- activations
 
 
-def _padded(model, sequences: Sequence[Sequence[int]]):
+def padded_batch(model, sequences: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+    """Right-padded ``[batch, pos]`` token ids and attention mask on the model's device."""
     tokens, mask = pad_batch(sequences, pad_id(model), side="right")
     return tokens.to(model.cfg.device), mask.to(model.cfg.device)
 
@@ -160,7 +161,7 @@ def harvest(model, sequences: Sequence[Sequence[int]], layers: Sequence[int], *,
 
     fwd = [(resid_hook(layer), lambda x, hook, layer=layer: keep(x, hook, layer)) for layer in layers]
     for b, (_, batch) in enumerate(batches(sequences, batch_size)):
-        tokens, mask = _padded(model, [s for _, s in batch])
+        tokens, mask = padded_batch(model, [s for _, s in batch])
         with model.hooks(fwd_hooks=fwd):
             model(tokens, attention_mask=mask, stop_at_layer=max(layers) + 1)
         for row, (i, seq) in enumerate(batch):
@@ -397,7 +398,7 @@ def sae_quality(model, sae, sequences: Sequence[Sequence[int]], *, batch_size: i
     losses = {"clean": [0.0, 0], "sae": [0.0, 0], "zero": [0.0, 0]}
     zero_hook = [(resid_hook(layer), lambda x, hook: torch.cat([x[:, :1], torch.zeros_like(x[:, 1:])], 1))]
     for _, batch in batches(sequences, batch_size):
-        tokens, mask = _padded(model, [s for _, s in batch])
+        tokens, mask = padded_batch(model, [s for _, s in batch])
         for name in losses:
             if name == "clean":
                 logits = model(tokens, attention_mask=mask)
@@ -419,5 +420,5 @@ def sae_quality(model, sae, sequences: Sequence[Sequence[int]], *, batch_size: i
             "eval_tokens": len(acts), "eval_sequences": len(sequences)}
 
 
-__all__ = ["SAEError", "SAETrainConfig", "SpliceRecord", "check_sae", "decoder_directions", "harvest",
-           "identity_sae", "load_sae", "sae_layer", "sae_quality", "save_sae", "spliced", "train_sae"]
+__all__ = ["SAEError", "SAETrainConfig", "SpliceRecord", "batches", "check_sae", "decoder_directions", "harvest",
+           "identity_sae", "load_sae", "padded_batch", "sae_layer", "sae_quality", "save_sae", "spliced", "train_sae"]
