@@ -30,7 +30,7 @@ import torch
 from .directions import Direction
 from .io import atomic_write
 from .models import resid_hook
-from .sae import batches, check_sae, decoder_directions, padded_batch
+from .sae import SAEError, batches, check_sae, decoder_directions, padded_batch
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def feature_cards(model, sae, features: Sequence[int], sequences: Sequence[Seque
     layer = check_sae(sae, model)
     feats = torch.as_tensor([int(f) for f in features], dtype=torch.long)
     if len(feats) and (feats.min() < 0 or feats.max() >= sae.cfg.d_sae):
-        raise ValueError(f"features must be in 0..{sae.cfg.d_sae - 1}, got {feats.tolist()}")
+        raise SAEError(f"features must be in 0..{sae.cfg.d_sae - 1} for this SAE, got {feats.tolist()}")
     per_seq: dict[int, torch.Tensor] = {}
     fired = torch.zeros(len(feats))
     n_tok = 0

@@ -842,6 +842,9 @@ def cmd_sae_attribute(args) -> int:
     from .prompts import Prompt, load_pairs, load_prompt_set
     from .sae import check_sae
 
+    if args.max_prompts < 0 or args.top < 1 or args.check < 0:
+        raise LensRolesError(f"--max-prompts must be >= 0, --top >= 1 and --check >= 0 (got {args.max_prompts}, "
+                             f"{args.top}, {args.check})")
     direction = Direction.load(args.vector)
     sae, layer = _load_sae_for(args, direction)
     read = max(direction.layers) if args.read_layer is None else args.read_layer

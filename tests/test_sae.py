@@ -288,6 +288,8 @@ def test_cards_show_the_peak_contexts_and_the_decoder_logits(tiny_model, directi
         assert card.promoted[0][0] == tiny_model.tokenizer.decode([int(logits.argmax())])
         assert card.alignment["random"] == pytest.approx(
             float(decoder_directions(sae)[card.feature] @ direction.unit(1)), rel=1e-5)
+    with pytest.raises(SAEError, match="features must be in 0..47"):
+        feature_cards(tiny_model, sae, [48], seqs)
     page = write_cards(cards, tmp_path / "cards.html", title="t <script>")
     text = page.read_text()
     assert "Feature 7" in text and "<script>" not in text and (tmp_path / "cards.json").is_file()
@@ -344,6 +346,9 @@ def test_cli_sae_align_without_cards_and_its_errors(tiny_model, direction, tmp_p
     assert cli.main(["sae-align", "--vector", str(tmp_path / "v02.safetensors"), "--sae", str(tmp_path / "sae"),
                      "--out", str(tmp_path / "o3")]) == 2
     assert "reads layer 1" in capsys.readouterr().err
+    assert cli.main(["sae-attribute", "--vector", str(tmp_path / "v.safetensors"), "--sae", str(tmp_path / "sae"),
+                     "--prompts", "x.jsonl", "--check", "-1", "--out", str(tmp_path / "o5")]) == 2
+    assert "--check >= 0" in capsys.readouterr().err
     save_sae(random_sae(16, 1), tmp_path / "narrow")
     assert cli.main(["sae-align", "--vector", str(tmp_path / "v.safetensors"), "--sae", str(tmp_path / "narrow"),
                      "--out", str(tmp_path / "o4")]) == 2
