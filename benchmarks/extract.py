@@ -29,8 +29,8 @@ import time
 import torch
 
 import lens_roles as lr
-from lens_roles.batching import pad_batch, pad_id
-from lens_roles.prompts import render
+from lens_roles.inputs.prompts import render
+from lens_roles.runtime.batching import pad_batch, pad_id
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -92,7 +92,7 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch size {args.batch_size}")
     model = lr.load_model()
-    pairs = lr.load_pairs(lr.prompts.data_dir() / "personas" / "librarian.jsonl")
+    pairs = lr.load_pairs(lr.inputs.prompts.data_dir() / "personas" / "librarian.jsonl")
     layers = list(range(model.cfg.n_layers))
     texts = [render(model.tokenizer, p).text for pair in pairs.pairs for p in pair.as_prompts()]
     items = lr.encode(model, [p for pair in pairs.pairs for p in pair.as_prompts()])

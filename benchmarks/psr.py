@@ -20,11 +20,11 @@ import time
 import torch
 
 import lens_roles as lr
-from lens_roles.batching import pad_batch, pad_id
-from lens_roles.generation import generate
-from lens_roles.interventions import steer
-from lens_roles.prompts import Prompt
-from lens_roles.psr import TrainConfig, make_psr, prepare, train_psr
+from lens_roles.inputs.prompts import Prompt
+from lens_roles.interventions.psr.train import TrainConfig, make_psr, prepare, train_psr
+from lens_roles.interventions.steering import steer
+from lens_roles.runtime.batching import pad_batch, pad_id
+from lens_roles.runtime.generation import generate
 
 SYSTEM = "You are a warm, helpful public librarian who loves connecting people with books and library resources."
 
@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     model = lr.load_model()
-    pairs = lr.load_pairs(lr.prompts.data_dir() / "personas" / "librarian.jsonl")
+    pairs = lr.load_pairs(lr.inputs.prompts.data_dir() / "personas" / "librarian.jsonl")
     train, held = pairs.split(0.75)
     persona = lr.persona_vector(model, train, layers=[args.layer])
     prompts = [Prompt(p.user, None, p.positive) for p in train.pairs[: args.prompts]]

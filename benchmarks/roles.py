@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 import lens_roles as lr
-from lens_roles.multiple_choice import Condition, evaluate_condition, persona_prompt
-from lens_roles.questions import load_domains
-from lens_roles.role_study import StudyConfig, default_selection_layers, load_role_domains, select_addition
+from lens_roles.inputs.questions import load_domains
+from lens_roles.measures.multiple_choice import Condition, evaluate_condition, persona_prompt
+from lens_roles.studies.role_study import StudyConfig, default_selection_layers, load_role_domains, select_addition
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "role-vectors" / "splits"
 
@@ -47,7 +47,7 @@ def main() -> None:
     t_load, model = timed(lr.load_model)
     print(f"model {model.cfg.model_name}: loaded in {t_load:.1f} s")
 
-    roles = [lr.load_role(r) for r in lr.prompts.available_roles()]
+    roles = [lr.load_role(r) for r in lr.available_roles()]
     baseline = lr.load_baseline()
     t_extract, vectors = timed(lambda: lr.role_vectors(model, roles, baseline))
     n_prompts = sum(len(r) for r in roles) + len(baseline)

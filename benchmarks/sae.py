@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 import lens_roles as lr
-from lens_roles.corpus import Corpus
-from lens_roles.features import ProjectionMetric, attribute_features
-from lens_roles.sae import SAETrainConfig, harvest, load_sae, train_sae
+from lens_roles.analysis.sae.core import harvest, load_sae
+from lens_roles.analysis.sae.corpus import Corpus
+from lens_roles.analysis.sae.features import ProjectionMetric, attribute_features
+from lens_roles.analysis.sae.training import SAETrainConfig, train_sae
 
 REPO = Path(__file__).resolve().parent.parent
 SAES = REPO / "data" / "saes"
@@ -65,7 +66,7 @@ def main() -> None:
     n_tok = sum(len(it.tokens) for it in items)
     print(f"attribution pass over {len(prompts)} prompts ({n_tok} tokens), SAE layer 12, metric after layer 24: "
           f"{seconds:.1f} s ({frame.attrs['metric']:.2f} mean projection)")
-    from lens_roles.features import metric_values
+    from lens_roles.analysis.sae.features import metric_values
 
     t0 = time.perf_counter()
     metric_values(model, sae, prompts, metric)

@@ -21,10 +21,10 @@ import time
 import torch
 
 import lens_roles as lr
-from lens_roles.batching import pad_batch, pad_id
-from lens_roles.generation import generate
-from lens_roles.interventions import residual_norms, steer
-from lens_roles.sweeps import adherence_sweep
+from lens_roles.interventions.steering import residual_norms, steer
+from lens_roles.measures.sweeps import adherence_sweep
+from lens_roles.runtime.batching import pad_batch, pad_id
+from lens_roles.runtime.generation import generate
 
 
 def timed(fn, repeats: int):
@@ -44,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     model = lr.load_model()
-    pairs = lr.load_pairs(lr.prompts.data_dir() / "personas" / "librarian.jsonl")
+    pairs = lr.load_pairs(lr.inputs.prompts.data_dir() / "personas" / "librarian.jsonl")
     train, held = pairs.split(0.75)
     held = lr.PairSet("librarian", held.pairs[:8])
     persona = lr.persona_vector(model, train, layers=[args.layer])

@@ -11,18 +11,45 @@ The public API, in the order of the data flow::
     feature_alignment(sae, persona, top=10)                # features (alignment, decomposition, attribution)
 """
 
-__version__ = "0.1.0"
-
-from .errors import CacheError, DataError, DirectionError, LensRolesError, ModelError  # noqa: E402
-from .models import (  # noqa: E402
-    DEFAULT_MODEL,
-    EMBEDDED_MODELS,
-    load_hf_model,
-    load_model,
-    resid_hook,
-    validate_layers,
+from lens_roles._version import __version__
+from lens_roles.analysis.patching.inputs import align_prompts
+from lens_roles.analysis.patching.metrics import DirectionProjection, LogitDiff, LogprobMargin
+from lens_roles.analysis.patching.result import PatchResult, patch_agreement
+from lens_roles.analysis.patching.runs import PatchSetup, activation_patch, attribution_patch, steering_setup
+from lens_roles.analysis.sae.cards import feature_cards, write_cards
+from lens_roles.analysis.sae.core import check_sae, load_sae, spliced
+from lens_roles.analysis.sae.corpus import Corpus, build_corpus
+from lens_roles.analysis.sae.features import (
+    ProjectionMetric,
+    ablation_check,
+    attribute_features,
+    decompose,
+    feature_alignment,
 )
-from .prompts import (  # noqa: E402
+from lens_roles.analysis.sae.quality import sae_quality
+from lens_roles.analysis.sae.training import SAETrainConfig, save_sae, train_sae
+from lens_roles.directions.builders import (
+    diff_in_means,
+    pca_direction,
+    persona_vector,
+    probe_direction,
+    role_vector,
+    role_vectors,
+)
+from lens_roles.directions.direction import Direction
+from lens_roles.directions.separation import separation_auc, split_half_agreement
+from lens_roles.errors import (
+    CacheError,
+    DataError,
+    DirectionError,
+    LensRolesError,
+    ModelError,
+    PatchingError,
+    PSRError,
+    SAEError,
+)
+from lens_roles.inputs.positions import encode, select_positions
+from lens_roles.inputs.prompts import (
     ContrastPair,
     PairSet,
     Prompt,
@@ -34,42 +61,19 @@ from .prompts import (  # noqa: E402
     load_role,
     render,
 )
-from .positions import encode, select_positions  # noqa: E402
-from .activations import Activations, collect, collect_sets  # noqa: E402
-from .directions import (  # noqa: E402
-    Direction,
-    diff_in_means,
-    pca_direction,
-    persona_vector,
-    probe_direction,
-    role_vector,
-    role_vectors,
+from lens_roles.interventions.psr.align import prompt_steering
+from lens_roles.interventions.psr.model import PSR
+from lens_roles.interventions.psr.train import TrainConfig, train_psr
+from lens_roles.runtime.activations import Activations, collect, collect_sets
+from lens_roles.runtime.models import (
+    DEFAULT_MODEL,
+    EMBEDDED_MODELS,
+    load_hf_model,
+    load_model,
+    resid_hook,
+    validate_layers,
 )
-from .evaluation import separation_auc, split_half_agreement  # noqa: E402
-from .errors import PatchingError  # noqa: E402
-from .patching import (  # noqa: E402
-    DirectionProjection,
-    LogitDiff,
-    LogprobMargin,
-    PatchResult,
-    PatchSetup,
-    activation_patch,
-    align_prompts,
-    attribution_patch,
-    patch_agreement,
-    steering_setup,
-)
-from .psr import PSR, PSRError, TrainConfig, compare_at_matched_coherence, prompt_steering, train_psr  # noqa: E402
-from .sae import SAEError, SAETrainConfig, check_sae, load_sae, sae_quality, save_sae, spliced, train_sae  # noqa: E402
-from .corpus import Corpus, build_corpus  # noqa: E402
-from .features import (  # noqa: E402
-    ProjectionMetric,
-    ablation_check,
-    attribute_features,
-    decompose,
-    feature_alignment,
-)
-from .cards import feature_cards, write_cards  # noqa: E402
+from lens_roles.studies.psr_compare import compare_at_matched_coherence
 
 __all__ = [
     "Activations",

@@ -31,3 +31,11 @@ class DirectionError(LensRolesError, ValueError):
 class PatchingError(LensRolesError, ValueError):
     """A patching request that cannot be answered: unknown grid, a site the metric cannot
     depend on, clean and corrupt runs that do not line up or give the same metric value."""
+
+
+class PSRError(LensRolesError, ValueError):
+    """PSR input that cannot work: mismatched runs, a system prompt that changes nothing, a foreign model."""
+
+
+class SAEError(LensRolesError, ValueError):
+    """An SAE that cannot be found or loaded, or that does not fit the model, layer or direction."""

@@ -1,18 +1,18 @@
-"""Unit tests of lens_roles.activations.collect on the tiny model: exact algebra against
+"""Unit tests of lens_roles.runtime.activations.collect on the tiny model: exact algebra against
 direct ``run_with_cache`` computations, batching, streaming means, the on-disk cache,
 errors, and hook hygiene."""
 
 from __future__ import annotations
 
+import lens_roles.runtime.activations as activations_mod
 import pytest
 import torch
 
-import lens_roles.activations as activations_mod
-from lens_roles.activations import Activations, collect
 from lens_roles.errors import CacheError, DataError, ModelError
-from lens_roles.models import resid_hook
-from lens_roles.positions import encode, select_positions
-from lens_roles.prompts import Prompt, PromptSet
+from lens_roles.inputs.positions import encode, select_positions
+from lens_roles.inputs.prompts import Prompt, PromptSet
+from lens_roles.runtime.activations import Activations, collect
+from lens_roles.runtime.models import resid_hook
 
 PROMPTS = [
     Prompt("How do I cite a website in APA style?", reply="Happy to help! You need the author and date."),

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import lens_roles as lr
-from lens_roles.batching import MIN_GROUP_PREFIX, plan
+from lens_roles.runtime.batching import MIN_GROUP_PREFIX, plan
 
 
 @pytest.fixture(scope="module")
 def pairs():
-    return lr.load_pairs(lr.prompts.data_dir() / "personas" / "librarian.jsonl")
+    return lr.load_pairs(lr.inputs.prompts.data_dir() / "personas" / "librarian.jsonl")
 
 
 def _pair_prompts(pairs, n=10):

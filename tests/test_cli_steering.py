@@ -12,7 +12,7 @@ from lens_roles.cli import main
 
 @pytest.fixture
 def vector_file(tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr("lens_roles.models.load_model", lambda *a, **k: tiny_model)
+    monkeypatch.setattr("lens_roles.runtime.models.load_model", lambda *a, **k: tiny_model)
     torch.manual_seed(2)
     d = lr.Direction(tuple(range(tiny_model.cfg.n_layers)), torch.randn(tiny_model.cfg.n_layers, 32),
                      {"model": tiny_model.cfg.model_name, "name": "random"})
@@ -20,7 +20,7 @@ def vector_file(tiny_model, tmp_path, monkeypatch):
 
 
 def test_sweep_writes_csv_and_figures(vector_file, tmp_path, capsys):
-    pairs = lr.prompts.data_dir() / "personas" / "librarian.jsonl"
+    pairs = lr.inputs.prompts.data_dir() / "personas" / "librarian.jsonl"
     out = tmp_path / "sweep"
     assert main(["sweep", "--vector", str(vector_file), "--pairs", str(pairs), "--layers", "0,2",
                  "--alphas=-1,1", "--eval-fraction", "0.05", "--generate", "1", "--max-new-tokens", "4",
@@ -41,7 +41,7 @@ def test_generate_prints_three_continuations(vector_file, capsys):
 
 
 def test_sweep_bad_input(vector_file, tmp_path, capsys, tiny_model):
-    pairs = lr.prompts.data_dir() / "personas" / "librarian.jsonl"
+    pairs = lr.inputs.prompts.data_dir() / "personas" / "librarian.jsonl"
     out = tmp_path / "o"
     assert main(["sweep", "--vector", str(vector_file), "--pairs", str(pairs), "--alphas", "1,nan",
                  "--layers", "1", "--out", str(out)]) == 2

@@ -8,8 +8,9 @@ import warnings
 import pandas as pd
 import pytest
 
-from lens_roles import Direction, plots
-from lens_roles.demo import run_demo
+from lens_roles import Direction
+from lens_roles.viz import plots
+from lens_roles.studies.demo import run_demo
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,7 @@ def test_demo_writes_the_steering_study(demo_run):
 def test_figures_in_subfolders_share_one_plotly_js(tmp_path):
     import plotly.graph_objects as go
 
-    from lens_roles.plots import save_figure
+    from lens_roles.viz.plots import save_figure
 
     save_figure(go.Figure(), tmp_path / "top", png=False)
     save_figure(go.Figure(), tmp_path / "a" / "b" / "deep", png=False)
@@ -127,7 +128,7 @@ def test_a_hanging_browser_is_given_up_and_html_kept(tmp_path, monkeypatch):
 
     import plotly.graph_objects as go
 
-    from lens_roles import plots
+    from lens_roles.viz import plots
 
     monkeypatch.setenv("LENS_ROLES_PNG", "1")
     monkeypatch.setattr(plots, "find_browser", lambda: "/usr/bin/true")
@@ -142,7 +143,7 @@ def test_a_hanging_browser_is_given_up_and_html_kept(tmp_path, monkeypatch):
 def test_png_switch(tmp_path, monkeypatch):
     import plotly.graph_objects as go
 
-    from lens_roles import plots
+    from lens_roles.viz import plots
 
     calls = []
     monkeypatch.setattr(plots, "find_browser", lambda: calls.append(1) or None)

@@ -1,4 +1,4 @@
-"""Unit tests of lens_roles.directions and lens_roles.evaluation: the Direction value,
+"""Unit tests of lens_roles.directions and lens_roles.directions.separation: the Direction value,
 its I/O, the builders on the tiny model, PCA / probe on planted synthetic data, and AUC."""
 
 from __future__ import annotations
@@ -11,10 +11,8 @@ from types import MappingProxyType
 import pytest
 import torch
 
-from lens_roles import __version__
-from lens_roles.activations import Activations, collect, collect_sets
-from lens_roles.directions import (
-    Direction,
+from lens_roles._version import __version__
+from lens_roles.directions.builders import (
     diff_in_means,
     pca_direction,
     persona_vector,
@@ -22,9 +20,11 @@ from lens_roles.directions import (
     role_vector,
     role_vectors,
 )
+from lens_roles.directions.direction import Direction
+from lens_roles.directions.separation import roc_auc, separation_auc, split_half_agreement
 from lens_roles.errors import DataError, DirectionError
-from lens_roles.evaluation import roc_auc, separation_auc, split_half_agreement
-from lens_roles.prompts import ContrastPair, PairSet, PromptSet, load_pairs, load_prompt_set
+from lens_roles.inputs.prompts import ContrastPair, PairSet, PromptSet, load_pairs, load_prompt_set
+from lens_roles.runtime.activations import Activations, collect, collect_sets
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 

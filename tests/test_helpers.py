@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import lens_roles as lr
-from lens_roles.batching import pad_batch
+from lens_roles.inputs.prompts import split_point
 from lens_roles.io import atomic_write, write_csv
-from lens_roles.prompts import split_point
+from lens_roles.runtime.batching import pad_batch
 
 
 def test_atomic_write_leaves_nothing_when_the_writer_fails(tmp_path):

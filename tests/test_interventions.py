@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import lens_roles as lr
-from lens_roles.generation import generate
-from lens_roles.interventions import ablate, ablate_then_add, clamp, residual_norms, steer
-from lens_roles.sweeps import adherence_sweep, cosine_sweep, generation_sweep, repetition_rate
+from lens_roles.interventions.steering import ablate, ablate_then_add, clamp, residual_norms, steer
+from lens_roles.measures.sweeps import adherence_sweep, cosine_sweep, generation_sweep, repetition_rate
+from lens_roles.runtime.generation import generate
 
 PROMPTS = ["Where are the atlases kept?", "Can I renew a book online, and how long can I keep it?", "Hi"]
 
@@ -185,7 +185,7 @@ def test_sampling_is_seeded(tiny_model):
 
 @pytest.fixture(scope="module")
 def few_pairs():
-    pairs = lr.load_pairs(lr.prompts.data_dir() / "personas" / "librarian.jsonl")
+    pairs = lr.load_pairs(lr.inputs.prompts.data_dir() / "personas" / "librarian.jsonl")
     return lr.PairSet("librarian", pairs.pairs[:3])
 
 

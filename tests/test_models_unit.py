@@ -1,4 +1,4 @@
-"""Unit tests of lens_roles.models that need no real weights."""
+"""Unit tests of lens_roles.runtime.models that need no real weights."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lens_roles.errors import ModelError
-from lens_roles.models import (
+from lens_roles.runtime.models import (
     DEFAULT_MODEL,
     EMBEDDED_MODELS,
     cache_root,

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import _MODELS, make_tiny_model
 
 import lens_roles as lr
-from lens_roles import patching as P
+from lens_roles.analysis import patching as P
 from lens_roles.errors import PatchingError
-
-from conftest import _MODELS, make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -337,7 +336,7 @@ def test_no_hooks_left_after_a_failing_metric(tiny_model, ids):
 
 
 def test_heatmap_has_token_labels_and_a_centred_scale(setup):
-    from lens_roles import plots
+    from lens_roles.viz import plots
 
     results = [setup.activation_patch(g) for g in ("resid", "attn", "mlp", "heads")]
     results += [setup.attribution_patch(g) for g in ("resid", "attn", "mlp", "heads")]
@@ -365,9 +364,9 @@ def test_heatmap_has_token_labels_and_a_centred_scale(setup):
 
 @pytest.fixture
 def patched_cli(tiny_model, monkeypatch):
-    monkeypatch.setattr("lens_roles.models.load_model", lambda *a, **k: tiny_model)
-    monkeypatch.setattr("lens_roles.plots.find_browser", lambda: None)  # HTML only: PNG export takes seconds
-    monkeypatch.setattr("lens_roles.plots._png_warned", True)
+    monkeypatch.setattr("lens_roles.runtime.models.load_model", lambda *a, **k: tiny_model)
+    monkeypatch.setattr("lens_roles.viz.plots.find_browser", lambda: None)  # HTML only: PNG export takes seconds
+    monkeypatch.setattr("lens_roles.viz.plots._png_warned", True)
     from lens_roles.cli import main
 
     return main

@@ -1,4 +1,4 @@
-"""Unit tests of lens_roles.positions: token spans and position rules on the tiny model."""
+"""Unit tests of lens_roles.inputs.positions: token spans and position rules on the tiny model."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lens_roles.errors import DataError
-from lens_roles.positions import (
+from lens_roles.inputs.positions import (
     NAMED_RULES,
     _char_span_to_tokens,
     _token_starts,
@@ -17,7 +17,7 @@ from lens_roles.positions import (
     rule_name,
     select_positions,
 )
-from lens_roles.prompts import Prompt
+from lens_roles.inputs.prompts import Prompt
 
 CHAT_EOI = "<|im_end|>\n<|im_start|>assistant\n"
 

@@ -1,4 +1,4 @@
-"""Unit tests of lens_roles.prompts: loaders, value types and chat rendering."""
+"""Unit tests of lens_roles.inputs.prompts: loaders, value types and chat rendering."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lens_roles.errors import DataError
-from lens_roles.prompts import (
+from lens_roles.inputs.prompts import (
     ContrastPair,
     PairSet,
     Prompt,

@@ -9,34 +9,23 @@ import pytest
 import torch
 
 import lens_roles as lr
-from lens_roles.batching import pad_batch, pad_id
 from lens_roles.cli import main
-from lens_roles.interventions import steer
-from lens_roles.psr import (
-    PSR,
-    CompareConfig,
-    PSRError,
-    TrainConfig,
-    _forward,
-    activation_distance,
-    align,
-    compare_at_matched_coherence,
-    make_psr,
-    prepare,
-    prompt_pairs,
-    prompt_steering,
-    psr_loss,
-    token_coefficients,
-    train_psr,
-)
-from lens_roles.prompts import Prompt
+from lens_roles.errors import PSRError
+from lens_roles.inputs.prompts import Prompt
+from lens_roles.interventions.psr.align import align, prompt_pairs, prompt_steering
+from lens_roles.interventions.psr.evaluate import activation_distance, token_coefficients
+from lens_roles.interventions.psr.model import PSR
+from lens_roles.interventions.psr.train import TrainConfig, _forward, make_psr, prepare, psr_loss, train_psr
+from lens_roles.interventions.steering import steer
+from lens_roles.runtime.batching import pad_batch, pad_id
+from lens_roles.studies.psr_compare import CompareConfig, compare_at_matched_coherence
 
 SYSTEM = "You are a warm, knowledgeable public librarian."
 
 
 @pytest.fixture(scope="module")
 def pairs():
-    return lr.load_pairs(lr.prompts.data_dir() / "personas" / "librarian.jsonl")
+    return lr.load_pairs(lr.inputs.prompts.data_dir() / "personas" / "librarian.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +90,7 @@ def test_sink_survives_save_and_load(tiny_model, direction, prompts, tmp_path):
 
 
 def test_sink_is_found_under_left_padding_and_kv_cache(tiny_model, direction, prompts):
-    from lens_roles.generation import generate
+    from lens_roles.runtime.generation import generate
 
     psr = make_psr(tiny_model, direction, prompts, SYSTEM, layers=[1], alpha=1.0)
     with torch.no_grad():
@@ -327,7 +316,7 @@ def test_compare_at_matched_coherence(tiny_model, direction, pairs):
 
 def test_compare_for_a_role_without_pairs(tiny_model, direction, pairs):
     """A role has instructions, not contrast pairs: coherence on its prompts, behaviour = the MC effect."""
-    from lens_roles.questions import Question, QuestionSet
+    from lens_roles.inputs.questions import Question, QuestionSet
 
     held = lr.PromptSet("role", tuple(Prompt(p.user) for p in pairs.pairs[:2]))
     psr = PSR(direction, [1], 1.0)
@@ -344,7 +333,7 @@ def test_compare_for_a_role_without_pairs(tiny_model, direction, pairs):
 
 
 def test_plots(tiny_model, direction, prompts):
-    from lens_roles.plots import psr_coherence_curve, token_heatmap
+    from lens_roles.viz.plots import psr_coherence_curve, token_heatmap
 
     curve = pd.DataFrame({"method": ["none", "prompting", "constant", "constant", "psr"], "alpha": [0, 0, 1, 2, 1],
                           "perplexity": [2.0, 3.0, 2.5, 4.0, 3.1], "margin": [0.0, 0.5, 0.2, 0.3, 0.4]})
@@ -365,8 +354,8 @@ def test_plots(tiny_model, direction, prompts):
 
 @pytest.fixture
 def cli_files(tiny_model, direction, tmp_path, monkeypatch):
-    monkeypatch.setattr("lens_roles.models.load_model", lambda *a, **k: tiny_model)
-    return direction.save(tmp_path / "v.safetensors"), lr.prompts.data_dir() / "personas" / "librarian.jsonl"
+    monkeypatch.setattr("lens_roles.runtime.models.load_model", lambda *a, **k: tiny_model)
+    return direction.save(tmp_path / "v.safetensors"), lr.inputs.prompts.data_dir() / "personas" / "librarian.jsonl"
 
 
 def test_cli_train_and_compare(cli_files, tmp_path, capsys):

@@ -55,7 +55,7 @@ def test_gemma_loads_in_native_basis():
 
 
 def test_librarian_direction_split_half_agreement(real_model):
-    pairs = lr.load_pairs(lr.prompts.data_dir() / "personas" / "librarian.jsonl")
+    pairs = lr.load_pairs(lr.inputs.prompts.data_dir() / "personas" / "librarian.jsonl")
     frame = lr.split_half_agreement(real_model, pairs, batch_size=24)
     cosines = frame.sort_values("layer").value.tolist()
     print("librarian split-half cosine per layer:", " ".join(f"{c:.3f}" for c in cosines))
@@ -78,9 +78,9 @@ def test_role_vector_separates_held_out_instructions(real_model):
 
 
 def test_cli_extract_and_roles_write_loadable_directions(real_model, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("lens_roles.models.load_model", lambda *a, **k: real_model)
+    monkeypatch.setattr("lens_roles.runtime.models.load_model", lambda *a, **k: real_model)
     out = tmp_path / "librarian.safetensors"
-    pairs = lr.prompts.data_dir() / "personas" / "librarian.jsonl"
+    pairs = lr.inputs.prompts.data_dir() / "personas" / "librarian.jsonl"
     assert main(["extract", "--pairs", str(pairs), "--out", str(out), "--layers", "10-12", "--batch-size", "24"]) == 0
     direction = lr.Direction.load(out)
     assert direction.layers == (10, 11, 12)
@@ -94,8 +94,8 @@ def test_cli_extract_and_roles_write_loadable_directions(real_model, tmp_path, m
 
 
 def test_cli_bad_input_gives_one_clear_error_and_writes_nothing(real_model, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("lens_roles.models.load_model", lambda *a, **k: real_model)
-    pairs = lr.prompts.data_dir() / "personas" / "librarian.jsonl"
+    monkeypatch.setattr("lens_roles.runtime.models.load_model", lambda *a, **k: real_model)
+    pairs = lr.inputs.prompts.data_dir() / "personas" / "librarian.jsonl"
     out = tmp_path / "v.safetensors"
 
     assert main(["extract", "--pairs", str(pairs), "--out", str(out), "--layers", "30"]) == 2
@@ -114,7 +114,7 @@ def test_cli_bad_input_gives_one_clear_error_and_writes_nothing(real_model, tmp_
 
 
 def test_cli_unknown_model_lists_embedded_names(tmp_path, capsys):
-    pairs = lr.prompts.data_dir() / "personas" / "librarian.jsonl"
+    pairs = lr.inputs.prompts.data_dir() / "personas" / "librarian.jsonl"
     out = str(tmp_path / "v.safetensors")
     code = main(["extract", "--pairs", str(pairs), "--out", out, "--model", "no-such-model"])
     err = capsys.readouterr().err
@@ -125,10 +125,10 @@ def test_cli_unknown_model_lists_embedded_names(tmp_path, capsys):
 def test_librarian_steering_raises_adherence_and_lowers_similarity(real_model):
     """On held-out pairs, adding the persona vector raises the positive-reply margin and moves
     the residual stream away from the unsteered run, more so for larger |α|."""
-    from lens_roles.interventions import residual_norms
-    from lens_roles.sweeps import adherence_sweep, cosine_sweep
+    from lens_roles.interventions.steering import residual_norms
+    from lens_roles.measures.sweeps import adherence_sweep, cosine_sweep
 
-    pairs = lr.load_pairs(lr.prompts.data_dir() / "personas" / "librarian.jsonl")
+    pairs = lr.load_pairs(lr.inputs.prompts.data_dir() / "personas" / "librarian.jsonl")
     train, held = pairs.split(0.75)
     persona = lr.persona_vector(real_model, train, layers=[12], batch_size=24)
     few = lr.PairSet("librarian", held.pairs[:6])

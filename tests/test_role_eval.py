@@ -11,14 +11,14 @@ import pytest
 import torch
 
 import lens_roles as lr
-from lens_roles import multiple_choice as mc
-from lens_roles import role_study as rs
-from lens_roles.ab_curves import ab_curve, ab_items, monotonicity, split_pairs
+from lens_roles.directions.geometry import cosine_matrix, mean_offdiagonal_cosine, nearest_roles, role_map
 from lens_roles.errors import DataError, DirectionError
-from lens_roles.geometry import cosine_matrix, mean_offdiagonal_cosine, nearest_roles, role_map
-from lens_roles.positions import encode
-from lens_roles.prompts import ContrastPair, PairSet, Prompt
-from lens_roles.questions import QuestionSet, load_domains, load_questions
+from lens_roles.inputs.positions import encode
+from lens_roles.inputs.prompts import ContrastPair, PairSet, Prompt
+from lens_roles.inputs.questions import QuestionSet, load_domains, load_questions
+from lens_roles.measures import multiple_choice as mc
+from lens_roles.studies import role_study as rs
+from lens_roles.studies.ab_curves import ab_curve, ab_items, monotonicity, split_pairs
 
 
 def _rv_record(i: int, answer: str = "B") -> dict:
@@ -270,7 +270,7 @@ def test_study_config_validates():
 def test_role_domains_file(tmp_path):
     mapping = rs.load_role_domains()
     assert mapping["chemist"] == "natural_science" and mapping["lawyer"] == "law"
-    assert set(mapping) <= set(lr.prompts.available_roles())
+    assert set(mapping) <= set(lr.available_roles())
     bad = tmp_path / "d.json"
     bad.write_text(json.dumps({"law": ["lawyer"], "politics": ["lawyer"]}))
     with pytest.raises(DataError, match="listed under both 'law' and 'politics'"):
@@ -376,7 +376,7 @@ def test_role_geometry():
 
 
 def test_role_figures_build():
-    from lens_roles import plots
+    from lens_roles.viz import plots
 
     torch.manual_seed(3)
     roles = {f"r{i}": lr.Direction((0, 5), torch.randn(2, 16), {"name": f"r{i}"}) for i in range(4)}
@@ -390,7 +390,7 @@ def test_role_figures_build():
 
 @pytest.fixture
 def tiny_cli(tiny_model, monkeypatch):
-    monkeypatch.setattr("lens_roles.models.load_model", lambda *a, **k: tiny_model)
+    monkeypatch.setattr("lens_roles.runtime.models.load_model", lambda *a, **k: tiny_model)
     return tiny_model
 
 

@@ -7,11 +7,13 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny_model
 
 import lens_roles as lr
 from lens_roles import cli
-from lens_roles.cards import feature_cards, write_cards
-from lens_roles.features import (
+from lens_roles.analysis.sae.cards import feature_cards, write_cards
+from lens_roles.analysis.sae.core import check_sae, decoder_directions, harvest, identity_sae, load_sae, spliced
+from lens_roles.analysis.sae.features import (
     ProjectionMetric,
     ablate_features,
     ablation_check,
@@ -20,21 +22,9 @@ from lens_roles.features import (
     feature_alignment,
     metric_values,
 )
-from lens_roles.sae import (
-    SAEError,
-    SAETrainConfig,
-    check_sae,
-    decoder_directions,
-    harvest,
-    identity_sae,
-    load_sae,
-    sae_quality,
-    save_sae,
-    spliced,
-    train_sae,
-)
-
-from conftest import make_tiny_model
+from lens_roles.analysis.sae.quality import sae_quality
+from lens_roles.analysis.sae.training import SAETrainConfig, save_sae, train_sae
+from lens_roles.errors import SAEError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import lens_roles as lr
+from lens_roles.analysis.sae.core import check_sae, load_sae, spliced
+from lens_roles.analysis.sae.corpus import Corpus
 from lens_roles.cli import main
-from lens_roles.corpus import Corpus
-from lens_roles.sae import check_sae, load_sae, spliced
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +56,7 @@ def test_each_shipped_sae_loads_with_sae_lens_offline_and_fits_the_model(path, r
 
 
 def test_librarian_align_and_attribute_commands(real_model, tmp_path, capsys):
-    pairs = lr.load_pairs(Path(lr.prompts.data_dir()) / "personas" / "librarian.jsonl")
+    pairs = lr.load_pairs(Path(lr.inputs.prompts.data_dir()) / "personas" / "librarian.jsonl")
     vector = lr.persona_vector(real_model, pairs, layers=[12, 18])
     vector.save(tmp_path / "librarian.safetensors")
     corpus = Corpus.load(SAES / "corpus.json")
@@ -69,7 +69,8 @@ def test_librarian_align_and_attribute_commands(real_model, tmp_path, capsys):
     cards = json.loads((tmp_path / "align" / "cards.json").read_text())["cards"]
     assert len(cards) >= 4 and sum(bool(c["contexts"]) for c in cards) >= 2  # aligned features fire somewhere
     assert main(["sae-attribute", "--vector", str(tmp_path / "librarian.safetensors"), "--sae",
-                 str(SAES / "layer_12"), "--prompts", str(Path(lr.prompts.data_dir()) / "personas" / "librarian.jsonl"),
+                 str(SAES / "layer_12"), "--prompts",
+                 str(Path(lr.inputs.prompts.data_dir()) / "personas" / "librarian.jsonl"),
                  "--max-prompts", "6", "--check", "4", "--out", str(tmp_path / "attr")]) == 0
     check = pd.read_csv(tmp_path / "attr" / "check.csv")
     assert len(check) == 4 and (check.actual != 0).any()

@@ -1,0 +1,1 @@
+"""Analyses of where a direction lives: activation/attribution patching and SAE features."""

@@ -1,0 +1,48 @@
+"""SAE features of a direction: SAEs (the only importer of ``sae_lens``), their training corpus,
+alignment, decomposition, attribution and feature cards."""
+
+from lens_roles.analysis.sae.core import (
+    load_sae,
+    check_sae,
+    sae_layer,
+    decoder_directions,
+    harvest,
+    spliced,
+    identity_sae,
+    SpliceRecord,
+)
+from lens_roles.analysis.sae.training import SAETrainConfig, train_sae, save_sae
+from lens_roles.analysis.sae.quality import sae_quality
+from lens_roles.analysis.sae.corpus import Corpus, build_corpus
+from lens_roles.analysis.sae.features import (
+    feature_alignment,
+    decompose,
+    attribute_features,
+    ablation_check,
+    ProjectionMetric,
+)
+from lens_roles.analysis.sae.cards import feature_cards, write_cards
+
+__all__ = [
+    "load_sae",
+    "check_sae",
+    "sae_layer",
+    "decoder_directions",
+    "harvest",
+    "spliced",
+    "identity_sae",
+    "SpliceRecord",
+    "SAETrainConfig",
+    "train_sae",
+    "save_sae",
+    "sae_quality",
+    "Corpus",
+    "build_corpus",
+    "feature_alignment",
+    "decompose",
+    "attribute_features",
+    "ablation_check",
+    "ProjectionMetric",
+    "feature_cards",
+    "write_cards",
+]

@@ -1,0 +1,224 @@
+"""Sparse autoencoders on the residual stream: load, check, train, evaluate, splice.
+
+This is the only module that imports ``sae_lens``. SAEs are ``sae_lens`` objects
+throughout (``SAE.load_from_disk`` loads what :func:`save_sae` writes), so an SAE
+from ``sae_lens``'s registry and one trained here go through the same analysis
+(:mod:`lens_roles.analysis.sae.features`).
+
+* :func:`load_sae` — a folder (``cfg.json`` + ``sae_weights.safetensors``) or a
+  registry ``release`` + ``sae_id``; float32 on the asked device.
+* :func:`check_sae` — the SAE reads ``blocks.{L}.hook_resid_post`` (or the same
+  stream as ``blocks.{L+1}.hook_resid_pre``) of a model with its ``d_model``;
+  returns ``L``.
+* :func:`harvest` — residual activations of a :class:`~lens_roles.analysis.sae.corpus.Corpus` at
+  some layers, ``[token, d_model]`` per layer (position 0, the BOS attention sink
+  whose norm is tens of times the others', is left out).
+* :func:`train_sae` — a TopK (``k``) or L1 (``l1``) SAE trained with
+  ``sae_lens``'s ``SAETrainer`` on harvested activations; decoder rows are
+  unit-norm in the result.
+* :func:`spliced` — run the model with the SAE's reconstruction in place of the
+  residual stream (optionally plus the error term, optionally editing the feature
+  activations); hooks are removed when the block ends.
+* :func:`sae_quality` — explained variance, L0, dead fraction, and the next-token
+  cross-entropy clean / spliced / zero-ablated with the fraction of loss recovered.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from lens_roles.errors import SAEError
+from lens_roles.runtime.batching import pad_batch, pad_id
+from lens_roles.runtime.models import resid_hook, validate_layers
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_sae(source: str | Path, sae_id: str | None = None, *, device: str = "cpu"):
+    """Load an SAE in float32: from a folder written by ``sae_lens`` (or :func:`save_sae`),
+    or from ``sae_lens``'s registry as ``release`` + ``sae_id`` (that needs the hub).
+
+    Raises:
+        SAEError: a missing folder, a folder without ``cfg.json``, or a registry load that failed.
+    """
+    from sae_lens import SAE
+
+    path = Path(source)
+    if sae_id is None:
+        if not path.is_dir():
+            raise SAEError(f"no SAE folder at {path} (expected a folder with cfg.json and "
+                           "sae_weights.safetensors; for sae_lens's registry pass a release and an sae_id)")
+        if not (path / "cfg.json").is_file():
+            raise SAEError(f"{path} has no cfg.json, so it is not an SAE folder written by sae_lens")
+        try:
+            return SAE.load_from_disk(str(path), device=device, dtype="float32")
+        except Exception as exc:  # sae_lens raises many kinds on a damaged folder
+            raise SAEError(f"cannot load the SAE in {path}: {exc}") from exc
+    try:
+        return SAE.from_pretrained(str(source), sae_id, device=device, dtype="float32")
+    except Exception as exc:
+        raise SAEError(f"cannot load SAE {sae_id!r} of release {source!r} from sae_lens's registry: {exc}") from exc
+
+
+def sae_hook_name(sae) -> str | None:
+    return getattr(sae.cfg.metadata, "hook_name", None)
+
+
+def sae_layer(sae) -> int:
+    """The block ``L`` whose ``hook_resid_post`` the SAE reads (``hook_resid_pre`` of ``L+1`` is the same)."""
+    hook = sae_hook_name(sae)
+    parts = (hook or "").split(".")
+    if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit():
+        if parts[2] == "hook_resid_post":
+            return int(parts[1])
+        if parts[2] == "hook_resid_pre" and int(parts[1]) > 0:
+            return int(parts[1]) - 1
+    raise SAEError(f"the SAE reads hook {hook!r}; lens_roles works with residual-stream SAEs "
+                   "(blocks.L.hook_resid_post or blocks.L.hook_resid_pre)")
+
+
+def check_sae(sae, model, layer: int | None = None) -> int:
+    """Check that ``sae`` fits ``model`` (and the direction ``layer``, when given); return its layer.
+
+    Raises:
+        SAEError: a width other than ``d_model``, a hook that is not a residual stream
+            the model has, or a layer other than ``layer``.
+    """
+    if sae.cfg.d_in != model.cfg.d_model:
+        raise SAEError(f"the SAE reads {sae.cfg.d_in}-wide activations ({sae_hook_name(sae)}), but "
+                       f"{model.cfg.model_name} has d_model {model.cfg.d_model}")
+    at = sae_layer(sae)
+    if at >= model.cfg.n_layers:
+        raise SAEError(f"the SAE reads {sae_hook_name(sae)}, but {model.cfg.model_name} has only "
+                       f"{model.cfg.n_layers} layers")
+    trained_on = getattr(sae.cfg.metadata, "model_name", None)
+    if trained_on and trained_on != model.cfg.model_name:
+        # sae_lens names models differently from local folders; the shapes matched, so only warn
+        import warnings
+
+        warnings.warn(f"the SAE was trained on {trained_on!r}, the model is {model.cfg.model_name!r}", stacklevel=2)
+    if layer is not None and layer != at:
+        raise SAEError(f"the SAE reads layer {at} ({sae_hook_name(sae)}), but the direction is used at "
+                       f"layer {layer}; pick the direction's layer {at} or an SAE trained at layer {layer}")
+    return at
+
+
+def decoder_directions(sae) -> Float[Tensor, "d_sae d_model"]:
+    """Unit decoder rows, float32 on the CPU (what each feature writes, up to its scale)."""
+    w = sae.W_dec.detach().float().cpu()
+    return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def padded_batch(model, sequences: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+    """Right-padded ``[batch, pos]`` token ids and attention mask on the model's device."""
+    tokens, mask = pad_batch(sequences, pad_id(model), side="right")
+    return tokens.to(model.cfg.device), mask.to(model.cfg.device)
+
+
+def batches(sequences: Sequence[Sequence[int]], batch_size: int) -> Iterator[tuple[int, list]]:
+    """Length-sorted batches: ``(index of the first, list of (index, sequence))``."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    for start in range(0, len(order), batch_size):
+        yield start, [(i, sequences[i]) for i in order[start:start + batch_size]]
+
+
+@torch.no_grad()
+def harvest(model, sequences: Sequence[Sequence[int]], layers: Sequence[int], *, batch_size: int = 16,
+            progress: bool = False) -> dict[int, Float[Tensor, "token d_model"]]:
+    """Residual activations after each of ``layers`` at every real token but the first.
+
+    Returns float32 CPU tensors ``[token, d_model]`` per layer; tokens come in the
+    order of ``sequences`` (then positions). Only the blocks up to the deepest layer run.
+    """
+    layers = validate_layers(model, list(layers))
+    per_seq: dict[int, dict[int, Tensor]] = {layer: {} for layer in layers}
+    n_batches = -(-len(sequences) // batch_size)
+    store: dict[int, Tensor] = {}
+
+    def keep(x, hook, layer):
+        store[layer] = x.detach().float().cpu()
+
+    fwd = [(resid_hook(layer), lambda x, hook, layer=layer: keep(x, hook, layer)) for layer in layers]
+    for b, (_, batch) in enumerate(batches(sequences, batch_size)):
+        tokens, mask = padded_batch(model, [s for _, s in batch])
+        with model.hooks(fwd_hooks=fwd):
+            model(tokens, attention_mask=mask, stop_at_layer=max(layers) + 1)
+        for row, (i, seq) in enumerate(batch):
+            for layer in layers:
+                per_seq[layer][i] = store[layer][row, 1:len(seq)].clone()
+        if progress and (b + 1) % 20 == 0:
+            print(f"  harvest: batch {b + 1}/{n_batches}", flush=True)
+    return {layer: torch.cat([per_seq[layer][i] for i in range(len(sequences))]) for layer in layers}
+
+
+# --------------------------------------------------------------------------- splice
+
+
+@dataclass
+class SpliceRecord:
+    """What a :func:`spliced` run saw: the feature activations ``[batch, pos, d_sae]``
+    of positions ``1..`` (a leaf with ``requires_grad`` when ``grad=True``)."""
+
+    acts: list
+
+
+@contextmanager
+def spliced(model, sae, *, error_term: bool = False, edit: Callable[[Tensor], Tensor] | None = None,
+            grad: bool = False, record: SpliceRecord | None = None):
+    """Replace the residual stream at the SAE's hook by the SAE's reconstruction.
+
+    Position 0 (BOS) is left alone, as in training. With ``error_term`` the
+    reconstruction error ``x − x̂`` is added back, so the forward pass is unchanged
+    unless ``edit`` changes the feature activations (``edit(acts) -> acts``,
+    ``[batch, pos, d_sae]``). With ``grad`` the activations are a leaf that requires
+    grad (appended to ``record.acts``), for gradients of a metric with respect to
+    the features. Hooks are removed when the block ends, also on error.
+    """
+    hook = resid_hook(sae_layer(sae))
+
+    def fn(x, hook):
+        head, rest = x[:, :1], x[:, 1:]
+        with torch.set_grad_enabled(grad or torch.is_grad_enabled()):
+            acts = sae.encode(rest.to(sae.dtype))
+            clean_recon = sae.decode(acts)
+            if grad:
+                acts = acts.detach().requires_grad_(True)
+            if record is not None:
+                record.acts.append(acts)
+            used = edit(acts) if edit is not None else acts
+            out = sae.decode(used)
+            if error_term:
+                out = out + (rest.to(sae.dtype) - clean_recon).detach()
+        return torch.cat([head, out.to(x.dtype)], dim=1)
+
+    with model.hooks(fwd_hooks=[(hook, fn)]):
+        yield
+
+
+def identity_sae(d_model: int, *, layer: int, model_name: str | None = None):
+    """A ReLU SAE that reconstructs exactly: ``W_enc = [I, −I]``, ``W_dec = [I; −I]``, no biases
+    (``relu(x) − relu(−x) = x``). For tests of the splice."""
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
+
+    cfg = StandardSAEConfig(d_in=d_model, d_sae=2 * d_model, apply_b_dec_to_input=False,
+                            metadata=SAEMetadata(hook_name=resid_hook(layer), **({"model_name": model_name}
+                                                                                  if model_name else {})))
+    sae = StandardSAE(cfg)
+    eye = torch.eye(d_model)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae

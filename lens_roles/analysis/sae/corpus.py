@@ -1,0 +1,169 @@
+"""The SAE training text: the model's own seeded generations from the project's prompts.
+
+No pretrained SAE exists for the embedded models and nothing may be downloaded at
+run time, so the SAEs are trained on text that any user can rebuild offline from
+the repository alone:
+
+1. **Prompts** — every instruction of the project's prompt sets (``data/roles/*.jsonl``,
+   the baseline included) and every user turn of the persona pairs
+   (``data/personas/*.jsonl``), rendered with the model's chat template. Each gets a
+   system prompt drawn by a seeded RNG: none (half of them), "You are a <role>." for
+   a project role, or a persona system prompt — so the template tokens, role words
+   and persona talk the analyses read all occur.
+2. **Generations** — the prompts continued by the model itself (all, or the first
+   ``max_prompts`` of the shuffled mix, the rest entering as prompts alone), sampled
+   at ``temperature`` with a seeded generator (``max_new_tokens`` per prompt).
+3. **Written replies** — the persona pairs with their positive and their negative
+   reply, as written in the data.
+
+Limits: the text is narrow (assistant chat about the project's topics, a few
+thousand sequences), so the SAEs describe this distribution — role and persona
+chat — and not the model's pre-training distribution; generations repeat the
+model's habits. Sampling is reproducible for the same model weights, torch version
+and hardware; another BLAS or device can change the sampled tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lens_roles.errors import DataError
+from lens_roles.inputs.positions import encode
+from lens_roles.inputs.prompts import Prompt, available_roles, data_dir, load_baseline, load_pairs, load_role
+
+PERSONA_SYSTEMS = (
+    "You are a helpful librarian.",
+    "You are a rude, dismissive clerk.",
+    "You are a patient teacher.",
+    "You are a sarcastic assistant.",
+)
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Token sequences for SAE training and feature cards.
+
+    Attributes:
+        sequences: token ids per sequence (BOS first), prompt then continuation.
+        kinds: ``"generation"`` or ``"written"`` per sequence.
+        meta: how the corpus was made (model, seed, sizes) and its fingerprint.
+    """
+
+    sequences: tuple[tuple[int, ...], ...]
+    kinds: tuple[str, ...]
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+    def split(self, eval_fraction: float = 0.1, seed: int = 0) -> tuple["Corpus", "Corpus"]:
+        """A seeded split into (train, eval) by sequence."""
+        if not 0 < eval_fraction < 1:
+            raise DataError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+        order = list(range(len(self)))
+        random.Random(seed).shuffle(order)
+        n_eval = max(1, round(len(self) * eval_fraction))
+        pick = lambda idx, part: Corpus(tuple(self.sequences[i] for i in idx),  # noqa: E731
+                                        tuple(self.kinds[i] for i in idx), dict(self.meta, part=part))
+        return pick(sorted(order[n_eval:]), "train"), pick(sorted(order[:n_eval]), "eval")
+
+    def save(self, path: str | Path) -> Path:
+        """Write the corpus as JSON (token ids, kinds, meta), atomically."""
+        from lens_roles.io import atomic_write
+
+        data = {"meta": self.meta, "kinds": list(self.kinds), "sequences": [list(s) for s in self.sequences]}
+        return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Corpus":
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"no corpus file at {path}")
+        try:
+            data = json.loads(path.read_text())
+            return cls(tuple(tuple(int(t) for t in s) for s in data["sequences"]), tuple(data["kinds"]),
+                       dict(data["meta"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{path} is not a corpus file written by Corpus.save ({exc})") from None
+
+
+def corpus_prompts(seed: int = 0, roles_dir: str | Path | None = None) -> list[Prompt]:
+    """The prompt mix: every project instruction and persona user turn, each with a seeded system prompt."""
+    rng = random.Random(seed)
+    roles = available_roles(roles_dir)
+    users = [p.user for role in roles for p in load_role(role, roles_dir).prompts]
+    users += [p.user for p in load_baseline().prompts]
+    for path in sorted((data_dir() / "personas").glob("*.jsonl")):
+        users += [pair.user for pair in load_pairs(path).pairs]
+    systems = [f"You are a {role.replace('_', ' ')}." for role in roles] + list(PERSONA_SYSTEMS)
+    prompts = []
+    for user in users:
+        system = None if rng.random() < 0.5 else rng.choice(systems)
+        prompts.append(Prompt(user, system=system))
+    rng.shuffle(prompts)  # so that any prefix of the mix covers every source
+    return prompts
+
+
+def written_replies() -> list[Prompt]:
+    """Every persona pair's user turn with its positive and with its negative reply."""
+    out = []
+    for path in sorted((data_dir() / "personas").glob("*.jsonl")):
+        for pair in load_pairs(path).pairs:
+            out += [Prompt(pair.user, reply=pair.positive), Prompt(pair.user, reply=pair.negative)]
+    return out
+
+
+@torch.no_grad()
+def build_corpus(model, *, max_new_tokens: int = 96, temperature: float = 1.0, seed: int = 0,
+                 batch_size: int = 32, max_prompts: int | None = None, progress: bool = False) -> Corpus:
+    """Generate the SAE training corpus (see the module docstring).
+
+    Args:
+        max_new_tokens: sampled tokens per prompt (generation stops early at EOS).
+        temperature: sampling temperature (``> 0``; the corpus should not be greedy).
+        seed: seeds the system-prompt draw and every batch's sampler.
+        max_prompts: continue only the first prompts of the (shuffled) mix; the others
+            enter the corpus as prompts alone (kind ``"prompt"``). None: continue all.
+    """
+    from lens_roles.runtime.generation import generate
+
+    if temperature <= 0:
+        raise DataError(f"the corpus needs sampling: temperature must be > 0, got {temperature}")
+    mix = corpus_prompts(seed)
+    prompts, rest = mix[: max_prompts or None], mix[len(mix[: max_prompts or None]):]
+    written = written_replies()
+    sequences: list[tuple[int, ...]] = []
+    kinds: list[str] = []
+    # length-sorted batches pad less; the order is fixed by the data, so still reproducible
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i].user), i))
+    for b, start in enumerate(range(0, len(order), batch_size)):
+        batch = [prompts[i] for i in order[start:start + batch_size]]
+        heads = encode(model, batch)
+        outs = generate(model, batch, max_new_tokens=max_new_tokens, temperature=temperature,
+                        seed=seed * 100_003 + b)
+        for head, out in zip(heads, outs):
+            sequences.append(tuple(head.tokens) + tuple(out.tokens))
+            kinds.append("generation")
+        if progress:
+            print(f"  corpus: batch {b + 1}/{-(-len(order) // batch_size)}", flush=True)
+    for kind, extra in (("prompt", rest), ("written", written)):
+        for item in encode(model, extra):
+            sequences.append(tuple(item.tokens))
+            kinds.append(kind)
+    digest = hashlib.sha256(json.dumps(sequences).encode()).hexdigest()[:16]
+    meta = {"model": str(model.cfg.model_name), "seed": seed, "temperature": temperature,
+            "max_new_tokens": max_new_tokens, "n_continued": len(prompts), "n_prompt_only": len(rest),
+            "n_written": len(written),
+            "n_sequences": len(sequences), "n_tokens": sum(len(s) for s in sequences), "fingerprint": digest,
+            "torch": torch.__version__}
+    return Corpus(tuple(sequences), tuple(kinds), meta)

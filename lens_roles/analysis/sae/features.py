@@ -1,0 +1,275 @@
+"""Which SAE features a role or persona direction is made of.
+
+Three views of one direction ``v`` at the SAE's layer, each a tidy DataFrame:
+
+* **Alignment** (:func:`feature_alignment`): ``cos(v, d_i)`` for every unit decoder
+  row ``d_i`` — the features that write along the direction.
+* **Decomposition** (:func:`decompose`): a sparse non-negative combination
+  ``v ≈ Σ c_i d_i`` (``c_i ≥ 0``, at most ``max_features`` rows), chosen greedily
+  (the row best aligned with the residual, then all coefficients refitted by
+  non-negative least squares), with the residual ``‖v − Σ c_i d_i‖ / ‖v‖`` — "which
+  features is this role made of, and how much of it is left unexplained".
+* **Attribution** (:func:`attribute_features`): gradient × activation of a metric
+  (the projection of a later residual stream on the direction, at the last
+  prompt token) with respect to each feature's activation, with the SAE spliced
+  in and its error term held fixed, summed over positions and averaged over
+  prompts. ``−attribution`` is the first-order prediction of what ablating the
+  feature does; :func:`ablation_check` measures it by ablating features one at a
+  time through the same splice and reports both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from lens_roles.analysis.sae.core import (
+    SpliceRecord,
+    batches,
+    check_sae,
+    decoder_directions,
+    padded_batch,
+    sae_layer,
+    spliced,
+)
+from lens_roles.directions.direction import Direction
+from lens_roles.errors import DirectionError, SAEError
+from lens_roles.inputs.positions import encode
+from lens_roles.runtime.models import resid_hook
+
+
+def _direction_at(direction: Direction | Tensor, sae, layer: int | None = None) -> Float[Tensor, " d_model"]:
+    """The direction's vector at the SAE's layer (a bare tensor is taken as is)."""
+    at = sae_layer(sae)
+    if isinstance(direction, Direction):
+        if layer is not None and layer != at:
+            raise SAEError(f"the SAE reads layer {at}, but layer {layer} was asked for")
+        if at not in direction:
+            raise SAEError(f"the direction has no vector at the SAE's layer {at} "
+                           f"({resid_hook(at)}); it has layers {list(direction.layers)}")
+        vec = direction[at]
+    else:
+        vec = torch.as_tensor(direction)
+    vec = vec.detach().float().cpu()
+    if vec.shape != (sae.cfg.d_in,):
+        raise SAEError(f"the direction has shape {tuple(vec.shape)}, but the SAE reads {sae.cfg.d_in}-wide "
+                       f"activations at {resid_hook(at)}")
+    if not torch.isfinite(vec).all() or float(vec.norm()) == 0:
+        raise DirectionError("the direction is zero or not finite at the SAE's layer")
+    return vec
+
+
+# --------------------------------------------------------------------------- alignment
+
+
+def feature_alignment(sae, direction: Direction | Tensor, *, top: int | None = None) -> pd.DataFrame:
+    """Cosine of the direction with every decoder row, sorted from most to least aligned.
+
+    Returns columns ``feature, cosine, rank`` (``top`` rows, or all ``d_sae``).
+    """
+    v = _direction_at(direction, sae)
+    cos = decoder_directions(sae) @ (v / v.norm())
+    order = torch.argsort(cos, descending=True)
+    if top is not None:
+        order = order[:top]
+    return pd.DataFrame({"feature": order.numpy(), "cosine": cos[order].numpy(),
+                         "rank": np.arange(1, len(order) + 1)})
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """``v ≈ Σ coefficients[i] · decoder_row[features[i]]`` with non-negative coefficients.
+
+    ``residual`` is ``‖v − reconstruction‖`` and ``relative_residual`` that over ``‖v‖``;
+    ``steps`` records the relative residual after each added feature.
+    """
+
+    features: tuple[int, ...]
+    coefficients: tuple[float, ...]
+    reconstruction: Tensor
+    residual: float
+    relative_residual: float
+    norm: float
+    steps: tuple[float, ...] = field(default=())
+
+    def to_frame(self) -> pd.DataFrame:
+        order = np.argsort(self.coefficients)[::-1]
+        return pd.DataFrame({"feature": [self.features[i] for i in order],
+                             "coefficient": [self.coefficients[i] for i in order],
+                             "share": [self.coefficients[i] / self.norm for i in order]})
+
+
+def decompose(sae, direction: Direction | Tensor, *, max_features: int = 16, tol: float = 1e-3) -> Decomposition:
+    """Greedy sparse non-negative decomposition of the direction into unit decoder rows.
+
+    At each step the row with the largest positive inner product with the current
+    residual joins, then every coefficient is refitted by non-negative least squares
+    (``scipy.optimize.nnls``); rows whose coefficient drops to 0 leave. Stops after
+    ``max_features`` rows, when no row has a positive inner product with the residual,
+    or when the relative residual is below ``tol``.
+    """
+    from scipy.optimize import nnls
+
+    if max_features < 1:
+        raise ValueError(f"max_features must be >= 1, got {max_features}")
+    v = _direction_at(direction, sae).double()
+    rows = decoder_directions(sae).double()
+    chosen: list[int] = []
+    coef = np.zeros(0)
+    residual = v.clone()
+    steps = []
+    for _ in range(max_features):
+        scores = rows @ residual
+        if chosen:
+            scores[chosen] = -np.inf
+        best = int(torch.argmax(scores))
+        if float(scores[best]) <= 0:
+            break
+        chosen.append(best)
+        coef, _ = nnls(rows[chosen].T.numpy(), v.numpy())
+        keep = coef > 0
+        chosen = [f for f, k in zip(chosen, keep) if k]
+        coef = coef[keep]
+        residual = v - torch.from_numpy(coef) @ rows[chosen]
+        steps.append(float(residual.norm() / v.norm()))
+        if steps[-1] < tol:
+            break
+    recon = torch.from_numpy(coef) @ rows[chosen] if chosen else torch.zeros_like(v)
+    res = float((v - recon).norm())
+    return Decomposition(tuple(chosen), tuple(float(c) for c in coef), recon.float(), res,
+                         res / float(v.norm()), float(v.norm()), tuple(steps))
+
+
+# --------------------------------------------------------------------------- attribution
+
+
+@dataclass(frozen=True)
+class ProjectionMetric:
+    """Projection of the residual stream after block ``layer`` at each prompt's last token on ``v̂_layer``."""
+
+    direction: Direction
+    layer: int
+
+    def __post_init__(self):
+        self.direction.unit(self.layer)  # a missing layer or a zero vector is a DirectionError
+
+    @property
+    def label(self) -> str:
+        return f"projection on {self.direction.meta.get('name', 'direction')} after layer {self.layer}"
+
+
+def _metric_run(model, sae, prompts, metric: ProjectionMetric, *, batch_size: int, template=None,
+                edit=None, grad: bool = False):
+    """Yield, per batch, ``(indices, per-prompt metric [batch], SpliceRecord)`` with the SAE spliced in
+    (error term kept, so without ``edit`` the values are the clean model's)."""
+    at = check_sae(sae, model)
+    if metric.layer < at:
+        raise SAEError(f"the metric reads layer {metric.layer}, before the SAE's layer {at}: "
+                       "the features cannot change it")
+    items = encode(model, prompts, template=template)
+    seqs = [it.tokens for it in items]
+    u = metric.direction.unit(metric.layer).to(model.cfg.device)
+    read: dict[str, Tensor] = {}
+    for _, batch in batches(seqs, batch_size):
+        idx = [i for i, _ in batch]
+        tokens, mask = padded_batch(model, [s for _, s in batch])
+        last = torch.tensor([len(s) - 1 for _, s in batch], device=tokens.device)
+        record = SpliceRecord([])
+
+        def grab(x, hook):
+            read["x"] = x
+            return x
+
+        with spliced(model, sae, error_term=True, edit=edit, grad=grad, record=record), \
+                model.hooks(fwd_hooks=[(resid_hook(metric.layer), grab)]), torch.set_grad_enabled(grad):
+            model(tokens, attention_mask=mask, stop_at_layer=metric.layer + 1)
+        x = read.pop("x")
+        values = x[torch.arange(len(idx), device=x.device), last] @ u.to(x.dtype)
+        yield idx, values, record, mask
+
+
+def attribute_features(model, sae, prompts, metric: ProjectionMetric, *, batch_size: int = 16,
+                       template: str | None = None) -> pd.DataFrame:
+    """Gradient × activation attribution of ``metric`` to every SAE feature, averaged over prompts.
+
+    For prompt ``p``, ``attribution_i = Σ_t ∂metric/∂a_{t,i} · a_{t,i}`` over the
+    positions after BOS, with the SAE's error term held fixed (so the spliced run is
+    the clean run). Returns ``feature, attribution, mean_activation`` (per token),
+    ``frac_prompts_active`` (prompts where it fires anywhere)
+    sorted by ``|attribution|``, and ``.attrs["metric"]``: the mean metric value.
+    """
+    n_feat = sae.cfg.d_sae
+    total = torch.zeros(n_feat, dtype=torch.float64)
+    act_sum = torch.zeros(n_feat, dtype=torch.float64)
+    active = torch.zeros(n_feat, dtype=torch.float64)
+    metric_sum = n_tokens = 0.0
+    n = 0
+    for idx, values, record, mask in _metric_run(model, sae, prompts, metric, batch_size=batch_size,
+                                                 template=template, grad=True):
+        leaf = record.acts[0]
+        (grads,) = torch.autograd.grad(values.sum(), leaf)
+        acts = leaf.detach()
+        real = mask[:, 1:, None].to(acts.dtype)
+        total += (grads * acts * real).sum((0, 1)).double().cpu()
+        act_sum += (acts * real).sum((0, 1)).double().cpu()
+        n_tokens += float(real.sum())
+        active += ((acts * real) > 0).any(1).sum(0).double().cpu()
+        metric_sum += float(values.detach().sum())
+        n += len(idx)
+    frame = pd.DataFrame({"feature": np.arange(n_feat), "attribution": (total / n).numpy(),
+                          "mean_activation": (act_sum / max(n_tokens, 1)).numpy(),
+                          "frac_prompts_active": (active / n).numpy()})
+    frame = frame.iloc[np.argsort(-np.abs(frame["attribution"].to_numpy()), kind="stable")].reset_index(drop=True)
+    frame.attrs.update(metric=metric_sum / n, label=metric.label, n_prompts=n, sae_layer=sae_layer(sae))
+    return frame
+
+
+@torch.no_grad()
+def metric_values(model, sae, prompts, metric: ProjectionMetric, *, edit=None, batch_size: int = 16,
+                  template: str | None = None) -> Tensor:
+    """The metric per prompt ``[batch]`` with the SAE spliced in (error term kept), under ``edit``."""
+    out = torch.zeros(len(prompts), dtype=torch.float64)
+    for idx, values, _, _ in _metric_run(model, sae, prompts, metric, batch_size=batch_size, template=template,
+                                         edit=edit):
+        out[idx] = values.double().cpu()
+    return out
+
+
+def ablate_features(features) -> callable:
+    """An ``edit`` for :func:`~lens_roles.analysis.sae.spliced` that zeroes these features' activations."""
+    index = torch.as_tensor(list(features), dtype=torch.long)
+
+    def edit(acts):
+        acts = acts.clone()
+        acts[..., index.to(acts.device)] = 0
+        return acts
+
+    return edit
+
+
+def ablation_check(model, sae, prompts, metric: ProjectionMetric, attribution: pd.DataFrame, *,
+                   top: int = 16, batch_size: int = 16, template: str | None = None) -> pd.DataFrame:
+    """Ablate each of the ``top`` features (by ``|attribution|``) alone; compare the measured change of
+    the mean metric with the attribution's prediction ``−attribution``.
+
+    Returns ``feature, predicted, actual`` (and ``.attrs``: Pearson ``r`` and the clean mean).
+    """
+    base = metric_values(model, sae, prompts, metric, batch_size=batch_size, template=template).mean()
+    rows = []
+    for feature, attr in attribution[["feature", "attribution"]].head(top).itertuples(index=False):
+        after = metric_values(model, sae, prompts, metric, edit=ablate_features([int(feature)]),
+                              batch_size=batch_size, template=template).mean()
+        rows.append({"feature": int(feature), "predicted": -float(attr), "actual": float(after - base)})
+    frame = pd.DataFrame(rows)
+    r = float(np.corrcoef(frame["predicted"], frame["actual"])[0, 1]) if len(frame) > 2 else float("nan")
+    frame.attrs.update(pearson=r, metric=float(base), label=metric.label)
+    return frame
+
+
+__all__ = ["Decomposition", "ProjectionMetric", "ablate_features", "ablation_check", "attribute_features",
+           "decompose", "feature_alignment", "metric_values"]

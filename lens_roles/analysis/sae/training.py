@@ -1,0 +1,136 @@
+"""Training residual-stream SAEs with ``sae_lens`` and saving them in its folder format."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from lens_roles._version import __version__
+from lens_roles.errors import SAEError
+from lens_roles.runtime.models import resid_hook
+
+
+@dataclass(frozen=True)
+class SAETrainConfig:
+    """How an SAE is trained (``k`` for TopK, ``l1`` for a ReLU SAE with an L1 penalty).
+
+    ``samples`` activations are drawn, in seeded shuffled epochs over the harvested tokens.
+    """
+
+    d_sae: int = 2304
+    k: int | None = 32
+    l1: float | None = None
+    samples: int = 1_000_000
+    batch_size: int = 1024
+    lr: float = 5e-4
+    seed: int = 0
+
+    def __post_init__(self):
+        if (self.k is None) == (self.l1 is None):
+            raise ValueError("give exactly one of k (TopK SAE) and l1 (L1-penalised ReLU SAE)")
+        if self.k is not None and not 0 < self.k < self.d_sae:
+            raise ValueError(f"k must be in 1..d_sae-1, got k={self.k} with d_sae={self.d_sae}")
+        if self.l1 is not None and not self.l1 > 0:
+            raise ValueError(f"l1 must be > 0, got {self.l1}")
+        for name in ("d_sae", "samples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def _shuffled_batches(acts: Tensor, batch_size: int, seed: int) -> Iterator[Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(acts), generator=gen)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield acts[order[start:start + batch_size]]
+
+
+def train_sae(acts: Float[Tensor, "token d_model"], *, layer: int, model_name: str,
+              config: SAETrainConfig = SAETrainConfig(), provenance: dict | None = None,
+              progress: bool = False):
+    """Train an SAE on ``acts`` (from :func:`harvest`) with ``sae_lens``'s ``SAETrainer``.
+
+    Activations are scaled to a mean norm of ``sqrt(d_model)`` while training and the
+    scale is folded back into the weights; decoder rows are then folded to unit norm,
+    so ``decoder_directions`` equals ``W_dec``. Returns the inference SAE (float32,
+    CPU), its metadata naming the hook, the model and ``provenance``.
+    """
+    from sae_lens import SAE
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    if acts.ndim != 2 or len(acts) < config.batch_size:
+        raise SAEError(f"training needs [token, d_model] activations with at least batch_size={config.batch_size} "
+                       f"tokens, got shape {tuple(acts.shape)}")
+    torch.manual_seed(config.seed)
+    metadata = SAEMetadata(model_name=model_name, hook_name=resid_hook(layer), hook_head_index=None,
+                           prepend_bos=True, context_size=None, lens_roles_version=__version__,
+                           lens_roles_training=dict(asdict(config), **(provenance or {})))
+    common = dict(d_in=acts.shape[1], d_sae=config.d_sae, normalize_activations="expected_average_only_in",
+                  metadata=metadata)
+    if config.k is not None:
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=config.k, **common))
+    else:
+        sae = StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=config.l1,
+                                                            l1_warm_up_steps=max(1, config.samples // config.batch_size
+                                                                                 // 20), **common))
+    steps = config.samples // config.batch_size
+    trainer_cfg = SAETrainerConfig(total_training_samples=steps * config.batch_size,
+                                   train_batch_size_samples=config.batch_size, lr=config.lr,
+                                   lr_scheduler_name="constant", lr_warm_up_steps=max(1, steps // 20),
+                                   lr_decay_steps=max(1, steps // 5), lr_end=config.lr / 10,
+                                   dead_feature_window=max(50, steps // 10),
+                                   feature_sampling_window=max(50, steps // 10),
+                                   n_batches_for_norm_estimate=min(50, max(1, len(acts) // config.batch_size)))
+    data = _shuffled_batches(acts, config.batch_size, config.seed)
+    trainer = SAETrainer(trainer_cfg, sae, data)
+    if not progress:
+        trainer._update_pbar = lambda *a, **k: None  # noqa: SLF001 (tqdm bar off outside terminals)
+    trainer.fit()
+    with tempfile.TemporaryDirectory() as tmp:
+        sae.save_inference_model(tmp)
+        return SAE.load_from_disk(tmp, device="cpu", dtype="float32", fold_W_dec_norm=True)
+
+
+def save_sae(sae, path: str | Path, *, dtype: torch.dtype = torch.float16, extra: dict | None = None) -> Path:
+    """Write ``sae`` in ``sae_lens``'s folder format (``cfg.json``, ``sae_weights.safetensors``)
+    with weights in ``dtype``, plus ``extra`` as ``lens_roles.json``; the folder appears whole or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-sae-", dir=path.parent))
+    try:
+        state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in sae.state_dict().items()}
+        from safetensors.torch import save_file
+
+        save_file(state, str(tmp / "sae_weights.safetensors"))
+        cfg = sae.cfg.to_dict()
+        cfg["dtype"] = str(dtype).removeprefix("torch.")
+        cfg["device"] = "cpu"
+        (tmp / "cfg.json").write_text(json.dumps(cfg, indent=1, default=str))
+        if extra is not None:
+            (tmp / "lens_roles.json").write_text(json.dumps(extra, indent=2, default=str))
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=".old-sae-", dir=path.parent))
+            os.replace(path, old / "sae")
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path

@@ -1,0 +1,341 @@
+"""Prompt sets, contrast pairs, their loaders, and chat formatting.
+
+File formats read here:
+
+* Project JSONL (``data/``), one JSON object per line:
+    - prompt sets (``data/roles/<role>.jsonl``, ``data/roles/baseline.jsonl``):
+      ``{"instruction": str}``, optionally ``"system": str``;
+    - contrast pairs (``data/personas/*.jsonl``):
+      ``{"user": str, "positive": str, "negative": str}``, optionally ``"system": str``.
+      The positive and negative strings are assistant replies to the same user turn.
+* Role-Vectors JSON (``../shared/data/role-vectors/splits/*.json``): a list of
+  ``{"instruction": str, "category": str | null, ...}``.
+* CAA JSON (``../shared/data/caa/*.json``): a list of ``{"positive": str, "negative": str}``
+  whose two strings share a question and differ in the final answer; the shared
+  part becomes the user turn and the differing tail the reply.
+
+Chat formatting (:func:`render`) uses the tokenizer's own chat template when it has
+one. Otherwise it uses the plain template ``PLAIN_TEMPLATE``::
+
+    [System: {system}\\n\\n]User: {user}\\n\\nAssistant:[ {reply}]
+
+Either way the rendered text records three character spans: the user's
+instruction, the end-of-instruction span (template text between the end of the
+instruction and the start of the reply, the positions the role-vectors paper
+reads), and the reply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from lens_roles.errors import DataError
+
+PLAIN_TEMPLATE = "[System: {system}\\n\\n]User: {user}\\n\\nAssistant:[ {reply}]"
+
+
+# ----------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One user turn, with an optional system prompt and an optional assistant reply."""
+
+    user: str
+    system: str | None = None
+    reply: str | None = None
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """A named, ordered set of prompts (e.g. one role's instructions, or the baseline)."""
+
+    name: str
+    prompts: tuple[Prompt, ...]
+    source: str = ""
+
+    def __post_init__(self):
+        if not self.prompts:
+            raise DataError(f"prompt set {self.name!r} ({self.source or 'in memory'}) is empty")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def split(self, fraction: float = 0.75) -> tuple["PromptSet", "PromptSet"]:
+        """Deterministic train/held-out split: the first ``fraction`` and the rest."""
+        k = split_point(len(self), fraction, f"prompt set {self.name!r}")
+        return (
+            PromptSet(self.name, self.prompts[:k], self.source),
+            PromptSet(self.name, self.prompts[k:], self.source),
+        )
+
+    def fingerprint(self) -> str:
+        return fingerprint([(p.system, p.user, p.reply) for p in self.prompts])
+
+
+@dataclass(frozen=True)
+class ContrastPair:
+    """One user turn with a positive and a negative assistant reply."""
+
+    user: str
+    positive: str
+    negative: str
+    system: str | None = None
+
+    def as_prompts(self) -> tuple[Prompt, Prompt]:
+        return (
+            Prompt(self.user, self.system, self.positive),
+            Prompt(self.user, self.system, self.negative),
+        )
+
+
+@dataclass(frozen=True)
+class PairSet:
+    """A named, ordered set of contrast pairs."""
+
+    name: str
+    pairs: tuple[ContrastPair, ...]
+    source: str = ""
+
+    def __post_init__(self):
+        if not self.pairs:
+            raise DataError(f"pair set {self.name!r} ({self.source or 'in memory'}) is empty")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def positives(self) -> PromptSet:
+        return PromptSet(f"{self.name}+", tuple(p.as_prompts()[0] for p in self.pairs), self.source)
+
+    def negatives(self) -> PromptSet:
+        return PromptSet(f"{self.name}-", tuple(p.as_prompts()[1] for p in self.pairs), self.source)
+
+    def halves(self) -> tuple["PairSet", "PairSet"]:
+        """Two disjoint halves (even and odd items), for split-half agreement."""
+        if len(self) < 2:
+            raise DataError(f"pair set {self.name!r} has {len(self)} pair(s); cannot halve it")
+        return (
+            PairSet(f"{self.name}[even]", self.pairs[0::2], self.source),
+            PairSet(f"{self.name}[odd]", self.pairs[1::2], self.source),
+        )
+
+    def split(self, fraction: float = 0.75) -> tuple["PairSet", "PairSet"]:
+        k = split_point(len(self), fraction, f"pair set {self.name!r}")
+        return PairSet(self.name, self.pairs[:k], self.source), PairSet(self.name, self.pairs[k:], self.source)
+
+    def fingerprint(self) -> str:
+        return fingerprint([(p.system, p.user, p.positive, p.negative) for p in self.pairs])
+
+
+def split_point(n: int, fraction: float, what: str = "set") -> int:
+    """Items before the split when the first ``fraction`` of ``n`` builds and the rest is held out.
+
+    Both sides keep at least one item.
+    """
+    if not 0 < fraction < 1:
+        raise DataError(f"split fraction must be in (0, 1), got {fraction}")
+    if n < 2:
+        raise DataError(f"{what} has {n} item(s); cannot split it")
+    return max(1, min(n - 1, round(n * fraction)))
+
+
+def fingerprint(items) -> str:
+    """A short content hash of JSON-serialisable data (the 'dataset hash' of provenance)."""
+    blob = json.dumps(items, ensure_ascii=False, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------- loaders
+
+
+def data_dir() -> Path:
+    """The project's prompt data: ``$LENS_ROLES_DATA`` or the repository's ``data/``."""
+    env = os.environ.get("LENS_ROLES_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "data"
+
+
+def _read_records(path: str | Path) -> list[tuple[int, dict]]:
+    """Read a JSONL file, or a JSON list, as ``(line_or_index, record)`` pairs."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+        records = list(enumerate(data))
+        where = "item"
+    else:
+        records = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+        where = "line"
+    for loc, rec in records:
+        if not isinstance(rec, dict):
+            raise DataError(f"{path} {where} {loc}: expected a JSON object, got {type(rec).__name__}")
+    if not records:
+        raise DataError(f"{path}: holds no records")
+    return records
+
+
+def _field(path, loc, rec: dict, key: str, required: bool = True) -> str | None:
+    value = rec.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{path} line/item {loc}: field {key!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def load_prompt_set(path: str | Path, name: str | None = None) -> PromptSet:
+    """Load prompts from project JSONL or Role-Vectors JSON (``instruction`` field)."""
+    path = Path(path)
+    prompts = []
+    for loc, rec in _read_records(path):
+        key = "instruction" if "instruction" in rec else "user" if "user" in rec else "instruction"
+        prompts.append(Prompt(_field(path, loc, rec, key), _field(path, loc, rec, "system", False)))
+    return PromptSet(name or path.stem, tuple(prompts), str(path))
+
+
+def _split_caa(path, loc, positive: str, negative: str) -> ContrastPair:
+    """Split two CAA strings into their shared question and differing answers."""
+    n = 0
+    while n < min(len(positive), len(negative)) and positive[n] == negative[n]:
+        n += 1
+    if n == len(positive) == len(negative):
+        raise DataError(f"{path} item {loc}: positive and negative are identical")
+    cut = max(positive.rfind("\n", 0, n), positive.rfind(" ", 0, n)) + 1
+    user = positive[:cut].rstrip()
+    if not user:
+        raise DataError(f"{path} item {loc}: positive and negative share no question text")
+    return ContrastPair(user, positive[cut:], negative[cut:])
+
+
+def load_pairs(path: str | Path, name: str | None = None) -> PairSet:
+    """Load contrast pairs from project JSONL (user/positive/negative) or CAA JSON."""
+    path = Path(path)
+    pairs = []
+    for loc, rec in _read_records(path):
+        pos = _field(path, loc, rec, "positive")
+        neg = _field(path, loc, rec, "negative")
+        if "user" in rec:
+            pair = ContrastPair(_field(path, loc, rec, "user"), pos, neg, _field(path, loc, rec, "system", False))
+        else:
+            pair = _split_caa(path, loc, pos, neg)
+        if pair.positive == pair.negative:
+            raise DataError(f"{path} line/item {loc}: positive and negative replies are identical")
+        pairs.append(pair)
+    return PairSet(name or path.stem, tuple(pairs), str(path))
+
+
+def available_roles(directory: str | Path | None = None) -> list[str]:
+    """Names of the role prompt sets in ``data/roles`` (every JSONL but the baseline)."""
+    directory = Path(directory) if directory else data_dir() / "roles"
+    return sorted(p.stem for p in directory.glob("*.jsonl") if p.stem != "baseline")
+
+
+def load_role(role: str, directory: str | Path | None = None) -> PromptSet:
+    """Load one role's instructions by name (``"chemist"``) from ``data/roles``."""
+    directory = Path(directory) if directory else data_dir() / "roles"
+    path = directory / f"{role.replace(' ', '_')}.jsonl"
+    if not path.is_file():
+        raise DataError(
+            f"unknown role {role!r}: no {path}. Known roles: {', '.join(available_roles(directory)) or 'none'}"
+        )
+    return load_prompt_set(path, role)
+
+
+def load_baseline(path: str | Path | None = None) -> PromptSet:
+    return load_prompt_set(path or data_dir() / "roles" / "baseline.jsonl", "baseline")
+
+
+def resolve_roles(spec: str | Iterable[str], directory: str | Path | None = None) -> list[str]:
+    """``"all"``, ``"chemist,lawyer"`` or a list of names → validated role names."""
+    known = available_roles(directory)
+    names = known if spec == "all" else [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec)]
+    unknown = [n for n in names if n.replace(" ", "_") not in known]
+    if unknown:
+        raise DataError(f"unknown role(s) {', '.join(map(repr, unknown))}. Known roles: {', '.join(known)}")
+    if not names:
+        raise DataError("no roles given")
+    return names
+
+
+# ------------------------------------------------------------------ formatting
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A prompt rendered to text, with character spans ``[start, end)`` of its parts."""
+
+    text: str
+    user_span: tuple[int, int]
+    eoi_span: tuple[int, int]
+    reply_span: tuple[int, int] | None
+    template: str = field(compare=False)
+
+
+def template_name(tokenizer) -> str:
+    """``"chat"`` when the tokenizer carries a chat template, else ``"plain"``."""
+    return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+
+
+def render(tokenizer, prompt: Prompt, template: str | None = None) -> Rendered:
+    """Render ``prompt`` with the model's chat template (or the plain one).
+
+    The reply, when present, is appended right after the generation prompt with no
+    end-of-turn marker, so that the reply's tokens are the last ones and a
+    ``"last"`` position reads the final reply token.
+    """
+    template = template or template_name(tokenizer)
+    if template == "chat":
+        messages = ([{"role": "system", "content": prompt.system}] if prompt.system else []) + [
+            {"role": "user", "content": prompt.user}
+        ]
+        # Render with a sentinel in place of the user text, so that the user's span is
+        # found exactly even when the text also occurs in the template.
+        sentinel = "\ue000LENSROLESUSER\ue001"
+        messages[-1]["content"] = sentinel
+        head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if head.count(sentinel) != 1:
+            raise DataError("the chat template does not contain the user's text verbatim exactly once")
+        start = head.index(sentinel)
+        head = head[:start] + prompt.user + head[start + len(sentinel):]
+        user_end = start + len(prompt.user)
+    elif template == "plain":
+        head = f"System: {prompt.system}\n\n" if prompt.system else ""
+        head += f"User: {prompt.user}"
+        user_end = len(head)
+        head += "\n\nAssistant:"
+    else:
+        raise DataError(f"unknown template {template!r} (use 'chat' or 'plain')")
+    user_span = (user_end - len(prompt.user), user_end)
+    eoi_span = (user_end, len(head))
+    if prompt.reply is None:
+        return Rendered(head, user_span, eoi_span, None, template)
+    sep = " " if template == "plain" else ""
+    text = head + sep + prompt.reply
+    return Rendered(text, user_span, eoi_span, (len(head) + len(sep), len(text)), template)
+
+
+def common_prefix_len(a: Sequence, b: Sequence) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -1,0 +1,258 @@
+"""Interventions on the residual stream, as context managers that never leak hooks.
+
+Every intervention attaches its hooks through ``model.hooks(fwd_hooks=...)``
+(TransformerLens removes exactly those hooks when the block ends, also when the
+body or a hook raises) and acts on ``blocks.{l}.hook_resid_post``, the point the
+directions are read from:
+
+* :func:`steer` — activation addition ``x + α·v_l`` (α may differ per batch row,
+  which is how an α sweep runs in one batched forward);
+* :func:`ablate` — directional ablation ``x − (x·v̂_l) v̂_l``;
+* :func:`clamp` — set the projection on ``v̂_l`` to a value;
+* :func:`ablate_then_add` — ablation followed by addition at the same point.
+
+α is *absolute* (residual units) by default. With ``relative=norms`` (a map
+layer → typical residual norm, from :func:`residual_norms`), α is a multiple of
+the typical norm at that layer, and the vector is normalised first:
+``x + α·norm_l·v̂_l``. Results record which was used.
+
+Which positions are touched: ``"all"``; ``"prompt"`` or ``"generated"`` (during
+:func:`lens_roles.runtime.generation.generate`, columns before / from the end of the
+padded prompt; outside generation every position counts as prompt); or a
+boolean mask ``[batch, pos]``.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Mapping, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from lens_roles.directions.direction import Direction
+from lens_roles.errors import DirectionError
+from lens_roles.runtime.generation import _STATE
+from lens_roles.runtime.models import resid_hook, validate_layers
+
+POSITION_MODES = ("all", "prompt", "generated")
+
+
+def _gate(positions, acts: Tensor) -> Tensor | None:
+    """``[batch, pos, 1]`` 0/1 mask of the positions to touch, or None for all."""
+    if isinstance(positions, str):
+        if positions == "all":
+            return None
+        state = _STATE.get()
+        offset = state.offset if state else 0
+        prompt_len = state.prompt_len if state and state.prompt_len is not None else None
+        cols = torch.arange(offset, offset + acts.shape[1], device=acts.device)
+        if prompt_len is None:  # no generation: everything is prompt
+            keep = torch.ones_like(cols, dtype=torch.bool) if positions == "prompt" else torch.zeros_like(
+                cols, dtype=torch.bool)
+        else:
+            keep = cols < prompt_len if positions == "prompt" else cols >= prompt_len
+        return keep.to(acts.dtype)[None, :, None]
+    mask = positions
+    state = _STATE.get()
+    offset = state.offset if state else 0
+    if mask.ndim != 2 or mask.shape[0] != acts.shape[0] or mask.shape[1] < offset + acts.shape[1]:
+        raise DirectionError(
+            f"position mask of shape {tuple(mask.shape)} does not cover activations of shape "
+            f"{tuple(acts.shape[:2])} at offset {offset}"
+        )
+    return mask[:, offset : offset + acts.shape[1]].to(acts.device, acts.dtype)[..., None]
+
+
+def _check_positions(positions) -> None:
+    if isinstance(positions, str):
+        if positions not in POSITION_MODES:
+            raise DirectionError(f"unknown positions {positions!r}; use one of {POSITION_MODES} or a bool mask")
+    elif not (isinstance(positions, Tensor) and positions.dtype == torch.bool and positions.ndim == 2):
+        raise DirectionError("positions must be 'all', 'prompt', 'generated' or a bool tensor [batch, pos]")
+
+
+def _check_alpha(alpha) -> Tensor:
+    a = torch.as_tensor(alpha, dtype=torch.float32)
+    if a.ndim > 1:
+        raise DirectionError(f"alpha must be a number or a 1-D tensor (one per batch row), got shape {tuple(a.shape)}")
+    if not torch.isfinite(a).all():
+        raise DirectionError(f"alpha must be finite, got {alpha}")
+    return a
+
+
+def _layer_vectors(model, direction: Direction, layers, *, unit: bool) -> dict[int, Tensor]:
+    if direction.d_model != model.cfg.d_model:
+        raise DirectionError(
+            f"direction {direction.meta.get('name', '')!r} has width {direction.d_model}, but "
+            f"{model.cfg.model_name} has d_model {model.cfg.d_model}"
+        )
+    layers = validate_layers(model, direction.layers if layers is None else layers)
+    missing = [layer for layer in layers if layer not in direction.layers]
+    if missing:
+        raise DirectionError(f"direction has no vector for layer(s) {missing} (it has {list(direction.layers)})")
+    device, dtype = model.cfg.device, model.cfg.dtype
+    return {
+        layer: (direction.unit(layer) if unit else direction[layer]).to(device, dtype) for layer in layers
+    }
+
+
+def _alpha_rows(alpha: Tensor, acts: Tensor) -> Tensor:
+    """α as ``[batch, 1, 1]`` (or a scalar), checked against the batch."""
+    if alpha.ndim == 0:
+        return alpha.to(acts.device, acts.dtype)
+    if alpha.shape[0] != acts.shape[0]:
+        raise DirectionError(f"alpha has {alpha.shape[0]} entries but the batch has {acts.shape[0]} rows")
+    return alpha.to(acts.device, acts.dtype)[:, None, None]
+
+
+def steering_hooks(model, direction: Direction, alpha, *, layers=None, positions="all",
+                   relative: Mapping[int, float] | None = None) -> list:
+    """The ``(hook name, fn)`` pairs of activation addition (see :func:`steer`)."""
+    _check_positions(positions)
+    alpha = _check_alpha(alpha)
+    vectors = _layer_vectors(model, direction, layers, unit=relative is not None)
+    if relative is not None:
+        missing = [layer for layer in vectors if layer not in relative]
+        if missing:
+            raise DirectionError(f"relative α needs residual norms for layer(s) {missing}")
+        vectors = {layer: v * float(relative[layer]) for layer, v in vectors.items()}
+
+    def make(vector: Tensor):
+        def hook(acts, hook):
+            gate = _gate(positions, acts)
+            delta = _alpha_rows(alpha, acts) * vector
+            return acts + (delta if gate is None else gate * delta)
+
+        return hook
+
+    return [(resid_hook(layer), make(v)) for layer, v in vectors.items()]
+
+
+def ablation_hooks(model, direction: Direction, *, layers=None, positions="all", value: float | None = None,
+                   unit_layer: int | None = None) -> list:
+    """Hooks that project ``v̂`` out (``value=None``) or clamp the projection to ``value``."""
+    _check_positions(positions)
+    if value is not None and not math.isfinite(value):
+        raise DirectionError(f"clamp value must be finite, got {value}")
+    units = _layer_vectors(model, direction, layers if unit_layer is None else [unit_layer], unit=True)
+    if unit_layer is not None:  # one direction at every chosen layer (Arditi et al.)
+        u = units[unit_layer % model.cfg.n_layers]
+        units = {layer: u for layer in validate_layers(model, layers)}
+
+    def make(u: Tensor):
+        def hook(acts, hook):
+            proj = acts @ u  # [batch, pos]
+            target = 0.0 if value is None else value
+            delta = (target - proj)[..., None] * u
+            gate = _gate(positions, acts)
+            return acts + (delta if gate is None else gate * delta)
+
+        return hook
+
+    return [(resid_hook(layer), make(u)) for layer, u in units.items()]
+
+
+@contextmanager
+def intervene(model, hooks: Sequence):
+    """Run the block with ``hooks`` attached; they are removed however the block ends."""
+    with model.hooks(fwd_hooks=list(hooks)):
+        yield model
+
+
+@contextmanager
+def steer(model, direction: Direction, alpha: float | Sequence[float] | Tensor, *, layers=None,
+          positions="all", relative: Mapping[int, float] | None = None):
+    """Add ``α·v_l`` to ``blocks.{l}.hook_resid_post`` for each chosen layer.
+
+    Args:
+        alpha: a number, or one per batch row (``[batch]``) for batched sweeps.
+        layers: layers to steer (default: every layer of ``direction``).
+        positions: ``"all"``, ``"prompt"``, ``"generated"`` or a bool mask ``[batch, pos]``.
+        relative: layer → typical residual norm; α then multiplies the norm and
+            the unit vector (see the module docs).
+
+    Raises:
+        DirectionError: NaN/inf α, a vector of the wrong width, a layer the model
+            or the direction lacks, bad positions — before any hook is attached.
+    """
+    with intervene(model, steering_hooks(model, direction, alpha, layers=layers, positions=positions,
+                                         relative=relative)):
+        yield model
+
+
+@contextmanager
+def ablate(model, direction: Direction, *, layers=None, positions="all", unit_layer: int | None = None):
+    """Project ``v̂_l`` out of the residual stream at each chosen layer (default: all of them).
+
+    With ``unit_layer``, the unit vector of that one layer is ablated everywhere.
+    """
+    layers = "all" if layers is None and unit_layer is not None else layers
+    with intervene(model, ablation_hooks(model, direction, layers=layers, positions=positions,
+                                         unit_layer=unit_layer)):
+        yield model
+
+
+@contextmanager
+def clamp(model, direction: Direction, value: float, *, layers=None, positions="all"):
+    """Set the projection of the residual stream on ``v̂_l`` to ``value`` at each chosen layer."""
+    with intervene(model, ablation_hooks(model, direction, layers=layers, positions=positions, value=value)):
+        yield model
+
+
+@contextmanager
+def ablate_then_add(model, direction: Direction, alpha, *, layers=None, positions="all",
+                    relative: Mapping[int, float] | None = None):
+    """Ablate ``v̂_l`` and then add ``α·v_l`` at the same hook points."""
+    hooks = ablation_hooks(model, direction, layers=layers, positions=positions)
+    hooks += steering_hooks(model, direction, alpha, layers=layers, positions=positions, relative=relative)
+    with intervene(model, hooks):
+        yield model
+
+
+@torch.no_grad()
+def residual_norms(model, prompts, *, layers=None, positions="all", batch_size: int = 16) -> dict[int, float]:
+    """Typical residual norm per layer: mean over prompts of the mean ‖x‖ over their positions.
+
+    The first token is left out: its residual norm is often tens of times the others'
+    (an attention sink) and would make "typical" meaningless.
+    """
+    from lens_roles.inputs.positions import encode, select_positions
+    from lens_roles.runtime.activations import _as_prompts
+    from lens_roles.runtime.batching import pad_batch, pad_id
+
+    layers = validate_layers(model, layers)
+    items = encode(model, _as_prompts(prompts))
+    pos = select_positions(items, positions)
+    totals = dict.fromkeys(layers, 0.0)
+    for start in range(0, len(items), batch_size):
+        chunk = list(range(start, min(start + batch_size, len(items))))
+        tokens, _ = pad_batch([items[i].tokens for i in chunk], pad_id(model))
+        weights = torch.zeros(tokens.shape)
+        for row, i in enumerate(chunk):
+            read = [q for q in pos[i] if q > 0] or pos[i]
+            weights[row, read] = 1.0 / len(read)
+
+        weights = weights.to(model.cfg.device)
+
+        def hook(acts, hook, _w=weights):
+            layer = int(hook.name.split(".")[1])
+            totals[layer] += float((acts.norm(dim=-1) * _w).sum())
+
+        with model.hooks(fwd_hooks=[(resid_hook(layer), hook) for layer in layers]):
+            model(tokens.to(model.cfg.device), stop_at_layer=max(layers) + 1)
+    return {layer: totals[layer] / len(items) for layer in layers}
+
+
+def projection(acts: Float[Tensor, "batch pos d_model"], direction: Direction,
+               layer: int) -> Float[Tensor, "batch pos"]:
+    """Projection of activations on the unit vector of ``direction`` at ``layer``."""
+    return acts @ direction.unit(layer).to(acts.device, acts.dtype)
+
+
+__all__ = [
+    "steer", "ablate", "clamp", "ablate_then_add", "intervene",
+    "steering_hooks", "ablation_hooks", "residual_norms", "projection",
+]

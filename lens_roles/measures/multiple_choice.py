@@ -1,0 +1,198 @@
+"""Multiple-choice scoring under an intervention (the role-vectors paper's measurement).
+
+A question is scored by the model's next-token distribution where its answer
+would start: the softmax restricted to the option letters' tokens (the paper's
+"softmax over the answer-letter tokens"). The letter tokens are found, per
+question, by rendering the prompt once with each letter as the assistant's
+reply and taking the first token where the renderings differ, so that chat and
+plain templates, a leading space (``" A"``) or a custom ``answer_format``
+(``"({letter})"``) all work without a hand-made token table.
+
+Scoring reads only the final residual at one position per question, through
+the shared-prefix batching of :mod:`lens_roles.runtime.batching` (the chat template's
+trunk is computed once), and unembeds only those positions. Whatever hooks are
+attached to the model (an intervention's context manager) act on every
+forward, prefixes included.
+
+:class:`Condition` names the four conditions of the paper's comparison — no
+intervention, activation addition of a role vector at one layer, directional
+ablation of it at every layer, and persona prompting (the role as system
+prompt) — and applies one as a context manager.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Sequence
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from lens_roles.directions.direction import Direction
+from lens_roles.errors import DataError, DirectionError
+from lens_roles.inputs.positions import Encoded, encode
+from lens_roles.inputs.prompts import Prompt, common_prefix_len
+from lens_roles.inputs.questions import Question, QuestionSet
+from lens_roles.interventions.steering import ablate, steer
+from lens_roles.runtime.batching import run_batches
+from lens_roles.runtime.readout import logprobs_at as _logprobs_at
+
+CONDITIONS = ("none", "addition", "ablation", "prompting")
+#: the persona prompt of the prompting condition; ``{article}`` is "a" or "an"
+SYSTEM_TEMPLATE = "You are {article} {role}."
+
+
+@dataclass(frozen=True)
+class ChoiceItem:
+    """One question ready to score.
+
+    Attributes:
+        tokens: the prompt's tokens up to where the options' continuations differ.
+        choice_ids: the first token of each option's continuation, in letter order.
+        answer: index of the right option.
+    """
+
+    tokens: tuple[int, ...]
+    choice_ids: tuple[int, ...]
+    answer: int
+
+
+def choice_items(model, questions: Sequence[Question] | QuestionSet, *, system: str | None = None,
+                 answer_format: str = "{letter}", template: str | None = None,
+                 prepend_bos: bool | None = None) -> list[ChoiceItem]:
+    """Tokenise questions for scoring (see the module docs for how letter tokens are found).
+
+    Raises:
+        DataError: naming the question, when two options' continuations begin with
+            the same token (the format cannot tell them apart by one token).
+    """
+    if "{letter}" not in answer_format:
+        raise DataError(f"answer_format must contain '{{letter}}', got {answer_format!r}")
+    out = []
+    for q in questions:
+        renderings = encode(model, [Prompt(q.text, system, answer_format.format(letter=x)) for x in q.letters],
+                            template=template, prepend_bos=prepend_bos)
+        toks = [r.tokens for r in renderings]
+        n = min(common_prefix_len(toks[0], t) for t in toks[1:])
+        firsts = [t[n] if n < len(t) else None for t in toks]
+        if n == 0 or None in firsts or len(set(firsts)) != len(firsts):
+            raise DataError(f"question {q.id}: the options {', '.join(q.letters)} written as {answer_format!r} "
+                            "do not begin with distinct tokens, so they cannot be scored by one next token")
+        out.append(ChoiceItem(tuple(toks[0][:n]), tuple(firsts), q.answer_index))
+    return out
+
+
+@torch.no_grad()
+def choice_logprobs(model, items: Sequence[ChoiceItem], *, batch_size: int = 16,
+                    share_prefixes: bool = True) -> list[Float[Tensor, " choice"]]:
+    """Full-vocabulary log-probabilities of each item's choice tokens at its next position."""
+    if not items:
+        raise DataError("no questions to score")
+    n_layers = model.cfg.n_layers
+    encoded = [Encoded(it.tokens, (0, 0), (0, 0), None) for it in items]
+    positions = [[len(it.tokens) - 1] for it in items]
+    finals: list[Tensor | None] = [None] * len(items)
+
+    def hooks_for(weights: Tensor, members: list[int]):
+        def capture(acts, hook):
+            picked = (acts * weights[..., None].to(acts.dtype)).sum(1)  # one position per row
+            for row, i in enumerate(members):
+                finals[i] = picked[row]
+
+        return [(f"blocks.{n_layers - 1}.hook_resid_post", capture)]
+
+    run_batches(model, encoded, positions, batch_size=batch_size, stop_at_layer=n_layers,
+                fwd_hooks_for=hooks_for, share_prefixes=share_prefixes)
+    out = []
+    for start in range(0, len(items), 64):  # unembed in chunks: the vocabulary can be large
+        chunk = items[start : start + 64]
+        logp = _logprobs_at(model, torch.stack(finals[start : start + len(chunk)]))
+        out += [logp[row, list(it.choice_ids)].cpu() for row, it in enumerate(chunk)]
+    return out
+
+
+def score_questions(model, questions: QuestionSet | Sequence[Question], *, system: str | None = None,
+                    answer_format: str = "{letter}", batch_size: int = 16, template: str | None = None
+                    ) -> pd.DataFrame:
+    """Score each question under whatever hooks are attached to ``model``.
+
+    Returns one row per question: ``question, subject, answer, pred, correct,
+    p_correct`` (softmax over the letter tokens), ``letter_mass`` (total
+    full-vocabulary probability of the letter tokens: how much the model answers
+    with a letter at all).
+    """
+    qs = list(questions)
+    items = choice_items(model, qs, system=system, answer_format=answer_format, template=template)
+    rows = []
+    for q, it, logp in zip(qs, items, choice_logprobs(model, items, batch_size=batch_size)):
+        probs = torch.softmax(logp.double(), -1)
+        pred = int(probs.argmax())
+        rows.append({"question": q.id, "subject": q.subject, "answer": q.answer, "pred": q.letters[pred],
+                     "correct": pred == it.answer, "p_correct": float(probs[it.answer]),
+                     "letter_mass": float(logp.double().exp().sum())})
+    return pd.DataFrame(rows)
+
+
+def persona_prompt(role: str, template: str = SYSTEM_TEMPLATE) -> str:
+    """``"financial_analyst"`` → ``"You are a financial analyst."`` (with ``template``)."""
+    name = role.replace("_", " ").strip()
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    return template.format(article=article, role=name)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One evaluation condition.
+
+    Attributes:
+        kind: ``"none"``, ``"addition"`` (``x + α·v_layer`` at ``layer``, every
+            position), ``"ablation"`` (project ``v̂_layer`` out at every layer and
+            position) or ``"prompting"`` (``system`` as the system prompt).
+        layer: the role vector's layer used (addition, ablation).
+        alpha: multiple of the raw role vector added (addition).
+        system: the system prompt (prompting).
+    """
+
+    kind: str
+    layer: int | None = None
+    alpha: float | None = None
+    system: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in CONDITIONS:
+            raise ValueError(f"unknown condition {self.kind!r}; use one of {', '.join(CONDITIONS)}")
+        if self.kind in ("addition", "ablation") and self.layer is None:
+            raise ValueError(f"condition {self.kind!r} needs a layer")
+        if self.kind == "addition" and self.alpha is None:
+            raise ValueError("condition 'addition' needs alpha")
+        if self.kind == "prompting" and not self.system:
+            raise ValueError("condition 'prompting' needs a system prompt")
+
+    @contextmanager
+    def applied(self, model, direction: Direction | None = None):
+        """Attach this condition's hooks for the block (none for ``none`` and ``prompting``)."""
+        if self.kind in ("addition", "ablation"):
+            if direction is None:
+                raise DirectionError(f"condition {self.kind!r} needs a direction")
+            if self.layer not in direction:
+                raise DirectionError(f"the direction has no layer {self.layer} (it has {list(direction.layers)})")
+        if self.kind == "addition":
+            ctx = steer(model, direction, self.alpha, layers=[self.layer])
+        elif self.kind == "ablation":
+            ctx = ablate(model, direction, unit_layer=self.layer)
+        else:
+            ctx = nullcontext(model)
+        with ctx:
+            yield model
+
+
+def evaluate_condition(model, questions: QuestionSet, condition: Condition, direction: Direction | None = None,
+                       *, answer_format: str = "{letter}", batch_size: int = 16) -> pd.DataFrame:
+    """:func:`score_questions` under ``condition``; adds ``condition, layer, alpha`` columns."""
+    with condition.applied(model, direction):
+        frame = score_questions(model, questions, system=condition.system, answer_format=answer_format,
+                                batch_size=batch_size)
+    return frame.assign(condition=condition.kind, layer=condition.layer, alpha=condition.alpha)

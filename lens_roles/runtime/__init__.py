@@ -1,0 +1,29 @@
+"""Runtime: loading models, batching, capturing activations, reading out logits, generating."""
+
+from lens_roles.runtime.models import (
+    DEFAULT_MODEL,
+    EMBEDDED_MODELS,
+    load_model,
+    load_hf_model,
+    resid_hook,
+    validate_layers,
+)
+from lens_roles.runtime.activations import Activations, collect, collect_sets
+from lens_roles.runtime.generation import Generation, generate
+from lens_roles.runtime.readout import final_logits, logprobs_at
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "EMBEDDED_MODELS",
+    "load_model",
+    "load_hf_model",
+    "resid_hook",
+    "validate_layers",
+    "Activations",
+    "collect",
+    "collect_sets",
+    "Generation",
+    "generate",
+    "final_logits",
+    "logprobs_at",
+]

@@ -1,0 +1,290 @@
+"""Batched collection of residual-stream activations, reduced on the fly.
+
+:func:`collect` runs the model over prompts in length-sorted, right-padded
+batches with hooks only on the requested ``blocks.{l}.hook_resid_post`` points and
+``stop_at_layer`` just past the deepest one, so nothing after it is computed and
+no ``ActivationCache`` is ever held. Each hook reduces its activations at once:
+
+* per prompt, the mean over the selected positions (``[batch, d_model]``);
+* over prompts, a running float64 sum, so the mean over a dataset needs memory
+  independent of its size (``Activations.mean``, ``[layer, d_model]``);
+* optionally the per-prompt vectors themselves (``Activations.per_prompt``,
+  ``[batch, layer, d_model]`` float32), for probes, PCA and held-out separation.
+
+Each prompt weighs equally in the mean whatever its number of selected positions.
+Right padding is exact for a causal model: padding sits after every real token,
+so it cannot change them, and positions need no shifting. Each batch is also
+truncated after its last selected position, which a causal model cannot need.
+
+An optional on-disk cache (``cache_dir``) keys results by everything the numbers
+depend on — model id and shape, hook points, the exact token ids (which encode the
+template, BOS choice and data), the selected positions and the dtype — and writes
+them atomically (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from lens_roles._version import __version__
+from lens_roles.errors import CacheError, DataError
+from lens_roles.inputs.positions import Encoded, PositionRule, default_prepend_bos, encode, rule_name, select_positions
+from lens_roles.inputs.prompts import Prompt, PromptSet, template_name
+from lens_roles.io import atomic_write
+from lens_roles.runtime.batching import run_batches
+from lens_roles.runtime.models import model_id, resid_hook, validate_layers
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Reduced residual-stream activations of one prompt set.
+
+    Attributes:
+        layers: block indices, in the order of the ``layer`` axis.
+        mean: ``[layer, d_model]`` float64 mean over prompts of each prompt's mean
+            over its selected positions.
+        count: number of prompts.
+        per_prompt: ``[batch, layer, d_model]`` float32, in the prompts' order, or
+            None when not kept.
+        meta: what the numbers depend on (model, hook, positions, template, BOS, data hash).
+    """
+
+    layers: tuple[int, ...]
+    mean: Float[Tensor, "layer d_model"]
+    count: int
+    per_prompt: Float[Tensor, "batch layer d_model"] | None = None
+    meta: dict = field(default_factory=dict)
+
+    def subset(self, indices) -> "Activations":
+        """The activations of some prompts only (needs ``per_prompt``); the mean is recomputed."""
+        if self.per_prompt is None:
+            raise DataError("subset needs per-prompt activations (collect with keep_per_prompt=True)")
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        if idx.numel() == 0:
+            raise DataError("subset of no prompts")
+        per_prompt = self.per_prompt[idx]
+        meta = dict(self.meta, count=len(idx))
+        meta.pop("cache_key", None)
+        return Activations(self.layers, per_prompt.double().mean(0), len(idx), per_prompt, meta)
+
+    def layer_index(self, layer: int) -> int:
+        try:
+            return self.layers.index(layer)
+        except ValueError:
+            raise DataError(f"layer {layer} was not collected (collected: {list(self.layers)})") from None
+
+
+def _as_prompts(prompts) -> list[Prompt]:
+    if isinstance(prompts, PromptSet):
+        return list(prompts.prompts)
+    if isinstance(prompts, (str, Prompt)):
+        prompts = [prompts]
+    out = [Prompt(p) if isinstance(p, str) else p for p in prompts]
+    if not out:
+        raise DataError("no prompts given")
+    return out
+
+
+def _cache_key(model, layers, items, positions, keep_per_prompt) -> str:
+    h = hashlib.sha256()
+    head = {
+        "model": model_id(model),
+        "n_layers": model.cfg.n_layers,
+        "d_model": model.cfg.d_model,
+        "dtype": str(model.cfg.dtype),
+        "hooks": [resid_hook(layer) for layer in layers],
+        "keep_per_prompt": keep_per_prompt,
+        "format": 1,
+    }
+    h.update(json.dumps(head, sort_keys=True).encode())
+    for item, pos in zip(items, positions):
+        h.update(json.dumps([item.tokens, pos]).encode())
+    return h.hexdigest()[:32]
+
+
+def _load_cached(path: Path, key: str) -> Activations:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["meta"])
+            mean = f.get_tensor("mean")
+            per_prompt = f.get_tensor("per_prompt") if "per_prompt" in f.keys() else None
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise CacheError(
+            f"activation cache file {path} is corrupt ({exc}); delete it to recompute"
+        ) from None
+    if meta.get("cache_key") != key or mean.shape[0] != len(meta.get("layers", [])):
+        raise CacheError(f"activation cache file {path} does not match its key; delete it to recompute")
+    return Activations(tuple(meta["layers"]), mean, int(meta["count"]), per_prompt, meta)
+
+
+def _save_cached(path: Path, acts: Activations) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {"mean": acts.mean.contiguous()}
+    if acts.per_prompt is not None:
+        tensors["per_prompt"] = acts.per_prompt.contiguous()
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"meta": json.dumps(acts.meta)}))
+
+
+def collect(
+    model,
+    prompts: PromptSet | Sequence[Prompt | str],
+    *,
+    layers=None,
+    positions: PositionRule = "last",
+    batch_size: int = 16,
+    template: str | None = None,
+    prepend_bos: bool | None = None,
+    keep_per_prompt: bool = False,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+    share_prefixes: bool = True,
+) -> Activations:
+    """Collect the mean (and optionally per-prompt) residual activations of ``prompts``.
+
+    Args:
+        model: a ``HookedTransformer``.
+        prompts: a :class:`PromptSet`, or a sequence of :class:`Prompt` or strings.
+        layers: block indices, ``"all"`` or None (= all).
+        positions: a position rule (see :mod:`lens_roles.inputs.positions`).
+        batch_size: prompts per forward pass.
+        template: ``"chat"`` or ``"plain"`` (default: the model's own when it has one).
+        prepend_bos: see :func:`lens_roles.inputs.positions.encode`.
+        keep_per_prompt: also return ``per_prompt`` ``[batch, layer, d_model]``.
+        cache_dir: directory of the on-disk cache; None disables it.
+        progress: show a tqdm bar.
+        share_prefixes: compute prefixes shared by several prompts (the chat
+            template's system prompt, a pair's common user turn) once, through the
+            KV cache (see :mod:`lens_roles.runtime.batching`). The numbers agree with
+            ``False`` to float rounding.
+    """
+    return collect_sets(
+        model, [prompts], layers=layers, positions=positions, batch_size=batch_size, template=template,
+        prepend_bos=prepend_bos, keep_per_prompt=keep_per_prompt, cache_dir=cache_dir, progress=progress,
+        share_prefixes=share_prefixes,
+    )[0]
+
+
+@torch.no_grad()
+def collect_sets(
+    model,
+    prompt_sets: Sequence[PromptSet | Sequence[Prompt | str]],
+    *,
+    layers=None,
+    positions: PositionRule = "last",
+    batch_size: int = 16,
+    template: str | None = None,
+    prepend_bos: bool | None = None,
+    keep_per_prompt: bool = False,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+    share_prefixes: bool = True,
+) -> list[Activations]:
+    """:func:`collect` for several prompt sets in one run, one :class:`Activations` each.
+
+    Running them together lets prompts of different sets share prefixes — the
+    positive and negative replies of a contrast pair share their user turn — and
+    batches. An explicit position rule needs one entry per prompt of all sets,
+    in order. Each set is cached on disk under its own key.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
+    layers = validate_layers(model, layers)
+    lists = [_as_prompts(prompts) for prompts in prompt_sets]
+    if not lists:
+        raise DataError("no prompt sets given")
+    template = template or template_name(model.tokenizer)
+    if prepend_bos is None:
+        prepend_bos = default_prepend_bos(model, template)
+    items = encode(model, [p for plist in lists for p in plist], template=template, prepend_bos=prepend_bos)
+    pos = select_positions(items, positions)
+    bounds = [0]
+    for plist in lists:
+        bounds.append(bounds[-1] + len(plist))
+    spans = [range(bounds[k], bounds[k + 1]) for k in range(len(lists))]
+
+    metas, paths, results = [], [], [None] * len(lists)
+    for k, (prompts, span) in enumerate(zip(prompt_sets, spans)):
+        set_items, set_pos = [items[i] for i in span], [pos[i] for i in span]
+        meta = {
+            "model": model_id(model),
+            "hook": "resid_post",
+            "layers": list(layers),
+            "positions": rule_name(positions),
+            "template": template,
+            "prepend_bos": prepend_bos,
+            "dataset": getattr(prompts, "fingerprint", lambda: None)() or _fingerprint_items(set_items),
+            "count": len(set_items),
+            "lens_roles": __version__,
+        }
+        path = None
+        if cache_dir is not None:
+            key = _cache_key(model, layers, set_items, set_pos, keep_per_prompt)
+            path = Path(cache_dir) / f"{key}.safetensors"
+            if path.exists():
+                results[k] = _load_cached(path, key)
+            meta["cache_key"] = key
+        metas.append(meta)
+        paths.append(path)
+    todo = [k for k in range(len(lists)) if results[k] is None]
+    if not todo:
+        return results
+    run_items = [i for k in todo for i in spans[k]]
+    set_of = {i: k for k in todo for i in spans[k]}
+
+    d_model = model.cfg.d_model
+    sums = torch.zeros(len(lists), len(layers), d_model, dtype=torch.float64)
+    per_prompt = torch.zeros(len(items), len(layers), d_model) if keep_per_prompt else None
+    layer_pos = {layer: j for j, layer in enumerate(layers)}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(run_items), desc="activations", unit="prompt")
+
+    def hooks_for(weights: Tensor, members: list[int]) -> list:
+        # members index run_items; map them to prompts and to their sets
+        index = torch.tensor([run_items[m] for m in members], dtype=torch.long)
+        owner = torch.tensor([set_of[run_items[m]] for m in members], dtype=torch.long)
+
+        def reduce_hook(acts, hook):
+            # per-prompt mean over the read positions: [batch, d_model]
+            j = layer_pos[int(hook.name.split(".")[1])]
+            reduced = torch.einsum("bp,bpd->bd", weights, acts).float().cpu()
+            sums[:, j].index_add_(0, owner, reduced.double())
+            if per_prompt is not None:
+                per_prompt[index, j] = reduced
+
+        return [(resid_hook(layer), reduce_hook) for layer in layers]
+
+    try:
+        run_batches(model, [items[i] for i in run_items], [pos[i] for i in run_items], batch_size=batch_size,
+                    stop_at_layer=max(layers) + 1, fwd_hooks_for=hooks_for, share_prefixes=share_prefixes,
+                    progress=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    for k in todo:
+        n = len(spans[k])
+        kept = per_prompt[bounds[k] : bounds[k + 1]].clone() if per_prompt is not None else None
+        results[k] = Activations(layers, sums[k] / n, n, kept, metas[k])
+        if paths[k] is not None:
+            _save_cached(paths[k], results[k])
+    return results
+
+
+def _fingerprint_items(items: Sequence[Encoded]) -> str:
+    h = hashlib.sha256()
+    for item in items:
+        h.update(json.dumps(item.tokens).encode())
+    return h.hexdigest()[:16]

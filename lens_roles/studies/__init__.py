@@ -1,0 +1,1 @@
+"""Studies: the pipelines that run a whole analysis and write a folder of tables and figures."""

@@ -1,0 +1,248 @@
+"""Constant steering, PSR and prompting compared at matched coherence (``lens-roles psr compare``)."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import pandas as pd
+import torch
+
+from lens_roles._version import __version__
+from lens_roles.directions.direction import Direction, _thaw
+from lens_roles.errors import PSRError
+from lens_roles.inputs.positions import encode
+from lens_roles.inputs.prompts import PairSet, Prompt, PromptSet, fingerprint
+from lens_roles.interventions.psr.align import _check_direction
+from lens_roles.interventions.psr.evaluate import token_coefficients
+from lens_roles.interventions.psr.model import PSR
+from lens_roles.interventions.steering import steer
+from lens_roles.measures.sweeps import repetition_rate
+from lens_roles.runtime.activations import _as_prompts
+from lens_roles.runtime.batching import pad_batch, pad_id
+from lens_roles.runtime.generation import generate
+from lens_roles.runtime.readout import logprobs_at as _logprobs_at
+
+METHODS = ("none", "constant", "psr", "prompting")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Settings of :func:`compare_at_matched_coherence`.
+
+    Attributes:
+        target_perplexity: coherence to match (default: prompting's own perplexity).
+        max_new_tokens: length of the generations scored for coherence.
+        steps: bisection steps per method (after bracketing).
+        alpha_hi: first upper bracket, as a multiple of the PSR's α (doubled until it brackets).
+        tolerance: a method's point counts as matched (``matched`` column) when its
+            perplexity is within this relative distance of the target (``|log(ppl/target)|``).
+    """
+
+    target_perplexity: float | None = None
+    max_new_tokens: int = 24
+    steps: int = 5
+    alpha_hi: float = 2.0
+    tolerance: float = 0.05
+
+    def __post_init__(self):
+        if self.target_perplexity is not None and not (self.target_perplexity > 1
+                                                       and math.isfinite(self.target_perplexity)):
+            raise ValueError(f"target_perplexity must be finite and > 1, got {self.target_perplexity}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 2:
+            raise ValueError(f"max_new_tokens must be an integer >= 2, got {self.max_new_tokens!r}")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if not self.alpha_hi > 0:
+            raise ValueError(f"alpha_hi must be positive, got {self.alpha_hi}")
+        if not self.tolerance > 0:
+            raise ValueError(f"tolerance must be positive, got {self.tolerance}")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """``curve``: every evaluated point (``method, alpha, perplexity, repetition, margin, mean_strength``);
+    ``table``: behaviour at matched coherence, one row per method; ``meta``: provenance."""
+
+    curve: pd.DataFrame
+    table: pd.DataFrame
+    meta: dict
+
+
+def _context(model, method: str, direction: Direction, psr: PSR, alpha: float):
+    if method == "constant":
+        if psr.has_sink:  # the same tokens as the PSR: every one but the sink
+            return psr.constant_twin(alpha).applied(model)
+        return steer(model, direction, alpha, layers=list(psr.layers))
+    if method == "psr":
+        return psr.applied(model, alpha=alpha)
+    return nullcontext(model)
+
+
+def _coherence(model, ctx, prompts: list[Prompt], system: str | None, max_new_tokens: int
+               ) -> tuple[float, float]:
+    """Mean perplexity (under the unsteered, unprompted model) and repetition of greedy generations."""
+    gen_prompts = [Prompt(p.user, system) for p in prompts]
+    with torch.no_grad():
+        with ctx:
+            outs = generate(model, gen_prompts, max_new_tokens=max_new_tokens)
+        items = encode(model, [Prompt(p.user) for p in prompts])
+        full = [list(it.tokens) + list(o.tokens) for it, o in zip(items, outs)]
+        tokens, _ = pad_batch(full, pad_id(model))
+        logp = torch.log_softmax(model(tokens.to(model.cfg.device)).float(), dim=-1).cpu()
+    ppl, rep = [], []
+    for r, (it, o) in enumerate(zip(items, outs)):
+        if not o.tokens:
+            continue
+        idx = torch.arange(len(it.tokens), len(it.tokens) + len(o.tokens))
+        ppl.append(float((-logp[r, idx - 1, tokens[r, idx]].mean()).exp()))
+        rep.append(repetition_rate(o.tokens))
+    if not ppl:
+        return float("nan"), float("nan")
+    return sum(ppl) / len(ppl), sum(rep) / len(rep)
+
+
+def _margin(model, ctx, pairs: PairSet, system: str | None, batch_size: int = 8) -> float:
+    """Persona adherence: mean log p(positive reply) − mean log p(negative reply), per token, over pairs."""
+    prompts = [Prompt(p.user, system, r) for p in pairs.pairs for r in (p.positive, p.negative)]
+    items = encode(model, prompts)
+    lps = []
+    with torch.no_grad(), ctx:
+        for s in range(0, len(items), batch_size):
+            chunk = items[s : s + batch_size]
+            tokens, _ = pad_batch([it.tokens for it in chunk], pad_id(model))
+            resid = model(tokens.to(model.cfg.device), stop_at_layer=model.cfg.n_layers)
+            for r, it in enumerate(chunk):
+                a, b = it.reply
+                logp = _logprobs_at(model, resid[r, a - 1 : b - 1]).cpu()
+                lps.append(float(logp[torch.arange(b - a), torch.tensor(it.tokens[a:b])].mean()))
+    return sum(lps[0::2]) / len(pairs) - sum(lps[1::2]) / len(pairs)
+
+
+def _mc(model, ctx, questions, system: str | None) -> tuple[float, float]:
+    from lens_roles.measures.multiple_choice import score_questions
+
+    with ctx:
+        frame = score_questions(model, questions, system=system)
+    return float(frame.correct.mean()), float(frame.p_correct.mean())
+
+
+def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: PairSet | PromptSet, system: str,
+                                 *, questions=None, config: CompareConfig = CompareConfig(),
+                                 progress: Callable[[str], None] | None = None) -> Comparison:
+    """Constant steering, PSR and prompting at matched coherence (see the module docs).
+
+    Coherence is measured on the pairs' user turns; behaviour on the pairs (held
+    out: pass pairs not used to build the direction or train the PSR). A role has
+    instructions, not contrast pairs: ``pairs`` may then be a :class:`PromptSet`
+    (or a list of prompts), whose user turns give the coherence, and the
+    behaviour is the multiple-choice effect alone (``margin`` is NaN, and
+    ``questions`` are required). For each
+    steering method α is bisected on ``[0, hi]`` so that the perplexity of its
+    generations reaches the target; the point closest to it is the matched one.
+    With ``questions``, the matched points (and prompting, and no intervention)
+    are also scored on them: ``accuracy`` and ``p_correct`` and their changes from
+    no intervention (the multiple-choice effect).
+    """
+    _check_direction(model, direction)
+    psr.check_model(model)
+    missing = [layer for layer in psr.layers if layer not in direction]
+    if missing or not torch.allclose(torch.stack([direction[layer] for layer in psr.layers]),
+                                     psr.vectors.cpu(), rtol=1e-4, atol=1e-6):
+        raise PSRError(f"the PSR steers with a different direction (or layers {missing}) than the one compared "
+                       "against")
+    say = progress or (lambda msg: None)
+    has_pairs = isinstance(pairs, PairSet)
+    if has_pairs:
+        users = [Prompt(p.user) for p in pairs.pairs]
+        lam_prompts = [Prompt(p.user, None, p.positive) for p in pairs.pairs]
+    else:
+        plist = _as_prompts(pairs)
+        if questions is None:
+            raise PSRError("without contrast pairs there is no persona margin: pass questions (the multiple-choice "
+                           "effect is then the behaviour)")
+        users = [Prompt(p.user) for p in plist]
+        lam_prompts = [Prompt(p.user, None, p.reply) for p in plist]
+        if not users:
+            raise PSRError("no prompts to measure coherence on")
+    t0 = time.perf_counter()
+    points = []
+
+    def evaluate(method: str, alpha: float) -> dict:
+        system_ = system if method == "prompting" else None
+        ppl, rep = _coherence(model, _context(model, method, direction, psr, alpha), users, system_,
+                              config.max_new_tokens)
+        margin = (_margin(model, _context(model, method, direction, psr, alpha), pairs, system_) if has_pairs
+                  else float("nan"))
+        row = {"method": method, "alpha": alpha, "perplexity": ppl, "repetition": rep, "margin": margin}
+        points.append(row)
+        say(f"{method} α={alpha:.3g}: perplexity {ppl:.2f}" + (f", margin {margin:.3f}" if has_pairs else ""))
+        return row
+
+    base = evaluate("none", 0.0)
+    prompting = evaluate("prompting", 0.0)
+    target = config.target_perplexity or prompting["perplexity"]
+    matched = {"none": base, "prompting": prompting}
+    # PSR's mean λ on these texts, so that both methods start bracketing at the same mean strength
+    lam = token_coefficients(model, psr, lam_prompts)
+    mean_lambda = float(lam.lam.mean())
+    if mean_lambda <= 0:
+        raise PSRError("the PSR's λ is 0 on every token of these prompts: it does not steer at all")
+    strength = {"none": 0.0, "prompting": float("nan"), "constant": 1.0, "psr": mean_lambda}
+    for method in ("constant", "psr"):
+        lo, hi = 0.0, config.alpha_hi * float(psr.alpha) / strength[method]
+        row = evaluate(method, hi)
+        for _ in range(8):  # bracket: grow hi until the perplexity passes the target
+            if row["perplexity"] >= target:
+                break
+            lo, hi = hi, 2 * hi
+            row = evaluate(method, hi)
+        tried = [row]
+        for _ in range(config.steps):
+            mid = (lo + hi) / 2
+            row = evaluate(method, mid)
+            tried.append(row)
+            if row["perplexity"] >= target:
+                hi = mid
+            else:
+                lo = mid
+        best = min(tried, key=lambda r: abs(math.log(r["perplexity"] / target)))
+        matched[method] = best
+    rows = []
+    for method in ("none", "prompting", "constant", "psr"):
+        m = matched[method]
+        rows.append({"method": method, "alpha": m["alpha"], "perplexity": m["perplexity"],
+                     "target_perplexity": target, "repetition": m["repetition"], "margin": m["margin"]})
+    table = pd.DataFrame(rows)
+    # the closest point found is reported either way; say whether it is a matched one
+    table["matched"] = [abs(math.log(p / target)) <= config.tolerance for p in table.perplexity]
+    for row in table[~table.matched & table.method.isin(["constant", "psr"])].itertuples():
+        say(f"warning: {row.method} did not reach the target perplexity {target:.3f} (closest: "
+            f"{row.perplexity:.3f} at α={row.alpha:.3g}); its row is not a matched-coherence point")
+    table["mean_strength"] = table.alpha * table.method.map(strength)
+    table["margin_gain"] = table.margin - base["margin"]
+    if questions is not None:
+        accs = {}
+        for method in ("none", "prompting", "constant", "psr"):
+            system_ = system if method == "prompting" else None
+            accs[method] = _mc(model, _context(model, method, direction, psr, matched[method]["alpha"]), questions,
+                               system_)
+            say(f"{method}: multiple-choice accuracy {accs[method][0]:.3f}")
+        table["mc_accuracy"] = table.method.map(lambda m: accs[m][0])
+        table["mc_p_correct"] = table.method.map(lambda m: accs[m][1])
+        table["mc_effect"] = table.mc_p_correct - accs["none"][1]
+    curve = pd.DataFrame(points)
+    curve["mean_strength"] = curve.alpha * curve.method.map(strength)
+    meta = {"model": model.cfg.model_name, "layers": list(psr.layers), "system": system,
+            "pairs": getattr(pairs, "name", "prompts"), "pairs_kind": "contrast pairs" if has_pairs else "prompts",
+            "pairs_hash": pairs.fingerprint() if hasattr(pairs, "fingerprint") else fingerprint(
+                [(p.system, p.user, p.reply) for p in plist]), "n_pairs": len(users), "target_perplexity": target,
+            "max_new_tokens": config.max_new_tokens, "bisection_steps": config.steps, "psr_mean_lambda": mean_lambda,
+            "psr": dict(psr.meta, alpha=float(psr.alpha)), "direction": _thaw(direction.meta),
+            "questions": None if questions is None else getattr(questions, "name", "questions"),
+            "n_questions": None if questions is None else len(list(questions)), "lens_roles": __version__,
+            "seconds": time.perf_counter() - t0}
+    return Comparison(curve, table, meta)

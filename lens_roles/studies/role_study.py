@@ -1,0 +1,337 @@
+"""The role-vectors paper's evaluation: roles × domains under addition, ablation and prompting.
+
+For each role (a :class:`~lens_roles.directions.Direction` built from its
+instructions against the baseline) and each domain (a multiple-choice
+:class:`~lens_roles.inputs.questions.QuestionSet`):
+
+1. every domain is split once, by a seeded shuffle, into a *validation* part and
+   a *test* part (:meth:`QuestionSet.split`); at most ``max_val`` / ``max_test``
+   of each are kept;
+2. the addition layer and α of each role are chosen on the validation questions
+   of the role's own domain (all domains pooled for a role with none), as the
+   best validation accuracy over the grid ``layers × alphas`` (ties: the higher
+   mean probability of the right letter, then the smaller α). Test questions are
+   never scored before this choice is made, and never feed it;
+3. on the test questions of every domain, each role is scored under
+   ``addition`` (that layer and α), ``ablation`` (that layer's unit vector
+   projected out at every layer) and ``prompting`` (the role as system prompt),
+   and every domain once with no intervention;
+4. accuracy and mean ``p_correct`` get percentile-bootstrap intervals (questions
+   resampled), and their change from no intervention a *paired* interval (the
+   same resampled questions on both sides). The in-domain / off-domain summary
+   resamples each domain's questions once per draw, shared by all cells, so that
+   its interval reflects that every role is scored on the same questions.
+
+:func:`run_role_study` returns a :class:`RoleStudy` of tidy frames;
+:func:`write_role_study` writes them as CSV plus the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from lens_roles._version import __version__
+from lens_roles.directions.direction import Direction
+from lens_roles.errors import DataError
+from lens_roles.inputs.prompts import data_dir
+from lens_roles.inputs.questions import QuestionSet
+from lens_roles.io import atomic_write, write_csv
+from lens_roles.measures.multiple_choice import SYSTEM_TEMPLATE, Condition, evaluate_condition, persona_prompt
+
+#: metric name → the per-question column it averages
+METRICS = {"accuracy": "correct", "p_correct": "p_correct"}
+
+
+def load_role_domains(path: str | Path | None = None) -> dict[str, str]:
+    """Role → domain map from ``data/roles/domains.json`` (``{domain: [roles]}``)."""
+    path = Path(path) if path else data_dir() / "roles" / "domains.json"
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
+        raise DataError(f"{path}: expected {{domain: [role, ...]}}")
+    out = {}
+    for domain, roles in raw.items():
+        for role in roles:
+            if role in out:
+                raise DataError(f"{path}: role {role!r} is listed under both {out[role]!r} and {domain!r}")
+            out[role] = domain
+    return out
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Settings of :func:`run_role_study` (validated on creation).
+
+    Attributes:
+        layers: the addition layers tried on validation (default: 3 layers at
+            25, 50 and 75 % of depth).
+        alphas: multiples of the raw role vector tried on validation.
+        validation: fraction of each domain set used for selection.
+        max_val, max_test: at most this many validation / test questions per domain.
+        conditions: which of ``addition, ablation, prompting`` to run (``none`` always runs).
+        n_boot: bootstrap draws; level: interval coverage.
+        seed: the split's shuffle and the bootstrap.
+        answer_format: how a letter is written as the reply (see ``multiple_choice``).
+        system_template: the persona prompt, e.g. ``"You are {article} {role}."``.
+    """
+
+    layers: tuple[int, ...] | None = None
+    alphas: tuple[float, ...] = (0.5, 1.0, 2.0)
+    validation: float = 0.25
+    max_val: int | None = 16
+    max_test: int | None = 30
+    conditions: tuple[str, ...] = ("addition", "ablation", "prompting")
+    n_boot: int = 2000
+    level: float = 0.95
+    seed: int = 0
+    batch_size: int = 16
+    answer_format: str = "{letter}"
+    system_template: str = SYSTEM_TEMPLATE
+
+    def __post_init__(self):
+        bad = [c for c in self.conditions if c not in ("addition", "ablation", "prompting")]
+        if bad:
+            raise ValueError(f"unknown condition(s) {bad}; use addition, ablation, prompting")
+        if ("addition" in self.conditions or "ablation" in self.conditions) and not self.alphas:
+            raise ValueError("alphas must not be empty")
+        if any(not np.isfinite(a) for a in self.alphas):
+            raise ValueError(f"alphas must be finite, got {self.alphas}")
+        if not 0 < self.level < 1:
+            raise ValueError(f"level must be in (0, 1), got {self.level}")
+        if self.n_boot < 100:
+            raise ValueError(f"n_boot must be at least 100, got {self.n_boot}")
+        for name in ("max_val", "max_test"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be positive or None, got {value}")
+
+
+def default_selection_layers(n_layers: int) -> tuple[int, ...]:
+    """Three layers at 25, 50 and 75 % of depth (7, 15, 22 of 30; 4, 9, 13 of 18)."""
+    return tuple(sorted({min(n_layers - 1, int(n_layers * f)) for f in (0.25, 0.5, 0.75)}))
+
+
+@dataclass
+class RoleStudy:
+    """Everything :func:`run_role_study` measured, as tidy frames.
+
+    Attributes:
+        scores: one row per (role, domain, condition, question): ``role`` (empty for
+            ``none``), ``domain, split, condition, layer, alpha, question, answer,
+            pred, correct, p_correct, letter_mass``.
+        selection: the validation grid: ``role, layer, alpha, accuracy, p_correct, n, chosen``.
+        table: per cell ``role, domain, in_domain, condition, layer, alpha, metric,
+            n, value, lo, hi, delta, delta_lo, delta_hi`` (delta vs ``none``, paired).
+        summary: ``condition, in_domain, metric, cells, delta, lo, hi``.
+        baseline: ``domain, metric, n, value, lo, hi, chance, majority`` for ``none``.
+        meta: provenance (model, config, data fingerprints, timings).
+    """
+
+    scores: pd.DataFrame
+    selection: pd.DataFrame
+    table: pd.DataFrame
+    summary: pd.DataFrame
+    baseline: pd.DataFrame
+    meta: dict = field(default_factory=dict)
+
+
+def _pooled_validation(val: Mapping[str, QuestionSet], cap: int | None) -> QuestionSet:
+    """Validation questions of every domain in turn (round robin), capped at ``cap``."""
+    sets = list(val.values())
+    order = [s.questions[i] for i in range(max(len(s) for s in sets)) for s in sets if i < len(s)]
+    order = order[:cap] if cap else order
+    return QuestionSet("all[val]", tuple(order), "pooled")
+
+
+def select_addition(model, direction: Direction, val: QuestionSet, *, layers: Sequence[int],
+                    alphas: Sequence[float], answer_format: str = "{letter}", batch_size: int = 16
+                    ) -> tuple[Condition, pd.DataFrame]:
+    """Grid search of the addition layer and α on validation questions only.
+
+    Returns the chosen :class:`Condition` and the grid (``layer, alpha, accuracy,
+    p_correct, n, chosen``).
+    """
+    missing = [layer for layer in layers if layer not in direction]
+    if missing:
+        raise DataError(f"the direction {direction.meta.get('name', '')!r} has no layer(s) {missing}")
+    rows = []
+    for layer in layers:
+        for alpha in alphas:
+            f = evaluate_condition(model, val, Condition("addition", layer, float(alpha)), direction,
+                                   answer_format=answer_format, batch_size=batch_size)
+            rows.append({"layer": layer, "alpha": float(alpha), "accuracy": float(f.correct.mean()),
+                         "p_correct": float(f.p_correct.mean()), "n": len(f)})
+    grid = pd.DataFrame(rows)
+    ranked = grid.assign(abs_alpha=grid.alpha.abs()).sort_values(
+        ["accuracy", "p_correct", "abs_alpha"], ascending=[False, False, True])
+    best = ranked.iloc[0]
+    grid["chosen"] = (grid.layer == best.layer) & (grid.alpha == best.alpha)
+    return Condition("addition", int(best.layer), float(best.alpha)), grid
+
+
+def _boot_indices(domains: Mapping[str, int], n_boot: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {d: rng.integers(0, n, size=(n_boot, n)) for d, n in domains.items()}
+
+
+def _interval(draws: np.ndarray, level: float) -> tuple[float, float]:
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(draws, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def bootstrap_mean(values: np.ndarray, indices: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of ``values`` and its percentile-bootstrap interval over the resamples ``indices [draw, n]``."""
+    values = np.asarray(values, dtype=float)
+    return float(values.mean()), *_interval(values[indices].mean(1), level)
+
+
+def run_role_study(model, roles: Mapping[str, Direction], domains: Mapping[str, QuestionSet], *,
+                   role_domains: Mapping[str, str] | None = None, config: StudyConfig | None = None,
+                   progress: Callable[[str], None] | None = None) -> RoleStudy:
+    """Run the roles × domains evaluation (see the module docs for the protocol)."""
+    config = config or StudyConfig()
+    if not roles:
+        raise DataError("no role vectors to evaluate")
+    if not domains:
+        raise DataError("no question sets to evaluate on")
+    role_domains = dict(role_domains or {})
+    layers = config.layers or default_selection_layers(model.cfg.n_layers)
+    say = progress or (lambda _msg: None)
+    t0 = time.perf_counter()
+
+    val, test = {}, {}
+    for name, qs in domains.items():
+        v, t = qs.split(config.validation, config.seed)
+        val[name], test[name] = v.head(config.max_val), t.head(config.max_test)
+    kw = dict(answer_format=config.answer_format, batch_size=config.batch_size)
+
+    frames = []
+    for name, qs in test.items():
+        say(f"none · {name} ({len(qs)} questions)")
+        frames.append(evaluate_condition(model, qs, Condition("none"), **kw).assign(role="", domain=name))
+
+    grids, chosen = [], {}
+    needs_layer = "addition" in config.conditions or "ablation" in config.conditions
+    for role, direction in roles.items():
+        if not needs_layer:
+            break
+        home = role_domains.get(role)
+        sel = val[home] if home in val else _pooled_validation(val, config.max_val)
+        say(f"select · {role} on {sel.name} ({len(sel)} questions × {len(layers) * len(config.alphas)} settings)")
+        cond, grid = select_addition(model, direction, sel, layers=layers, alphas=config.alphas, **kw)
+        chosen[role] = cond
+        grids.append(grid.assign(role=role, selected_on=sel.name))
+    t_select = time.perf_counter() - t0
+
+    for role, direction in roles.items():
+        conds = []
+        if "addition" in config.conditions:
+            conds.append(chosen[role])
+        if "ablation" in config.conditions:
+            conds.append(Condition("ablation", chosen[role].layer))
+        if "prompting" in config.conditions:
+            conds.append(Condition("prompting", system=persona_prompt(role, config.system_template)))
+        for cond in conds:
+            for name, qs in test.items():
+                say(f"{cond.kind} · {role} · {name}")
+                frames.append(evaluate_condition(model, qs, cond, direction, **kw).assign(role=role, domain=name))
+    scores = pd.concat(frames, ignore_index=True).assign(split="test")
+    selection = pd.concat(grids, ignore_index=True) if grids else pd.DataFrame()
+
+    table, summary, baseline = _tables(scores, test, list(roles), role_domains, config)
+    meta = {
+        "model": model.cfg.model_name, "n_layers": model.cfg.n_layers, "lens_roles": __version__,
+        "config": asdict(config), "selection_layers": list(layers),
+        "roles": {r: {"domain": role_domains.get(r), "dataset": d.meta.get("dataset"), "method": d.method,
+                      "positions": d.meta.get("positions")} for r, d in roles.items()},
+        "domains": {d: {"source": qs.source, "fingerprint": qs.fingerprint(), "n_val": len(val[d]),
+                        "n_test": len(test[d])} for d, qs in domains.items()},
+        "seconds": {"selection": round(t_select, 1), "total": round(time.perf_counter() - t0, 1)},
+    }
+    return RoleStudy(scores, selection, table, summary, baseline, _plain(meta))
+
+
+def _plain(meta: dict) -> dict:
+    """Provenance as plain JSON types (direction metadata holds read-only mappings)."""
+    return json.loads(json.dumps(meta, default=lambda o: dict(o) if isinstance(o, Mapping) else str(o)))
+
+
+def _tables(scores: pd.DataFrame, test: Mapping[str, QuestionSet], roles: list[str],
+            role_domains: Mapping[str, str], config: StudyConfig):
+    """The cell table, the in/off-domain summary and the no-intervention baseline."""
+    sizes = {d: len(qs) for d, qs in test.items()}
+    boot = _boot_indices(sizes, config.n_boot, config.seed)
+    base = {d: scores[(scores.condition == "none") & (scores.domain == d)].reset_index(drop=True) for d in test}
+    conditions = [c for c in ("addition", "ablation", "prompting") if (scores.condition == c).any()]
+    rows, base_rows = [], []
+    cell_draws: dict[tuple[str, bool, str], list[np.ndarray]] = {}
+    for metric, column in METRICS.items():
+        for d, b in base.items():
+            v = b[column].to_numpy(float)
+            value, lo, hi = bootstrap_mean(v, boot[d], config.level)
+            counts = test[d].answer_counts()
+            base_rows.append({"domain": d, "metric": metric, "n": len(v), "value": value, "lo": lo, "hi": hi,
+                              "chance": 1 / len(counts), "majority": max(counts.values()) / len(test[d])})
+        for role in roles:
+            for cond in conditions:
+                for d, b in base.items():
+                    cell = scores[(scores.role == role) & (scores.condition == cond) & (scores.domain == d)]
+                    cell = cell.reset_index(drop=True)
+                    if list(cell.question) != list(b.question):
+                        raise DataError(f"internal: {role}/{cond}/{d} scored other questions than the baseline")
+                    v, v0 = cell[column].to_numpy(float), b[column].to_numpy(float)
+                    value, lo, hi = bootstrap_mean(v, boot[d], config.level)
+                    delta_draws = (v - v0)[boot[d]].mean(1)
+                    dlo, dhi = _interval(delta_draws, config.level)
+                    in_domain = role_domains.get(role) == d
+                    cell_draws.setdefault((cond, in_domain, metric), []).append(delta_draws)
+                    rows.append({"role": role, "domain": d, "in_domain": in_domain, "condition": cond,
+                                 "layer": cell.layer.iloc[0], "alpha": cell.alpha.iloc[0], "metric": metric,
+                                 "n": len(v), "value": value, "lo": lo, "hi": hi, "delta": float((v - v0).mean()),
+                                 "delta_lo": dlo, "delta_hi": dhi})
+    table = pd.DataFrame(rows)
+    summary_rows = []
+    for (cond, in_domain, metric), draws in sorted(cell_draws.items(), key=lambda kv: (kv[0][0], not kv[0][1],
+                                                                                          kv[0][2])):
+        cells = table[(table.condition == cond) & (table.in_domain == in_domain) & (table.metric == metric)]
+        lo, hi = _interval(np.mean(draws, axis=0), config.level)
+        summary_rows.append({"condition": cond, "in_domain": in_domain, "metric": metric, "cells": len(draws),
+                             "delta": float(cells.delta.mean()), "lo": lo, "hi": hi})
+    return table, pd.DataFrame(summary_rows), pd.DataFrame(base_rows)
+
+
+def write_role_study(study: RoleStudy, out: str | Path, *, png: bool = True) -> list[Path]:
+    """Write the study's frames as CSV, its provenance as JSON, and its figures, into ``out``."""
+    from lens_roles.viz.plots import in_off_domain_bars, role_domain_heatmap, save_figure, selection_heatmap
+
+    out = Path(out)
+    written = [write_csv(getattr(study, name), out / f"{name}.csv")
+               for name in ("scores", "selection", "table", "summary", "baseline")]
+    written.append(atomic_write(out / "study.json",
+                                lambda tmp: Path(tmp).write_text(json.dumps(study.meta, indent=2, default=str))))
+    model = study.meta.get("model", "")
+    for cond in study.table.condition.unique():
+        fig = role_domain_heatmap(study.table, condition=cond, metric="accuracy",
+                                  subtitle=f"{model} · test questions · paired bootstrap intervals in hover")
+        written += save_figure(fig, out / f"role_domain_{cond}", meta=study.meta, png=png)
+    if not study.summary.empty:
+        level = study.meta["config"]["level"]
+        fig = in_off_domain_bars(study.summary, metric="accuracy", subtitle=f"{model} · {level:.0%} bootstrap "
+                                 "intervals (questions resampled per domain)")
+        written += save_figure(fig, out / "in_off_domain", meta=study.meta, png=png)
+    if not study.selection.empty:
+        fig = selection_heatmap(study.selection, subtitle=f"{model} · validation questions only")
+        written += save_figure(fig, out / "selection", meta=study.meta, png=png)
+    return written

@@ -1,0 +1,1 @@
+"""Figures: tidy frames in, plotly figures out (the only importer of plotly)."""
