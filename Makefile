@@ -39,6 +39,8 @@ demo: setup browser
 	$(BIN)/lens-roles demo --out figures
 
 test: setup
+	$(BIN)/lint-imports
+	$(BIN)/ruff check lens_roles tests benchmarks
 	$(BIN)/python -m pytest
 
 # steering-vectors is the baseline of benchmarks/extract.py; its declared pin on
