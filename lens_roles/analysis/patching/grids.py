@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
 
 from lens_roles.errors import PatchingError
 
@@ -38,3 +42,38 @@ def get_grid(name: str) -> Grid:
     if name not in GRIDS:
         raise PatchingError(f"unknown grid {name!r}; use one of {', '.join(GRIDS)}")
     return GRIDS[name]
+
+
+def site_layer(name: str) -> int | None:
+    """The layer of a patchable hook name (``blocks.{L}.<site>``, site in :data:`SITE_HOOKS`), else None."""
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[0] == "blocks" and parts[1].isdigit() and ".".join(parts[2:]) in SITE_HOOKS:
+        return int(parts[1])
+    return None
+
+
+def grid_cells(spec: Grid, layers: Sequence[int], positions: Sequence[int], heads: Sequence[int], *, width: int,
+               n_heads: int, device) -> list[tuple[tuple[int, ...], int, Tensor]]:
+    """The cells of a grid: ``(index into the result's values, layer, mask)`` each.
+
+    A mask is ``[pos]`` (``[pos, head]`` for the heads grid) over ``width`` token
+    columns, True where the cell patches: one position (``layer × pos`` grids),
+    every given position (per-layer grids), or every given position of one head.
+    """
+    cells = []
+    for li, layer in enumerate(layers):
+        if spec.axes == ("layer", "pos"):
+            for pi, p in enumerate(positions):
+                mask = torch.zeros(width, dtype=torch.bool, device=device)
+                mask[p] = True
+                cells.append(((li, pi), layer, mask))
+        elif spec.axes == ("layer",):
+            mask = torch.zeros(width, dtype=torch.bool, device=device)
+            mask[list(positions)] = True
+            cells.append(((li,), layer, mask))
+        else:
+            for hi, h in enumerate(heads):
+                mask = torch.zeros(width, n_heads, dtype=torch.bool, device=device)
+                mask[list(positions), h] = True
+                cells.append(((li, hi), layer, mask))
+    return cells

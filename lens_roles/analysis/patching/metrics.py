@@ -21,8 +21,9 @@ def _prompt_position(position: int, n_prompt: int, what: str) -> int:
     return position % n_prompt
 
 
-def _token_ids(model, text: str | Sequence[int], what: str) -> list[int]:
-    """Token ids of a continuation or token given as text (no special tokens) or as ids."""
+def token_ids(model, text: str | Sequence[int], what: str) -> list[int]:
+    """Token ids of a continuation or token given as text (no special tokens) or as ids, checked
+    against the vocabulary."""
     if isinstance(text, str):
         if model.tokenizer is None:
             raise PatchingError(f"{what} is text, but the model has no tokenizer; pass token ids")
@@ -134,7 +135,7 @@ class LogitDiff(Metric):
     def ids(self, model) -> tuple[int, int]:
         out = []
         for which, tok in (("token_a", self.token_a), ("token_b", self.token_b)):
-            ids = _token_ids(model, [tok] if isinstance(tok, int) else tok, f"LogitDiff {which}")
+            ids = token_ids(model, [tok] if isinstance(tok, int) else tok, f"LogitDiff {which}")
             if len(ids) != 1:
                 pieces = [model.tokenizer.decode([t]) for t in ids]
                 raise PatchingError(f"LogitDiff {which} {tok!r} is {len(ids)} tokens {pieces}, not one; "
@@ -182,8 +183,8 @@ class LogprobMargin(Metric):
             raise PatchingError("LogprobMargin: the good and bad continuations are identical")
 
     def continuations(self, model) -> list[list[int]]:
-        return [_token_ids(model, self.good, "LogprobMargin good continuation"),
-                _token_ids(model, self.bad, "LogprobMargin bad continuation")]
+        return [token_ids(model, self.good, "LogprobMargin good continuation"),
+                token_ids(model, self.bad, "LogprobMargin bad continuation")]
 
     @property
     def label(self) -> str:

@@ -12,14 +12,14 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from lens_roles._version import __version__
-from lens_roles.analysis.patching.grids import SITE_HOOKS, Grid, get_grid
-from lens_roles.analysis.patching.inputs import PromptLike, _as_prompt, _ids_of, _str_tokens, align_prompts
+from lens_roles.analysis.patching.grids import SITE_HOOKS, Grid, get_grid, grid_cells, site_layer
+from lens_roles.analysis.patching.inputs import PromptLike, encode_inputs
 from lens_roles.analysis.patching.metrics import Metric
 from lens_roles.analysis.patching.result import PatchResult
 from lens_roles.directions.direction import Direction
 from lens_roles.errors import PatchingError
-from lens_roles.inputs.positions import default_prepend_bos
-from lens_roles.inputs.prompts import fingerprint, template_name
+from lens_roles.inputs.prompts import fingerprint
+from lens_roles.interventions.steering import steer
 from lens_roles.runtime.batching import pad_batch, pad_id
 from lens_roles.runtime.models import model_id, validate_layers
 
@@ -58,23 +58,11 @@ class PatchSetup:
         if not isinstance(metric, Metric):
             raise PatchingError(f"metric must be a lens_roles.analysis.patching.Metric, got {type(metric).__name__}")
         self.model, self.metric = model, metric
-        if model.tokenizer is not None:
-            template = template or template_name(model.tokenizer)
-            if prepend_bos is None:
-                prepend_bos = default_prepend_bos(model, template)
-        aligned = False
-        if align and _as_prompt(clean, "clean") is not None and _as_prompt(corrupt, "corrupt") is not None:
-            new = align_prompts(model, clean, corrupt, filler=filler, template=template, prepend_bos=prepend_bos)
-            aligned = new != (_as_prompt(clean, "clean"), _as_prompt(corrupt, "corrupt"))
-            clean, corrupt = new
-        clean_ids = _ids_of(model, clean, "clean", template, prepend_bos)
-        corrupt_ids = _ids_of(model, corrupt, "corrupt", template, prepend_bos)
-        self.tokens, self.corrupt_tokens = _str_tokens(model, clean_ids), _str_tokens(model, corrupt_ids)
-        if len(clean_ids) != len(corrupt_ids):
-            text = _as_prompt(clean, "") is not None and _as_prompt(corrupt, "") is not None
-            raise self._length_error(clean_ids, corrupt_ids, filler, text)
-        self.clean_ids, self.corrupt_ids = tuple(clean_ids), tuple(corrupt_ids)
-        self.n_prompt = len(clean_ids)
+        inputs = encode_inputs(model, clean, corrupt, align=align, filler=filler, template=template,
+                               prepend_bos=prepend_bos)
+        self.tokens, self.corrupt_tokens = inputs.tokens, inputs.corrupt_tokens
+        self.clean_ids, self.corrupt_ids = inputs.clean_ids, inputs.corrupt_ids
+        self.n_prompt = len(inputs)
         self.read_layer = metric.read_layer(model)
         self.read_position = metric.read_position(self.n_prompt)
         self.first_layer = first_layer
@@ -84,7 +72,7 @@ class PatchSetup:
         pad = pad_id(model) if model.tokenizer is not None else 0
         self._inputs: dict[str, Int[Tensor, "row pos"]] = {
             kind: pad_batch([list(ids) + c for c in conts], pad)[0].to(device)
-            for kind, ids in (("clean", clean_ids), ("corrupt", corrupt_ids))
+            for kind, ids in (("clean", self.clean_ids), ("corrupt", self.corrupt_ids))
         }
         width = self._inputs["clean"].shape[1]
         self.prompt_mask: Bool[Tensor, "row pos"] = torch.zeros(self.rows, width, dtype=torch.bool, device=device)
@@ -104,17 +92,13 @@ class PatchSetup:
                 f"{self.corrupt_value:.6g}), so normalised patching (0 = corrupt, 1 = clean) is undefined; "
                 "choose prompts or a metric that tell the two runs apart"
             )
-
-        def describe(x):
-            p = _as_prompt(x, "")
-            return {"system": p.system, "user": p.user, "reply": p.reply} if p is not None else "token ids"
-
         self.meta = {
             "model": model_id(model), "n_layers": model.cfg.n_layers, "d_model": model.cfg.d_model,
             "metric": metric.describe(), "read_layer": self.read_layer, "read_position": self.read_position,
-            "clean": describe(clean), "corrupt": describe(corrupt), "aligned_with_filler": filler if aligned else None,
-            "clean_tokens_hash": fingerprint(list(clean_ids)), "corrupt_tokens_hash": fingerprint(list(corrupt_ids)),
-            "n_prompt_tokens": self.n_prompt, "template": template, "prepend_bos": prepend_bos,
+            **inputs.described, "aligned_with_filler": inputs.aligned_with,
+            "clean_tokens_hash": fingerprint(list(self.clean_ids)),
+            "corrupt_tokens_hash": fingerprint(list(self.corrupt_ids)),
+            "n_prompt_tokens": self.n_prompt, "template": inputs.template, "prepend_bos": inputs.prepend_bos,
             "clean_value": self.clean_value, "corrupt_value": self.corrupt_value,
             "normalisation": "(m(patched) - m(corrupt)) / (m(clean) - m(corrupt))",
             "patched_positions": "prompt tokens only (metric continuations are read, never patched)",
@@ -122,19 +106,6 @@ class PatchSetup:
         }
 
     # ---------------------------------------------------------------- runs
-    def _length_error(self, clean_ids, corrupt_ids, filler, text: bool) -> PatchingError:
-        first = next((i for i, (a, b) in enumerate(zip(clean_ids, corrupt_ids)) if a != b),
-                     min(len(clean_ids), len(corrupt_ids)))
-        fix = (f"pass align=True (CLI: --align), which appends {filler!r} to the shorter prompt's differing text "
-               "until the lengths match (lens_roles.analysis.patching.align_prompts), or reword one prompt" if text else
-               "pad or cut the token ids to one length (align=True only works on text and Prompt inputs)")
-        return PatchingError(
-            f"clean and corrupt prompts have different token lengths: clean {len(clean_ids)} tokens "
-            f"{list(self.tokens)}, corrupt {len(corrupt_ids)} tokens {list(self.corrupt_tokens)} (they first differ "
-            f"at position {first}). Patching swaps activations position by position, so the two runs must line up "
-            f"token for token. Fix: {fix}"
-        )
-
     def _forward(self, tokens: Tensor, **kw) -> Float[Tensor, "row pos d_model"]:
         if self.model.tokenizer is not None:
             kw.setdefault("padding_side", "right")  # no attention mask: right padding is exact for a causal model
@@ -163,12 +134,6 @@ class PatchSetup:
         return (raw - self.corrupt_value) / (self.clean_value - self.corrupt_value) + 0.0  # + 0.0: no -0.0
 
     # ---------------------------------------------------------- validation
-    def _layer_of(self, name: str) -> int | None:
-        parts = name.split(".")
-        if len(parts) >= 3 and parts[0] == "blocks" and parts[1].isdigit() and ".".join(parts[2:]) in SITE_HOOKS:
-            return int(parts[1])
-        return None
-
     def _late(self, what: str, layers: Sequence[int]) -> PatchingError:
         return PatchingError(
             f"the metric ({self.metric.label}) is read after layer {self.read_layer}, so it does not depend on "
@@ -221,27 +186,6 @@ class PatchSetup:
                 raise PatchingError(f"heads {bad or list(heads)} are not in 0..{n_heads - 1}")
         return spec, layers, positions, heads
 
-    def _cells(self, spec: Grid, layers, positions, heads):
-        """``(index into values, layer, mask)`` per cell; masks are ``[pos]`` or ``[pos, head]`` bools."""
-        width, device = self.prompt_mask.shape[1], self.model.cfg.device
-        cells = []
-        for li, layer in enumerate(layers):
-            if spec.axes == ("layer", "pos"):
-                for pi, p in enumerate(positions):
-                    mask = torch.zeros(width, dtype=torch.bool, device=device)
-                    mask[p] = True
-                    cells.append(((li, pi), layer, mask))
-            elif spec.axes == ("layer",):
-                mask = torch.zeros(width, dtype=torch.bool, device=device)
-                mask[list(positions)] = True
-                cells.append(((li,), layer, mask))
-            else:
-                for hi, h in enumerate(heads):
-                    mask = torch.zeros(width, self.model.cfg.n_heads, dtype=torch.bool, device=device)
-                    mask[list(positions), h] = True
-                    cells.append(((li, hi), layer, mask))
-        return cells
-
     def _result(self, spec: Grid, method: str, values: Tensor, layers, positions, heads, **extra) -> PatchResult:
         labels = {"layer": tuple(layers), "pos": tuple(positions), "head": tuple(heads)}
         meta = dict(self.meta, grid=spec.name, hook=spec.hook, method=method, layers=list(layers),
@@ -270,7 +214,7 @@ class PatchSetup:
         width = self.prompt_mask.shape[1]
         for name, where in sites.items():
             if ("clean", name) not in self._acts:
-                layer = self._layer_of(name)
+                layer = site_layer(name)
                 if layer is not None and layer < self.model.cfg.n_layers:
                     raise self._late(name, [layer])
                 raise PatchingError(f"{name!r} is not a patchable site; use blocks.L.{{{', '.join(SITE_HOOKS)}}} "
@@ -321,7 +265,8 @@ class PatchSetup:
         shape = [len(layers)] + ([len(positions)] if "pos" in spec.axes else []) + (
             [len(heads)] if "head" in spec.axes else [])
         raw = torch.empty(shape, dtype=torch.float64)
-        cells = self._cells(spec, layers, positions, heads)
+        cells = grid_cells(spec, layers, positions, heads, width=self.prompt_mask.shape[1],
+                           n_heads=self.model.cfg.n_heads, device=self.model.cfg.device)
         todo = []
         for index, layer, mask in cells:
             name = spec.hook.format(layer=layer)
@@ -448,8 +393,6 @@ def steering_setup(model, prompt: PromptLike, direction: Direction, alpha: float
         PatchingError: a metric read at or before the steering layer (nothing
             downstream of the steering could carry it).
     """
-    from lens_roles.interventions.steering import steer
-
     layer = validate_layers(model, layer)[0]
     read = metric.read_layer(model)
     if read <= layer:
