@@ -183,8 +183,12 @@ def spliced(model, sae, *, error_term: bool = False, edit: Callable[[Tensor], Te
     ``[batch, pos, d_sae]``). With ``grad`` the activations are a leaf that requires
     grad (appended to ``record.acts``), for gradients of a metric with respect to
     the features. Hooks are removed when the block ends, also on error.
+
+    Raises:
+        SAEError: an SAE that does not fit the model (width, hook, layer), before
+            any hook is attached (:func:`check_sae`).
     """
-    hook = resid_hook(sae_layer(sae))
+    hook = resid_hook(check_sae(sae, model))
 
     def fn(x, hook):
         head, rest = x[:, :1], x[:, 1:]
