@@ -211,3 +211,20 @@ def test_a_splice_checks_the_sae_first(tiny_model):
 def test_errors_are_lens_roles_errors():
     for cls in (DataError, DirectionError, OutputError, PSRError, SAEError):
         assert issubclass(cls, LensRolesError)
+
+
+def test_an_sae_folder_whose_weights_disagree_with_its_config(tmp_path):
+    from lens_roles.analysis.sae import identity_sae, load_sae, save_sae
+
+    folder = save_sae(identity_sae(D, layer=1), tmp_path / "sae")
+    assert load_sae(folder).cfg.d_in == D
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps(dict(cfg, d_sae=cfg["d_sae"] + 1)))
+    with pytest.raises(SAEError, match="do not belong together") as err:
+        load_sae(folder)
+    assert len(str(err.value).splitlines()) == 1
+    bad_configs = (("[]", "positive integers"), ("{", "not valid JSON"), ('{"d_in": 0, "d_sae": 4}', "positive"))
+    for text, message in bad_configs:
+        (folder / "cfg.json").write_text(text)
+        with pytest.raises(SAEError, match=message):
+            load_sae(folder)
