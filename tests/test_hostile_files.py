@@ -228,3 +228,15 @@ def test_an_sae_folder_whose_weights_disagree_with_its_config(tmp_path):
         (folder / "cfg.json").write_text(text)
         with pytest.raises(SAEError, match=message):
             load_sae(folder)
+
+
+def test_prompts_are_checked_before_the_tokenizer_and_the_model(tiny_model):
+    import lens_roles as lr
+
+    cases = [(["a", None], "prompt 1 is NoneType"), (["a", 5], "prompt 1 is int"),
+             (["\ud800 hello"], "lone surrogate"), ([lr.Prompt("hi", system=3)], "system must be"),
+             ([lr.Prompt("")], "user must be a non-empty"),
+             (["word " * 400], "more than tiny-test's context of 256 tokens")]
+    for prompts, message in cases:
+        with pytest.raises(DataError, match=message):
+            lr.collect(tiny_model, prompts, layers=[0])
