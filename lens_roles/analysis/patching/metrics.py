@@ -12,7 +12,7 @@ from torch import Tensor
 from lens_roles.directions.direction import Direction, _thaw
 from lens_roles.errors import DirectionError, PatchingError
 from lens_roles.runtime.models import validate_layers
-from lens_roles.runtime.readout import final_logits
+from lens_roles.runtime.readout import final_logits, logprobs_at
 
 
 def _prompt_position(position: int, n_prompt: int, what: str) -> int:
@@ -206,7 +206,7 @@ class LogprobMargin(Metric):
             k = len(ids)
             # positions n_prompt-1 .. n_prompt+k-2 predict the continuation's k tokens
             x = resid[r::rows, n_prompt - 1 : n_prompt - 1 + k]  # [batch, k, d_model]
-            logp = torch.log_softmax(final_logits(model, x).float(), dim=-1)
+            logp = logprobs_at(model, x)
             target = torch.tensor(ids, device=logp.device).expand(x.shape[0], k)
             lp = logp.gather(-1, target[..., None])[..., 0]  # [batch, k]
             scores.append(lp.mean(-1) if self.reduce == "mean" else lp.sum(-1))
