@@ -5,7 +5,8 @@ KL objective, patching metrics) goes through :func:`final_logits` /
 :func:`logprobs_at`, which do exactly what the end of ``model(tokens)`` does —
 the final norm when the model has one, the unembedding, then the output logit
 soft-cap when the config enables one (``cfg.output_logits_soft_cap``, e.g. Gemma 2)
-— but only at the positions passed.
+— but only at the positions passed. :func:`kl_divergence` compares two such
+next-token distributions.
 """
 
 from __future__ import annotations
@@ -40,3 +41,12 @@ def logprobs_at(model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "..
     soft-capped models included.
     """
     return torch.log_softmax(final_logits(model, resid).float(), dim=-1)
+
+
+def kl_divergence(logp: Float[Tensor, "... d_vocab"], logq: Float[Tensor, "... d_vocab"]) -> Float[Tensor, "..."]:
+    """``KL(p ‖ q) = Σ p (log p − log q)`` per position, from two next-token log-probability tensors.
+
+    ``p`` is the reference (the unsteered or prompted run), ``q`` the run compared
+    with it; the shapes broadcast.
+    """
+    return (logp.exp() * (logp - logq)).sum(-1)

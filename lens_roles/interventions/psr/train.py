@@ -29,7 +29,7 @@ from lens_roles.interventions.psr.model import PSR
 from lens_roles.runtime.activations import _as_prompts
 from lens_roles.runtime.batching import pad_batch, pad_id
 from lens_roles.runtime.models import resid_hook, validate_layers
-from lens_roles.runtime.readout import logprobs_at
+from lens_roles.runtime.readout import kl_divergence, logprobs_at
 
 OBJECTIVES = ("mse", "kl")
 
@@ -192,7 +192,7 @@ def _losses(model, data: TrainingData, batch: _Batch, store: dict[int, Tensor], 
     with torch.no_grad():
         logp = logprobs_at(model, torch.cat([data.final_p[batch.rows[r]] for r in rows]).to(final.device,
                                                                                                final.dtype))
-    return (logp.exp() * (logp - logq)).sum(-1).mean()
+    return kl_divergence(logp, logq).mean()
 
 
 @contextmanager
