@@ -41,6 +41,7 @@ from lens_roles.directions.direction import Direction
 from lens_roles.errors import DirectionError, SAEError
 from lens_roles.inputs.positions import encode
 from lens_roles.measures.behaviour import direction_projection, projection_label
+from lens_roles.measures.statistics import pearson
 from lens_roles.runtime.models import resid_hook
 
 
@@ -277,7 +278,7 @@ def ablation_check(model, sae, prompts, metric: ProjectionMetric, attribution: p
                               batch_size=batch_size, template=template).mean()
         rows.append({"feature": int(feature), "predicted": -float(attr), "actual": float(after - base)})
     frame = pd.DataFrame(rows)
-    r = float(np.corrcoef(frame["predicted"], frame["actual"])[0, 1]) if len(frame) > 2 else float("nan")
+    r = pearson(frame["predicted"], frame["actual"]) if len(frame) > 2 else float("nan")
     frame.attrs.update(pearson=r, metric=float(base), label=metric.label)
     return frame
 
