@@ -4,6 +4,7 @@ on the tiny model; the patching and SAE projection metrics compute the same proj
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -12,8 +13,10 @@ import lens_roles as lr
 from lens_roles.analysis import patching as P
 from lens_roles.analysis.sae.features import ProjectionMetric
 from lens_roles.errors import DataError
+from lens_roles.measures import sweeps
 from lens_roles.measures.behaviour import (
     direction_projection,
+    generation_coherence,
     generation_perplexity,
     logprob_margin,
     projection_label,
@@ -21,7 +24,9 @@ from lens_roles.measures.behaviour import (
     reply_logprob,
     reply_logprobs,
 )
+from lens_roles.runtime.generation import Generation
 from lens_roles.runtime.readout import kl_divergence
+from lens_roles.studies import psr_compare
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -120,3 +125,39 @@ def test_one_projection_for_patching_and_sae_metrics(tiny_model, direction):
     assert torch.equal(patching(tiny_model, resid, 6), direction_projection(resid[:, -1], direction, 1))
     assert torch.equal(sae(resid[:, -1]), patching(tiny_model, resid, 6))
     assert patching.label == sae.label == projection_label(direction, 1) == "projection on random after layer 1"
+
+
+def test_generation_coherence_leaves_empty_generations_out(tiny_model):
+    prompts = [list(it.tokens) for it in lr.encode(tiny_model, [lr.Prompt("Hi"), lr.Prompt("Where are the atlases?")])]
+    coherence = generation_coherence(tiny_model, prompts, [[40, 41, 42, 40, 41, 42], []])
+    assert coherence.shape == (2, 2) and coherence.dtype == torch.float64
+    alone = generation_perplexity(tiny_model, prompts[:1], [[40, 41, 42, 40, 41, 42]])
+    assert float(coherence[0, 0]) == pytest.approx(float(alone[0]), rel=1e-6)
+    assert float(coherence[0, 1]) == repetition_rate([40, 41, 42, 40, 41, 42]) == 0.25
+    assert coherence[1].isnan().all()
+
+
+def test_sweep_and_psr_comparison_average_coherence_the_same_way(tiny_model, direction, monkeypatch):
+    """An empty generation (the model stopped at once) has no perplexity: both averages leave it out. The
+    generation sweep used to count it as perplexity 1 and repetition 0, i.e. as perfectly coherent."""
+    users = ["Where are the atlases kept?", "Can I renew a book online?"]
+    # generation rows of the sweep: (prompt 0, α 0), (0, 3), (1, 0), (1, 3)
+    made = {0: (40, 41, 42, 43), 1: (), 2: (7, 9, 7, 9, 7), 3: (50, 51)}
+
+    def fake_generate(model, prompts, **kwargs):
+        return [Generation(str(p), "", made[r] if len(prompts) == 4 else made[2 * r + 1])
+                for r, p in enumerate(prompts)]
+
+    monkeypatch.setattr(sweeps, "generate", fake_generate)
+    monkeypatch.setattr(psr_compare, "generate", fake_generate)
+    metrics, _ = sweeps.generation_sweep(tiny_model, direction, users, steer_layers=[1], alphas=[3.0])
+    value = metrics.set_index(["alpha", "metric"]).value
+    items = [list(it.tokens) for it in lr.encode(tiny_model, [lr.Prompt(u) for u in users])]
+    ppl = {r: float(generation_perplexity(tiny_model, [items[r // 2]], [made[r]])[0]) for r in (0, 2, 3)}
+    assert value[(0.0, "perplexity")] == pytest.approx((ppl[0] + ppl[2]) / 2, rel=1e-6)
+    assert value[(3.0, "perplexity")] == pytest.approx(ppl[3], rel=1e-6)  # not (1 + ppl[3]) / 2
+    assert value[(3.0, "repetition")] == 0.0 and value[(0.0, "repetition")] == pytest.approx(1 / 6)
+    # the PSR comparison's coherence of the α = 3 generations (rows 1 and 3) is the same number
+    perplexity, repetition = psr_compare._coherence(tiny_model, nullcontext(), [lr.Prompt(u) for u in users], None, 4)
+    assert perplexity == pytest.approx(value[(3.0, "perplexity")], rel=1e-6)
+    assert repetition == value[(3.0, "repetition")]

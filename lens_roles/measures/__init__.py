@@ -3,6 +3,7 @@ multiple-choice scoring, and the statistics (bootstrap intervals, Pearson's r) s
 
 from lens_roles.measures.behaviour import (
     direction_projection,
+    generation_coherence,
     generation_perplexity,
     logprob_margin,
     repetition_rate,
@@ -15,6 +16,7 @@ from lens_roles.measures.multiple_choice import Condition, score_questions, eval
 
 __all__ = [
     "direction_projection",
+    "generation_coherence",
     "generation_perplexity",
     "logprob_margin",
     "repetition_rate",

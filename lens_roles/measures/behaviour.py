@@ -9,7 +9,8 @@
   comparison and the patching metric ``LogprobMargin``.
 * **Coherence of generations**: :func:`generation_perplexity` (of the generated
   tokens under the model as it is when called: the unsteered model) and
-  :func:`repetition_rate` (repeated token n-grams). Used by
+  :func:`repetition_rate` (repeated token n-grams), both per generation from
+  :func:`generation_coherence` (NaN for an empty generation). Used by
   :func:`~lens_roles.measures.sweeps.generation_sweep` and the PSR comparison.
 * **Direction projection**: :func:`direction_projection`, the residual stream's
   component along ``v̂_layer``, with its :func:`projection_label`. Used by the
@@ -102,6 +103,19 @@ def generation_perplexity(model, prompts: Sequence[Sequence[int]], generations: 
             idx = torch.arange(len(p), len(p) + len(g))
             out[r] = float((-logp[r, idx - 1, tokens[r, idx]].mean()).exp())
     return out
+
+
+def generation_coherence(model, prompts: Sequence[Sequence[int]], generations: Sequence[Sequence[int]]
+                         ) -> Float[Tensor, "generation 2"]:
+    """``(perplexity, repetition)`` of each generation: :func:`generation_perplexity` and :func:`repetition_rate`.
+
+    Float64; an empty generation (the model stopped at once) has nothing to score
+    and gets NaN in both columns, so that averages over generations
+    (``nanmean``) leave it out rather than counting it as perfectly coherent.
+    """
+    ppl = generation_perplexity(model, prompts, generations)
+    rep = torch.tensor([repetition_rate(g) if len(g) else float("nan") for g in generations], dtype=torch.float64)
+    return torch.stack([ppl, rep], dim=-1)
 
 
 def repetition_rate(tokens: Sequence[int], n: int = 3) -> float:

@@ -15,7 +15,8 @@ layers for the cosine, the final output for the behaviour metrics).
   from the same forward, coherence as the mean next-token KL divergence
   KL(unsteered ‖ steered) over the reply positions;
 * :func:`generation_sweep` — coherence of steered generations: their perplexity
-  under the unsteered model, and the fraction of repeated token 3-grams.
+  under the unsteered model, and the fraction of repeated token 3-grams (averaged
+  over the non-empty generations; NaN when every one is empty).
 
 The behaviour metrics themselves (reply log-prob margin, perplexity, repetition)
 are those of :mod:`lens_roles.measures.behaviour`, the KL that of the readout.
@@ -34,9 +35,8 @@ from lens_roles.inputs.positions import encode, select_positions
 from lens_roles.inputs.prompts import PairSet, Prompt
 from lens_roles.interventions.steering import steering_hooks
 from lens_roles.measures.behaviour import (
-    generation_perplexity,
+    generation_coherence,
     logprob_margin,
-    repetition_rate,
     reply_logprob,
     reply_logprobs,
 )
@@ -172,16 +172,14 @@ def generation_sweep(model, direction: Direction, prompts, *, steer_layers: Sequ
         hooks = steering_hooks(model, direction, alpha_rows, layers=[layer], relative=relative)
         with model.hooks(fwd_hooks=hooks):
             outs = generate(model, batch, max_new_tokens=max_new_tokens, seed=seed)
-        # perplexity of each generation under the unsteered model (an empty generation counts as 1)
-        ppl = generation_perplexity(model, [items[r // len(alpha_list)].tokens for r in range(len(outs))],
-                                    [o.tokens for o in outs]).nan_to_num(nan=1.0)
-        stats = torch.zeros(len(alpha_list), 2, dtype=torch.float64)
-        for r, o in enumerate(outs):
-            stats[r % len(alpha_list)] += torch.tensor([float(ppl[r]), repetition_rate(o.tokens)])
-            texts.append({"layer": layer, "alpha": alpha_list[r % len(alpha_list)],
-                          "prompt": o.prompt, "text": o.text})
+        # perplexity under the unsteered model and repetition, per generation; empty ones are left out
+        coherence = generation_coherence(model, [items[r // len(alpha_list)].tokens for r in range(len(outs))],
+                                         [o.tokens for o in outs])
+        stats = coherence.reshape(len(plist), len(alpha_list), 2).nanmean(0)  # [alpha, (perplexity, repetition)]
+        texts += [{"layer": layer, "alpha": alpha_list[r % len(alpha_list)], "prompt": o.prompt, "text": o.text}
+                  for r, o in enumerate(outs)]
         for a, alpha in enumerate(alpha_list):
             base = {"layer": layer, "alpha": alpha, "alpha_mode": _mode(relative), "read_layer": model.cfg.n_layers - 1}
-            rows.append({**base, "metric": "perplexity", "value": float(stats[a, 0] / len(plist))})
-            rows.append({**base, "metric": "repetition", "value": float(stats[a, 1] / len(plist))})
+            rows.append({**base, "metric": "perplexity", "value": float(stats[a, 0])})
+            rows.append({**base, "metric": "repetition", "value": float(stats[a, 1])})
     return pd.DataFrame(rows), pd.DataFrame(texts)

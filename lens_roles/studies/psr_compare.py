@@ -21,9 +21,8 @@ from lens_roles.interventions.psr.evaluate import token_coefficients
 from lens_roles.interventions.psr.model import PSR
 from lens_roles.interventions.steering import steer
 from lens_roles.measures.behaviour import (
-    generation_perplexity,
+    generation_coherence,
     logprob_margin,
-    repetition_rate,
     reply_logprob,
     reply_logprobs,
 )
@@ -95,12 +94,8 @@ def _coherence(model, ctx, prompts: list[Prompt], system: str | None, max_new_to
     with torch.no_grad(), ctx:
         outs = generate(model, gen_prompts, max_new_tokens=max_new_tokens)
     items = encode(model, [Prompt(p.user) for p in prompts])
-    ppl = generation_perplexity(model, [it.tokens for it in items], [o.tokens for o in outs])
-    scored = [r for r, o in enumerate(outs) if o.tokens]
-    if not scored:
-        return float("nan"), float("nan")
-    return (sum(float(ppl[r]) for r in scored) / len(scored),
-            sum(repetition_rate(outs[r].tokens) for r in scored) / len(scored))
+    ppl, rep = generation_coherence(model, [it.tokens for it in items], [o.tokens for o in outs]).nanmean(0)
+    return float(ppl), float(rep)
 
 
 def _margin(model, ctx, pairs: PairSet, system: str | None, batch_size: int = 8) -> float:
