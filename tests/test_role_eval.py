@@ -247,17 +247,6 @@ def test_selection_never_touches_test_items(tiny_model, tiny_study_inputs, monke
     assert not study.table.value.equals(again.table.value)
 
 
-def test_bootstrap_mean_matches_numpy():
-    rng = np.random.default_rng(0)
-    v = rng.random(20)
-    idx = rng.integers(0, 20, size=(500, 20))
-    mean, lo, hi = rs.bootstrap_mean(v, idx, 0.9)
-    draws = v[idx].mean(1)
-    assert mean == pytest.approx(v.mean())
-    assert (lo, hi) == pytest.approx(tuple(np.percentile(draws, [5, 95])))
-    assert rs.bootstrap_mean(np.ones(5), idx[:, :5] % 5)[1:] == (1.0, 1.0)
-
-
 def test_study_config_validates():
     with pytest.raises(ValueError, match="unknown condition"):
         rs.StudyConfig(conditions=("steering",))

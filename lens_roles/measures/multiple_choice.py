@@ -38,7 +38,7 @@ from lens_roles.inputs.prompts import Prompt, common_prefix_len
 from lens_roles.inputs.questions import Question, QuestionSet
 from lens_roles.interventions.steering import ablate, steer
 from lens_roles.runtime.batching import run_batches
-from lens_roles.runtime.readout import logprobs_at as _logprobs_at
+from lens_roles.runtime.readout import logprobs_at
 
 CONDITIONS = ("none", "addition", "ablation", "prompting")
 #: the persona prompt of the prompting condition; ``{article}`` is "a" or "an"
@@ -109,7 +109,7 @@ def choice_logprobs(model, items: Sequence[ChoiceItem], *, batch_size: int = 16,
     out = []
     for start in range(0, len(items), 64):  # unembed in chunks: the vocabulary can be large
         chunk = items[start : start + 64]
-        logp = _logprobs_at(model, torch.stack(finals[start : start + len(chunk)]))
+        logp = logprobs_at(model, torch.stack(finals[start : start + len(chunk)]))
         out += [logp[row, list(it.choice_ids)].cpu() for row, it in enumerate(chunk)]
     return out
 

@@ -15,7 +15,11 @@ layers for the cosine, the final output for the behaviour metrics).
   from the same forward, coherence as the mean next-token KL divergence
   KL(unsteered ‖ steered) over the reply positions;
 * :func:`generation_sweep` — coherence of steered generations: their perplexity
-  under the unsteered model, and the fraction of repeated token 3-grams.
+  under the unsteered model, and the fraction of repeated token 3-grams (averaged
+  over the non-empty generations; NaN when every one is empty).
+
+The behaviour metrics themselves (reply log-prob margin, perplexity, repetition)
+are those of :mod:`lens_roles.measures.behaviour`, the KL that of the readout.
 """
 
 from __future__ import annotations
@@ -30,11 +34,17 @@ from lens_roles.errors import DataError
 from lens_roles.inputs.positions import encode, select_positions
 from lens_roles.inputs.prompts import PairSet, Prompt
 from lens_roles.interventions.steering import steering_hooks
+from lens_roles.measures.behaviour import (
+    generation_coherence,
+    logprob_margin,
+    reply_logprob,
+    reply_logprobs,
+)
 from lens_roles.runtime.activations import _as_prompts
 from lens_roles.runtime.batching import pad_batch, pad_id
 from lens_roles.runtime.generation import generate
 from lens_roles.runtime.models import resid_hook, validate_layers
-from lens_roles.runtime.readout import logprobs_at
+from lens_roles.runtime.readout import kl_divergence
 
 
 def _alphas(alphas: Sequence[float]) -> list[float]:
@@ -128,31 +138,17 @@ def adherence_sweep(model, direction: Direction, pairs: PairSet, *, steer_layers
             mean_lp = torch.zeros(len(chunk), n_a, dtype=torch.float64)
             for c, i in enumerate(chunk):
                 a, b = spans[i][0], spans[i][-1] + 1
-                # positions a-1 .. b-2 predict the reply tokens a .. b-1
-                logp = logprobs_at(model, resid[c, :, a - 1 : b - 1]).cpu()  # [alpha, reply, vocab]
-                target = torch.tensor(items[i].tokens[a:b])
-                mean_lp[c] = logp[:, torch.arange(b - a), target].mean(-1).double()
-                p_ref = logp[ref]  # KL(unsteered || steered) per position, averaged over the reply
-                kl += (p_ref.exp() * (p_ref - logp)).sum(-1).mean(-1).double()
-            margin += (mean_lp[0::2] - mean_lp[1::2]).sum(0)  # chunks hold (positive, negative) in turn
+                logp = reply_logprobs(model, resid[c], (a, b)).cpu()  # [alpha, reply, vocab]
+                mean_lp[c] = reply_logprob(logp, items[i].tokens[a:b]).double()
+                # KL(unsteered || steered) per position, averaged over the reply
+                kl += kl_divergence(logp[ref], logp).mean(-1).double()
+            margin += logprob_margin(mean_lp[0::2], mean_lp[1::2]).sum(0)  # chunks hold (positive, negative) in turn
             n_kl += len(chunk)
         for a, alpha in enumerate(alpha_list):
             base = {"layer": layer, "alpha": alpha, "alpha_mode": _mode(relative), "read_layer": model.cfg.n_layers - 1}
             rows.append({**base, "metric": "logprob_margin", "value": float(margin[a] / len(pairs))})
             rows.append({**base, "metric": "kl_from_unsteered", "value": float(kl[a] / n_kl)})
     return pd.DataFrame(rows)
-
-
-def repetition_rate(tokens: Sequence[int], n: int = 3) -> float:
-    """Fraction of token n-grams that already occurred earlier in the sequence."""
-    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-    if not grams:
-        return 0.0
-    seen, repeats = set(), 0
-    for g in grams:
-        repeats += g in seen
-        seen.add(g)
-    return repeats / len(grams)
 
 
 @torch.no_grad()
@@ -170,27 +166,20 @@ def generation_sweep(model, direction: Direction, prompts, *, steer_layers: Sequ
     plist = _as_prompts(prompts)
     items = encode(model, plist)
     rows, texts = [], []
-    pad = pad_id(model)
     for layer in steer_layers:
         batch = [p for p in plist for _ in alpha_list]
         alpha_rows = torch.tensor(alpha_list).repeat(len(plist))
         hooks = steering_hooks(model, direction, alpha_rows, layers=[layer], relative=relative)
         with model.hooks(fwd_hooks=hooks):
             outs = generate(model, batch, max_new_tokens=max_new_tokens, seed=seed)
-        # perplexity of each generation under the unsteered model
-        full = [list(items[r // len(alpha_list)].tokens) + list(o.tokens) for r, o in enumerate(outs)]
-        tokens, _ = pad_batch(full, pad)
-        logp = torch.log_softmax(model(tokens.to(model.cfg.device)).float(), dim=-1)
-        stats = torch.zeros(len(alpha_list), 2, dtype=torch.float64)
-        for r, o in enumerate(outs):
-            start = len(items[r // len(alpha_list)].tokens)
-            idx = torch.arange(start, start + len(o.tokens))
-            nll = -logp[r, idx - 1, tokens[r, idx]].mean() if len(o.tokens) else torch.tensor(0.0)
-            stats[r % len(alpha_list)] += torch.tensor([float(nll.exp()), repetition_rate(o.tokens)])
-            texts.append({"layer": layer, "alpha": alpha_list[r % len(alpha_list)],
-                          "prompt": o.prompt, "text": o.text})
+        # perplexity under the unsteered model and repetition, per generation; empty ones are left out
+        coherence = generation_coherence(model, [items[r // len(alpha_list)].tokens for r in range(len(outs))],
+                                         [o.tokens for o in outs])
+        stats = coherence.reshape(len(plist), len(alpha_list), 2).nanmean(0)  # [alpha, (perplexity, repetition)]
+        texts += [{"layer": layer, "alpha": alpha_list[r % len(alpha_list)], "prompt": o.prompt, "text": o.text}
+                  for r, o in enumerate(outs)]
         for a, alpha in enumerate(alpha_list):
             base = {"layer": layer, "alpha": alpha, "alpha_mode": _mode(relative), "read_layer": model.cfg.n_layers - 1}
-            rows.append({**base, "metric": "perplexity", "value": float(stats[a, 0] / len(plist))})
-            rows.append({**base, "metric": "repetition", "value": float(stats[a, 1] / len(plist))})
+            rows.append({**base, "metric": "perplexity", "value": float(stats[a, 0])})
+            rows.append({**base, "metric": "repetition", "value": float(stats[a, 1])})
     return pd.DataFrame(rows), pd.DataFrame(texts)

@@ -10,7 +10,7 @@ from lens_roles.runtime.models import (
 )
 from lens_roles.runtime.activations import Activations, collect, collect_sets
 from lens_roles.runtime.generation import Generation, generate
-from lens_roles.runtime.readout import final_logits, logprobs_at
+from lens_roles.runtime.readout import final_logits, kl_divergence, logprobs_at
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -26,4 +26,5 @@ __all__ = [
     "generate",
     "final_logits",
     "logprobs_at",
+    "kl_divergence",
 ]

@@ -38,9 +38,9 @@ from lens_roles.inputs.positions import encode
 from lens_roles.inputs.prompts import PairSet, common_prefix_len
 from lens_roles.interventions.steering import steer
 from lens_roles.measures.multiple_choice import ChoiceItem, choice_logprobs
+from lens_roles.measures.statistics import bootstrap_indices, bootstrap_mean, pearson
 from lens_roles.runtime.activations import collect_sets
 from lens_roles.runtime.models import validate_layers
-from lens_roles.studies.role_study import bootstrap_mean
 
 DEFAULT_MULTIPLIERS = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
 
@@ -116,7 +116,7 @@ def ab_curve(model, pairs: PairSet, *, layer: int, multipliers: Sequence[float] 
     train, test = split_pairs(pairs, n_train=n_train, n_test=n_test, seed=seed)
     vector = ab_vector(model, train, [layer], template=template, batch_size=batch_size)
     items, _ = ab_items(model, test, template=template)
-    draws = np.random.default_rng(seed).integers(0, len(items), size=(n_boot, len(items)))
+    draws = bootstrap_indices(len(items), n_boot, seed)
     rows, scores = [], []
     for m in mults:
         with steer(model, vector, m, layers=[layer]):
@@ -142,7 +142,7 @@ def monotonicity(frame: pd.DataFrame) -> pd.DataFrame:
         p = grp.p_match.to_numpy(float)
         ranks_m = grp.multiplier.rank().to_numpy(float)
         ranks_p = grp.p_match.rank().to_numpy(float)
-        rho = float(np.corrcoef(ranks_m, ranks_p)[0, 1]) if len(p) > 1 and p.std() > 0 else float("nan")
+        rho = pearson(ranks_m, ranks_p) if len(p) > 1 and p.std() > 0 else float("nan")  # of the ranks
         rows.append({"behaviour": name, "spearman": rho, "monotone": bool(np.all(np.diff(p) >= 0)),
                      "p_at_min": float(p[0]), "p_at_max": float(p[-1]), "rises": bool(p[-1] > p[0])})
     return pd.DataFrame(rows)

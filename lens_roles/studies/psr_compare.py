@@ -20,11 +20,16 @@ from lens_roles.interventions.psr.align import _check_direction
 from lens_roles.interventions.psr.evaluate import token_coefficients
 from lens_roles.interventions.psr.model import PSR
 from lens_roles.interventions.steering import steer
-from lens_roles.measures.sweeps import repetition_rate
+from lens_roles.measures.behaviour import (
+    generation_coherence,
+    logprob_margin,
+    reply_logprob,
+    reply_logprobs,
+)
+from lens_roles.measures.multiple_choice import score_questions
 from lens_roles.runtime.activations import _as_prompts
 from lens_roles.runtime.batching import pad_batch, pad_id
 from lens_roles.runtime.generation import generate
-from lens_roles.runtime.readout import logprobs_at as _logprobs_at
 
 METHODS = ("none", "constant", "psr", "prompting")
 
@@ -84,25 +89,13 @@ def _context(model, method: str, direction: Direction, psr: PSR, alpha: float):
 
 def _coherence(model, ctx, prompts: list[Prompt], system: str | None, max_new_tokens: int
                ) -> tuple[float, float]:
-    """Mean perplexity (under the unsteered, unprompted model) and repetition of greedy generations."""
+    """Mean perplexity (under the unsteered, unprompted model) and repetition of greedy non-empty generations."""
     gen_prompts = [Prompt(p.user, system) for p in prompts]
-    with torch.no_grad():
-        with ctx:
-            outs = generate(model, gen_prompts, max_new_tokens=max_new_tokens)
-        items = encode(model, [Prompt(p.user) for p in prompts])
-        full = [list(it.tokens) + list(o.tokens) for it, o in zip(items, outs)]
-        tokens, _ = pad_batch(full, pad_id(model))
-        logp = torch.log_softmax(model(tokens.to(model.cfg.device)).float(), dim=-1).cpu()
-    ppl, rep = [], []
-    for r, (it, o) in enumerate(zip(items, outs)):
-        if not o.tokens:
-            continue
-        idx = torch.arange(len(it.tokens), len(it.tokens) + len(o.tokens))
-        ppl.append(float((-logp[r, idx - 1, tokens[r, idx]].mean()).exp()))
-        rep.append(repetition_rate(o.tokens))
-    if not ppl:
-        return float("nan"), float("nan")
-    return sum(ppl) / len(ppl), sum(rep) / len(rep)
+    with torch.no_grad(), ctx:
+        outs = generate(model, gen_prompts, max_new_tokens=max_new_tokens)
+    items = encode(model, [Prompt(p.user) for p in prompts])
+    ppl, rep = generation_coherence(model, [it.tokens for it in items], [o.tokens for o in outs]).nanmean(0)
+    return float(ppl), float(rep)
 
 
 def _margin(model, ctx, pairs: PairSet, system: str | None, batch_size: int = 8) -> float:
@@ -117,14 +110,13 @@ def _margin(model, ctx, pairs: PairSet, system: str | None, batch_size: int = 8)
             resid = model(tokens.to(model.cfg.device), stop_at_layer=model.cfg.n_layers)
             for r, it in enumerate(chunk):
                 a, b = it.reply
-                logp = _logprobs_at(model, resid[r, a - 1 : b - 1]).cpu()
-                lps.append(float(logp[torch.arange(b - a), torch.tensor(it.tokens[a:b])].mean()))
-    return sum(lps[0::2]) / len(pairs) - sum(lps[1::2]) / len(pairs)
+                lps.append(reply_logprob(reply_logprobs(model, resid[r], it.reply).cpu(), it.tokens[a:b]))
+    lp = torch.stack(lps).double()
+    return float(logprob_margin(lp[0::2], lp[1::2]).mean())
 
 
 def _mc(model, ctx, questions, system: str | None) -> tuple[float, float]:
-    from lens_roles.measures.multiple_choice import score_questions
-
+    """Multiple-choice accuracy and mean probability of the right letter under ``ctx``."""
     with ctx:
         frame = score_questions(model, questions, system=system)
     return float(frame.correct.mean()), float(frame.p_correct.mean())

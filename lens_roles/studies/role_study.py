@@ -44,6 +44,7 @@ from lens_roles.inputs.prompts import data_dir
 from lens_roles.inputs.questions import QuestionSet
 from lens_roles.io import atomic_write, write_csv
 from lens_roles.measures.multiple_choice import SYSTEM_TEMPLATE, Condition, evaluate_condition, persona_prompt
+from lens_roles.measures.statistics import bootstrap_indices, bootstrap_mean, percentile_interval
 
 #: metric name → the per-question column it averages
 METRICS = {"accuracy": "correct", "p_correct": "p_correct"}
@@ -181,20 +182,9 @@ def select_addition(model, direction: Direction, val: QuestionSet, *, layers: Se
 
 
 def _boot_indices(domains: Mapping[str, int], n_boot: int, seed: int) -> dict[str, np.ndarray]:
+    """Bootstrap resamples ``[draw, n]`` of each domain's test questions, drawn in turn from one seeded stream."""
     rng = np.random.default_rng(seed)
-    return {d: rng.integers(0, n, size=(n_boot, n)) for d, n in domains.items()}
-
-
-def _interval(draws: np.ndarray, level: float) -> tuple[float, float]:
-    tail = (1 - level) / 2 * 100
-    lo, hi = np.percentile(draws, [tail, 100 - tail])
-    return float(lo), float(hi)
-
-
-def bootstrap_mean(values: np.ndarray, indices: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
-    """Mean of ``values`` and its percentile-bootstrap interval over the resamples ``indices [draw, n]``."""
-    values = np.asarray(values, dtype=float)
-    return float(values.mean()), *_interval(values[indices].mean(1), level)
+    return {d: bootstrap_indices(n, n_boot, rng) for d, n in domains.items()}
 
 
 def run_role_study(model, roles: Mapping[str, Direction], domains: Mapping[str, QuestionSet], *,
@@ -294,7 +284,7 @@ def _tables(scores: pd.DataFrame, test: Mapping[str, QuestionSet], roles: list[s
                     v, v0 = cell[column].to_numpy(float), b[column].to_numpy(float)
                     value, lo, hi = bootstrap_mean(v, boot[d], config.level)
                     delta_draws = (v - v0)[boot[d]].mean(1)
-                    dlo, dhi = _interval(delta_draws, config.level)
+                    dlo, dhi = percentile_interval(delta_draws, config.level)
                     in_domain = role_domains.get(role) == d
                     cell_draws.setdefault((cond, in_domain, metric), []).append(delta_draws)
                     rows.append({"role": role, "domain": d, "in_domain": in_domain, "condition": cond,
@@ -306,7 +296,7 @@ def _tables(scores: pd.DataFrame, test: Mapping[str, QuestionSet], roles: list[s
     for (cond, in_domain, metric), draws in sorted(cell_draws.items(), key=lambda kv: (kv[0][0], not kv[0][1],
                                                                                           kv[0][2])):
         cells = table[(table.condition == cond) & (table.in_domain == in_domain) & (table.metric == metric)]
-        lo, hi = _interval(np.mean(draws, axis=0), config.level)
+        lo, hi = percentile_interval(np.mean(draws, axis=0), config.level)
         summary_rows.append({"condition": cond, "in_domain": in_domain, "metric": metric, "cells": len(draws),
                              "delta": float(cells.delta.mean()), "lo": lo, "hi": hi})
     return table, pd.DataFrame(summary_rows), pd.DataFrame(base_rows)

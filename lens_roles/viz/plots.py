@@ -22,6 +22,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from lens_roles.io import atomic_write
+from lens_roles.measures.statistics import pearson
 
 TEMPLATE = "simple_white"
 FONT = dict(family="Helvetica, Arial, sans-serif", size=13)
@@ -413,8 +414,6 @@ def _title_text(title: str | None, layer: int, subtitle: str | None) -> str:
 
 def _cluster_order(table: pd.DataFrame) -> list:
     """Leaf order of average-linkage clustering on 1 − cosine (greedy nearest-neighbour chain)."""
-    import numpy as np
-
     names = list(table.index)
     dist = 1 - table.loc[names, names].to_numpy(float)
     clusters = [[i] for i in range(len(names))]
@@ -565,7 +564,7 @@ def patch_scatter(data, *, title: str | None = None, subtitle: str | None = None
     grids += sorted(set(both.grid) - set(grids))
     if not grids:
         raise ValueError("no grid has both activation and attribution results")
-    corr = {g: both[both.grid == g][["value_act", "value_att"]].corr().iloc[0, 1] for g in grids}
+    corr = {g: pearson(both[both.grid == g].value_act, both[both.grid == g].value_att) for g in grids}
     fig = make_subplots(rows=1, cols=len(grids), subplot_titles=[f"{g} (r = {corr[g]:.2f}, n = "
                                                                  f"{int((both.grid == g).sum())})" for g in grids],
                         horizontal_spacing=0.07)
@@ -719,7 +718,7 @@ def attribution_check_scatter(check: pd.DataFrame, *, title: str = "Feature attr
     prediction ``−attribution`` (y), one point per feature; dotted: y = x; Pearson r in the title."""
     lo = float(min(check.predicted.min(), check.actual.min()))
     hi = float(max(check.predicted.max(), check.actual.max()))
-    r = float(np.corrcoef(check.predicted, check.actual)[0, 1]) if len(check) > 2 else float("nan")
+    r = pearson(check.predicted, check.actual) if len(check) > 2 else float("nan")
     fig = go.Figure([
         go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(dash="dot", color="grey"), showlegend=False,
                    hoverinfo="skip"),

@@ -40,6 +40,8 @@ from lens_roles.analysis.sae.core import (
 from lens_roles.directions.direction import Direction
 from lens_roles.errors import DirectionError, SAEError
 from lens_roles.inputs.positions import encode
+from lens_roles.measures.behaviour import direction_projection, projection_label
+from lens_roles.measures.statistics import pearson
 from lens_roles.runtime.models import resid_hook
 
 
@@ -150,7 +152,14 @@ def decompose(sae, direction: Direction | Tensor, *, max_features: int = 16, tol
 
 @dataclass(frozen=True)
 class ProjectionMetric:
-    """Projection of the residual stream after block ``layer`` at each prompt's last token on ``v̂_layer``."""
+    """Projection of the residual stream after block ``layer`` at each prompt's last token on ``v̂_layer``.
+
+    The SAE attribution's target, read at every prompt's own last token in a padded
+    batch of prompts of different lengths (the patching metric
+    :class:`~lens_roles.analysis.patching.DirectionProjection` reads one position of
+    two equal-length runs instead); both compute
+    :func:`~lens_roles.measures.behaviour.direction_projection`.
+    """
 
     direction: Direction
     layer: int
@@ -160,7 +169,11 @@ class ProjectionMetric:
 
     @property
     def label(self) -> str:
-        return f"projection on {self.direction.meta.get('name', 'direction')} after layer {self.layer}"
+        return projection_label(self.direction, self.layer)
+
+    def __call__(self, resid: Float[Tensor, "batch d_model"]) -> Float[Tensor, " batch"]:
+        """The projection of each prompt's residual vector after block ``layer`` (at its last token)."""
+        return direction_projection(resid, self.direction, self.layer)
 
 
 def _metric_run(model, sae, prompts, metric: ProjectionMetric, *, batch_size: int, template=None,
@@ -173,7 +186,6 @@ def _metric_run(model, sae, prompts, metric: ProjectionMetric, *, batch_size: in
                        "the features cannot change it")
     items = encode(model, prompts, template=template)
     seqs = [it.tokens for it in items]
-    u = metric.direction.unit(metric.layer).to(model.cfg.device)
     read: dict[str, Tensor] = {}
     for _, batch in batches(seqs, batch_size):
         idx = [i for i, _ in batch]
@@ -189,7 +201,7 @@ def _metric_run(model, sae, prompts, metric: ProjectionMetric, *, batch_size: in
                 model.hooks(fwd_hooks=[(resid_hook(metric.layer), grab)]), torch.set_grad_enabled(grad):
             model(tokens, attention_mask=mask, stop_at_layer=metric.layer + 1)
         x = read.pop("x")
-        values = x[torch.arange(len(idx), device=x.device), last] @ u.to(x.dtype)
+        values = metric(x[torch.arange(len(idx), device=x.device), last])
         yield idx, values, record, mask
 
 
@@ -266,7 +278,7 @@ def ablation_check(model, sae, prompts, metric: ProjectionMetric, attribution: p
                               batch_size=batch_size, template=template).mean()
         rows.append({"feature": int(feature), "predicted": -float(attr), "actual": float(after - base)})
     frame = pd.DataFrame(rows)
-    r = float(np.corrcoef(frame["predicted"], frame["actual"])[0, 1]) if len(frame) > 2 else float("nan")
+    r = pearson(frame["predicted"], frame["actual"]) if len(frame) > 2 else float("nan")
     frame.attrs.update(pearson=r, metric=float(base), label=metric.label)
     return frame
 

@@ -29,7 +29,7 @@ from lens_roles.interventions.psr.model import PSR
 from lens_roles.runtime.activations import _as_prompts
 from lens_roles.runtime.batching import pad_batch, pad_id
 from lens_roles.runtime.models import resid_hook, validate_layers
-from lens_roles.runtime.readout import logprobs_at as _logprobs_at
+from lens_roles.runtime.readout import kl_divergence, logprobs_at
 
 OBJECTIVES = ("mse", "kl")
 
@@ -188,11 +188,11 @@ def _losses(model, data: TrainingData, batch: _Batch, store: dict[int, Tensor], 
     if not rows:
         raise PSRError("the KL objective needs prompts with replies (it compares the distributions over reply "
                        "tokens)")
-    logq = _logprobs_at(model, torch.cat([final[r, batch.reply_pos[r]] for r in rows]))
+    logq = logprobs_at(model, torch.cat([final[r, batch.reply_pos[r]] for r in rows]))
     with torch.no_grad():
-        logp = _logprobs_at(model, torch.cat([data.final_p[batch.rows[r]] for r in rows]).to(final.device,
+        logp = logprobs_at(model, torch.cat([data.final_p[batch.rows[r]] for r in rows]).to(final.device,
                                                                                                final.dtype))
-    return (logp.exp() * (logp - logq)).sum(-1).mean()
+    return kl_divergence(logp, logq).mean()
 
 
 @contextmanager
