@@ -220,11 +220,11 @@ def residual_norms(model, prompts, *, layers=None, positions="all", batch_size: 
     (an attention sink) and would make "typical" meaningless.
     """
     from lens_roles.inputs.positions import encode, select_positions
-    from lens_roles.runtime.activations import _as_prompts
+    from lens_roles.inputs.prompts import as_prompts
     from lens_roles.runtime.batching import pad_batch, pad_id
 
     layers = validate_layers(model, layers)
-    items = encode(model, _as_prompts(prompts))
+    items = encode(model, as_prompts(prompts))
     pos = select_positions(items, positions)
     totals = dict.fromkeys(layers, 0.0)
     for start in range(0, len(items), batch_size):

@@ -28,9 +28,8 @@ import torch
 from lens_roles.directions.direction import Direction
 from lens_roles.errors import DataError
 from lens_roles.inputs.positions import encode, select_positions
-from lens_roles.inputs.prompts import PairSet, Prompt
+from lens_roles.inputs.prompts import PairSet, Prompt, as_prompts
 from lens_roles.interventions.steering import steering_hooks
-from lens_roles.runtime.activations import _as_prompts
 from lens_roles.runtime.batching import pad_batch, pad_id
 from lens_roles.runtime.generation import generate
 from lens_roles.runtime.models import resid_hook, validate_layers
@@ -61,7 +60,7 @@ def cosine_sweep(model, direction: Direction, prompts, *, steer_layers: Sequence
     """
     alpha_list = _alphas(alphas)
     steer_layers = validate_layers(model, steer_layers)
-    items = encode(model, _as_prompts(prompts))
+    items = encode(model, as_prompts(prompts))
     pad = pad_id(model)
     n_a, ref = len(alpha_list), alpha_list.index(0.0)
     rows = []
@@ -167,7 +166,7 @@ def generation_sweep(model, direction: Direction, prompts, *, steer_layers: Sequ
     """
     alpha_list = _alphas(alphas)
     steer_layers = validate_layers(model, steer_layers)
-    plist = _as_prompts(prompts)
+    plist = as_prompts(prompts)
     items = encode(model, plist)
     rows, texts = [], []
     pad = pad_id(model)

@@ -37,7 +37,7 @@ from torch import Tensor
 from lens_roles._version import __version__
 from lens_roles.errors import CacheError, DataError
 from lens_roles.inputs.positions import Encoded, PositionRule, default_prepend_bos, encode, rule_name, select_positions
-from lens_roles.inputs.prompts import Prompt, PromptSet, template_name
+from lens_roles.inputs.prompts import Prompt, PromptSet, as_prompts, template_name
 from lens_roles.io import atomic_write
 from lens_roles.runtime.batching import run_batches
 from lens_roles.runtime.models import model_id, resid_hook, validate_layers
@@ -80,17 +80,6 @@ class Activations:
             return self.layers.index(layer)
         except ValueError:
             raise DataError(f"layer {layer} was not collected (collected: {list(self.layers)})") from None
-
-
-def _as_prompts(prompts) -> list[Prompt]:
-    if isinstance(prompts, PromptSet):
-        return list(prompts.prompts)
-    if isinstance(prompts, (str, Prompt)):
-        prompts = [prompts]
-    out = [Prompt(p) if isinstance(p, str) else p for p in prompts]
-    if not out:
-        raise DataError("no prompts given")
-    return out
 
 
 def _cache_key(model, layers, items, positions, keep_per_prompt) -> str:
@@ -200,7 +189,7 @@ def collect_sets(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
     layers = validate_layers(model, layers)
-    lists = [_as_prompts(prompts) for prompts in prompt_sets]
+    lists = [as_prompts(prompts) for prompts in prompt_sets]
     if not lists:
         raise DataError("no prompt sets given")
     template = template or template_name(model.tokenizer)

@@ -24,7 +24,7 @@ import torch
 
 from lens_roles.errors import DataError
 from lens_roles.inputs.positions import encode
-from lens_roles.runtime.activations import _as_prompts
+from lens_roles.inputs.prompts import as_prompts
 from lens_roles.runtime.batching import pad_batch, pad_id
 
 
@@ -89,7 +89,7 @@ def generate(
         raise DataError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not (temperature >= 0 and temperature == temperature and temperature != float("inf")):
         raise DataError(f"temperature must be finite and >= 0, got {temperature}")
-    plist = _as_prompts(prompts)
+    plist = as_prompts(prompts)
     items = encode(model, plist, template=template)
     device = model.cfg.device
     tok = model.tokenizer

@@ -15,13 +15,12 @@ from lens_roles._version import __version__
 from lens_roles.directions.direction import Direction, _thaw
 from lens_roles.errors import PSRError
 from lens_roles.inputs.positions import encode
-from lens_roles.inputs.prompts import PairSet, Prompt, PromptSet, fingerprint
+from lens_roles.inputs.prompts import PairSet, Prompt, PromptSet, as_prompts, fingerprint
 from lens_roles.interventions.psr.align import _check_direction
 from lens_roles.interventions.psr.evaluate import token_coefficients
 from lens_roles.interventions.psr.model import PSR
 from lens_roles.interventions.steering import steer
 from lens_roles.measures.sweeps import repetition_rate
-from lens_roles.runtime.activations import _as_prompts
 from lens_roles.runtime.batching import pad_batch, pad_id
 from lens_roles.runtime.generation import generate
 from lens_roles.runtime.readout import logprobs_at as _logprobs_at
@@ -160,7 +159,7 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
         users = [Prompt(p.user) for p in pairs.pairs]
         lam_prompts = [Prompt(p.user, None, p.positive) for p in pairs.pairs]
     else:
-        plist = _as_prompts(pairs)
+        plist = as_prompts(pairs)
         if questions is None:
             raise PSRError("without contrast pairs there is no persona margin: pass questions (the multiple-choice "
                            "effect is then the behaviour)")

@@ -12,8 +12,7 @@ from torch import Tensor
 from lens_roles.directions.direction import Direction
 from lens_roles.errors import DirectionError, PSRError
 from lens_roles.inputs.positions import Encoded, encode
-from lens_roles.inputs.prompts import Prompt, common_prefix_len
-from lens_roles.runtime.activations import _as_prompts
+from lens_roles.inputs.prompts import Prompt, as_prompts, common_prefix_len
 from lens_roles.runtime.batching import pad_batch, pad_id
 from lens_roles.runtime.models import resid_hook, validate_layers
 
@@ -68,7 +67,7 @@ def prompt_pairs(prompts, system: str) -> tuple[list[Prompt], list[Prompt]]:
     """``(prompted, unprompted)``: each prompt with ``system`` as its system prompt, and without one."""
     if not isinstance(system, str) or not system.strip():
         raise PSRError(f"the system prompt must be a non-empty string, got {system!r}: it would change nothing")
-    plist = _as_prompts(prompts)
+    plist = as_prompts(prompts)
     return [Prompt(p.user, system, p.reply) for p in plist], [Prompt(p.user, None, p.reply) for p in plist]
 
 
@@ -81,7 +80,7 @@ def align(model, prompted: Sequence[Prompt], unprompted: Sequence[Prompt], *,
             differ, or whose tokens from the user turn on differ; or a pair whose
             two runs are token for token the same (the system prompt changes nothing).
     """
-    prompted, unprompted = _as_prompts(prompted), _as_prompts(unprompted)
+    prompted, unprompted = as_prompts(prompted), as_prompts(unprompted)
     if len(prompted) != len(unprompted):
         raise PSRError(f"mismatched prompt sets: {len(prompted)} prompted and {len(unprompted)} unprompted prompts")
     for i, (p, u) in enumerate(zip(prompted, unprompted)):

@@ -6,10 +6,10 @@ import pandas as pd
 import torch
 
 from lens_roles.inputs.positions import encode
+from lens_roles.inputs.prompts import as_prompts
 from lens_roles.interventions.psr.align import _token_text
 from lens_roles.interventions.psr.model import PSR
 from lens_roles.interventions.psr.train import TrainingData, _forward
-from lens_roles.runtime.activations import _as_prompts
 
 
 def mean_strength(model, psr: PSR, data: TrainingData) -> float:
@@ -65,7 +65,7 @@ def activation_distance(model, psr: PSR, data: TrainingData) -> pd.DataFrame:
 
 def token_coefficients(model, psr: PSR, prompts, *, template: str | None = None) -> pd.DataFrame:
     """λ per token of each prompt: ``prompt, position, token, part, layer, lam, strength`` (λ·α)."""
-    plist = _as_prompts(prompts)
+    plist = as_prompts(prompts)
     items = encode(model, plist, template=template)
     rows = []
     with torch.no_grad():

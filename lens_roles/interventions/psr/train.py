@@ -16,7 +16,7 @@ from torch import Tensor
 from lens_roles.directions.direction import Direction
 from lens_roles.errors import PSRError
 from lens_roles.inputs.positions import encode
-from lens_roles.inputs.prompts import fingerprint
+from lens_roles.inputs.prompts import as_prompts, fingerprint
 from lens_roles.interventions.psr.align import (
     Aligned,
     _check_direction,
@@ -26,7 +26,6 @@ from lens_roles.interventions.psr.align import (
     prompt_steering,
 )
 from lens_roles.interventions.psr.model import PSR
-from lens_roles.runtime.activations import _as_prompts
 from lens_roles.runtime.batching import pad_batch, pad_id
 from lens_roles.runtime.models import resid_hook, validate_layers
 from lens_roles.runtime.readout import logprobs_at as _logprobs_at
@@ -319,7 +318,7 @@ def make_psr(model, direction: Direction, prompts, system: str, *, layers: str |
                            f"{probe} (mean strength {alpha:.3g}); negate the direction or pass alpha")
     sink = None
     if skip_sink:
-        first = encode(model, _as_prompts(prompts)[:1], template=template)[0].tokens[0]
+        first = encode(model, as_prompts(prompts)[:1], template=template)[0].tokens[0]
         sink = sink_residuals(model, chosen, first)
     return PSR(direction, chosen, alpha, bias=1.0 if len(chosen) == 1 else 1.0 / len(chosen), sink=sink,
                meta={"system": system, "variant": "S-PSR" if len(chosen) == 1 else "A-PSR"})
