@@ -12,7 +12,7 @@ import lens_roles as lr
 from conftest import hooks_left
 from lens_roles.errors import DataError
 from lens_roles.inputs.prompts import Prompt, PromptSet, as_prompts
-from lens_roles.interventions.steering import steer
+from lens_roles.interventions.steering import residual_norms, steer
 from lens_roles.runtime.activations import residual_rows
 from lens_roles.runtime.batching import pad_batch, pad_id, padded, token_batches
 from lens_roles.runtime.capture import Capture, capture, position_mean
@@ -174,7 +174,12 @@ def test_as_prompts_accepts_every_form():
 LONG_LOOPS = [
     "lens_roles.runtime.activations:collect", "lens_roles.runtime.activations:collect_sets",
     "lens_roles.runtime.activations:residual_rows", "lens_roles.runtime.generation:generate",
-    "lens_roles.measures.multiple_choice:choice_logprobs", "lens_roles.measures.multiple_choice:score_questions",
+    "lens_roles.interventions.steering:residual_norms", "lens_roles.interventions.psr.align:prompt_steering",
+    "lens_roles.measures.sweeps:cosine_sweep", "lens_roles.measures.sweeps:adherence_sweep",
+    "lens_roles.measures.sweeps:generation_sweep", "lens_roles.measures.multiple_choice:choice_logprobs",
+    "lens_roles.measures.multiple_choice:score_questions", "lens_roles.analysis.sae.core:harvest",
+    "lens_roles.analysis.sae.quality:sae_quality", "lens_roles.analysis.sae.cards:feature_cards",
+    "lens_roles.analysis.sae.features:attribute_features",
 ]
 
 
@@ -186,5 +191,9 @@ def test_long_loops_take_progress_off_by_default(path):
 
 
 def test_progress_bar_changes_no_number(tiny_model, capsys):
+    quiet = residual_norms(tiny_model, TEXTS, layers=[0, 2], batch_size=2)
+    shown = residual_norms(tiny_model, TEXTS, layers=[0, 2], batch_size=2, progress=True)
+    assert quiet == shown
+    assert "residual norms" in capsys.readouterr().err
     outs = generate(tiny_model, TEXTS[:2], max_new_tokens=3, progress=True, stop_at_eos=False)
     assert [len(o.tokens) for o in outs] == [3, 3]

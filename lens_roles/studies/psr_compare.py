@@ -21,7 +21,7 @@ from lens_roles.interventions.psr.evaluate import token_coefficients
 from lens_roles.interventions.psr.model import PSR
 from lens_roles.interventions.steering import steer
 from lens_roles.measures.sweeps import repetition_rate
-from lens_roles.runtime.batching import pad_batch, pad_id
+from lens_roles.runtime.batching import pad_batch, pad_id, padded
 from lens_roles.runtime.generation import generate
 from lens_roles.runtime.readout import logprobs_at as _logprobs_at
 
@@ -90,8 +90,8 @@ def _coherence(model, ctx, prompts: list[Prompt], system: str | None, max_new_to
             outs = generate(model, gen_prompts, max_new_tokens=max_new_tokens)
         items = encode(model, [Prompt(p.user) for p in prompts])
         full = [list(it.tokens) + list(o.tokens) for it, o in zip(items, outs)]
-        tokens, _ = pad_batch(full, pad_id(model))
-        logp = torch.log_softmax(model(tokens.to(model.cfg.device)).float(), dim=-1).cpu()
+        scored = padded(model, full)
+        tokens, logp = scored.tokens.cpu(), torch.log_softmax(scored.forward(model).float(), dim=-1).cpu()
     ppl, rep = [], []
     for r, (it, o) in enumerate(zip(items, outs)):
         if not o.tokens:

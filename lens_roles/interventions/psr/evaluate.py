@@ -7,7 +7,7 @@ import torch
 
 from lens_roles.inputs.positions import encode
 from lens_roles.inputs.prompts import as_prompts
-from lens_roles.interventions.psr.align import _token_text
+from lens_roles.interventions.psr.align import token_text
 from lens_roles.interventions.psr.model import PSR
 from lens_roles.interventions.psr.train import TrainingData, _forward
 
@@ -20,7 +20,8 @@ def mean_strength(model, psr: PSR, data: TrainingData) -> float:
         for batch in data.batches:
             record.clear()
             with psr.applied(model, record=record):
-                model(batch.tokens.to(model.cfg.device), stop_at_layer=max(psr.layers) + 1)
+                model(batch.tokens.to(model.cfg.device), attention_mask=batch.mask.to(model.cfg.device),
+                      stop_at_layer=max(psr.layers) + 1)
             for _, lam in record:
                 for r, pos in enumerate(batch.positions):
                     vals.append(lam[r, pos].float().cpu())
@@ -77,7 +78,7 @@ def token_coefficients(model, psr: PSR, prompts, *, template: str | None = None)
                 for pos, tok in enumerate(item.tokens):
                     part = ("reply" if item.reply and pos >= item.reply[0] else
                             "user" if item.user[0] <= pos < item.user[1] else "template")
-                    rows.append({"prompt": i, "position": pos, "token": _token_text(model, tok), "part": part,
+                    rows.append({"prompt": i, "position": pos, "token": token_text(model, tok), "part": part,
                                  "layer": layer, "lam": float(lam[0, pos]),
                                  "strength": float(lam[0, pos]) * float(psr.alpha)})
     return pd.DataFrame(rows)
