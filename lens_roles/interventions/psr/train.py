@@ -134,12 +134,12 @@ def prepare(model, psr: PSR, prompts, system: str, *, read_layers: Sequence[int]
     batches = []
     for s in range(0, len(runs), batch_size):
         idx = list(range(s, min(s + batch_size, len(runs))))
-        rows = padded(model, [runs[i].unprompted.tokens for i in idx], idx)
-        width = rows.tokens.shape[1]
+        unprompted_rows = padded(model, [runs[i].unprompted.tokens for i in idx], idx)
+        width = unprompted_rows.tokens.shape[1]
         st = torch.zeros(len(idx), width, model.cfg.d_model)
         for r, i in enumerate(idx):
             st[r, : starts[i].shape[0]] = starts[i]
-        batches.append(_Batch(rows.tokens.cpu(), rows.mask.cpu(), st.to(model.cfg.dtype), idx,
+        batches.append(_Batch(unprompted_rows.tokens.cpu(), unprompted_rows.mask.cpu(), st.to(model.cfg.dtype), idx,
                               [runs[i].compared()[0] for i in idx], [runs[i].compared_kl()[0] for i in idx]))
     fp = fingerprint([system, [(p.user, p.reply) for p in prompted]])
     return TrainingData(runs, start, read, targets, base, final_p, scale, batches, fp)
