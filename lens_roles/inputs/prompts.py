@@ -78,6 +78,23 @@ class PromptSet:
         return fingerprint([(p.system, p.user, p.reply) for p in self.prompts])
 
 
+def as_prompts(prompts) -> list[Prompt]:
+    """Any way of giving prompts as a list of :class:`Prompt`: a :class:`PromptSet`, one
+    :class:`Prompt` or user string, or a sequence of them (strings become user turns).
+
+    Raises:
+        DataError: when no prompt is given.
+    """
+    if isinstance(prompts, PromptSet):
+        return list(prompts.prompts)
+    if isinstance(prompts, (str, Prompt)):
+        prompts = [prompts]
+    out = [Prompt(p) if isinstance(p, str) else p for p in prompts]
+    if not out:
+        raise DataError("no prompts given: pass a PromptSet, a Prompt, a string or a non-empty list of them")
+    return out
+
+
 @dataclass(frozen=True)
 class ContrastPair:
     """One user turn with a positive and a negative assistant reply."""

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from lens_roles.directions.direction import Direction
 from lens_roles.errors import DataError
-from lens_roles.runtime.batching import pad_batch, pad_id
+from lens_roles.runtime.batching import padded
 from lens_roles.runtime.readout import logprobs_at
 
 REDUCTIONS = ("mean", "sum")
@@ -95,8 +95,9 @@ def generation_perplexity(model, prompts: Sequence[Sequence[int]], generations: 
     if len(prompts) != len(generations):
         raise DataError(f"{len(prompts)} prompts for {len(generations)} generations; pass one prompt per generation")
     full = [list(p) + list(g) for p, g in zip(prompts, generations)]
-    tokens, _ = pad_batch(full, pad_id(model))
-    logp = torch.log_softmax(model(tokens.to(model.cfg.device)).float(), dim=-1)  # [generation, pos, d_vocab]
+    batch = padded(model, full)
+    tokens = batch.tokens.cpu()
+    logp = torch.log_softmax(batch.forward(model).float(), dim=-1).cpu()  # [generation, pos, d_vocab]
     out = torch.full((len(full),), float("nan"), dtype=torch.float64)
     for r, (p, g) in enumerate(zip(prompts, generations)):
         if len(g):

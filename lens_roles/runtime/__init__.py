@@ -8,7 +8,8 @@ from lens_roles.runtime.models import (
     resid_hook,
     validate_layers,
 )
-from lens_roles.runtime.activations import Activations, collect, collect_sets
+from lens_roles.runtime.activations import Activations, collect, collect_sets, residual_rows
+from lens_roles.runtime.capture import Capture, capture
 from lens_roles.runtime.generation import Generation, generate
 from lens_roles.runtime.readout import final_logits, kl_divergence, logprobs_at
 
@@ -22,6 +23,9 @@ __all__ = [
     "Activations",
     "collect",
     "collect_sets",
+    "residual_rows",
+    "Capture",
+    "capture",
     "Generation",
     "generate",
     "final_logits",

@@ -15,7 +15,7 @@ from lens_roles._version import __version__
 from lens_roles.directions.direction import Direction, _thaw
 from lens_roles.errors import PSRError
 from lens_roles.inputs.positions import encode
-from lens_roles.inputs.prompts import PairSet, Prompt, PromptSet, fingerprint
+from lens_roles.inputs.prompts import PairSet, Prompt, PromptSet, as_prompts, fingerprint
 from lens_roles.interventions.psr.align import _check_direction
 from lens_roles.interventions.psr.evaluate import token_coefficients
 from lens_roles.interventions.psr.model import PSR
@@ -27,8 +27,7 @@ from lens_roles.measures.behaviour import (
     reply_logprobs,
 )
 from lens_roles.measures.multiple_choice import score_questions
-from lens_roles.runtime.activations import _as_prompts
-from lens_roles.runtime.batching import pad_batch, pad_id
+from lens_roles.runtime.batching import token_batches
 from lens_roles.runtime.generation import generate
 
 METHODS = ("none", "constant", "psr", "prompting")
@@ -104,11 +103,9 @@ def _margin(model, ctx, pairs: PairSet, system: str | None, batch_size: int = 8)
     items = encode(model, prompts)
     lps = []
     with torch.no_grad(), ctx:
-        for s in range(0, len(items), batch_size):
-            chunk = items[s : s + batch_size]
-            tokens, _ = pad_batch([it.tokens for it in chunk], pad_id(model))
-            resid = model(tokens.to(model.cfg.device), stop_at_layer=model.cfg.n_layers)
-            for r, it in enumerate(chunk):
+        for batch in token_batches(model, [it.tokens for it in items], batch_size, sort=False):
+            resid = batch.forward(model, stop_at_layer=model.cfg.n_layers)
+            for r, it in enumerate(items[i] for i in batch.index):
                 a, b = it.reply
                 lps.append(reply_logprob(reply_logprobs(model, resid[r], it.reply).cpu(), it.tokens[a:b]))
     lp = torch.stack(lps).double()
@@ -152,7 +149,7 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
         users = [Prompt(p.user) for p in pairs.pairs]
         lam_prompts = [Prompt(p.user, None, p.positive) for p in pairs.pairs]
     else:
-        plist = _as_prompts(pairs)
+        plist = as_prompts(pairs)
         if questions is None:
             raise PSRError("without contrast pairs there is no persona margin: pass questions (the multiple-choice "
                            "effect is then the behaviour)")
