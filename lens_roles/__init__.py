@@ -40,11 +40,13 @@ from lens_roles.directions.direction import Direction
 from lens_roles.directions.separation import separation_auc, split_half_agreement
 from lens_roles.errors import (
     CacheError,
+    ConfigError,
     DataError,
     DirectionError,
     LensRolesError,
     ModelError,
     PatchingError,
+    PlotError,
     PSRError,
     SAEError,
 )
@@ -78,6 +80,7 @@ from lens_roles.studies.psr_compare import compare_at_matched_coherence
 __all__ = [
     "Activations",
     "CacheError",
+    "ConfigError",
     "ContrastPair",
     "DEFAULT_MODEL",
     "DataError",
@@ -93,6 +96,7 @@ __all__ = [
     "PatchResult",
     "PatchSetup",
     "PatchingError",
+    "PlotError",
     "Prompt",
     "PromptSet",
     "activation_patch",

@@ -12,7 +12,7 @@ import torch
 
 import lens_roles as lr
 from lens_roles.directions.geometry import cosine_matrix, mean_offdiagonal_cosine, nearest_roles, role_map
-from lens_roles.errors import DataError, DirectionError
+from lens_roles.errors import ConfigError, DataError, DirectionError
 from lens_roles.inputs.positions import encode
 from lens_roles.inputs.prompts import ContrastPair, PairSet, Prompt
 from lens_roles.inputs.questions import QuestionSet, load_domains, load_questions
@@ -164,7 +164,7 @@ def test_conditions(tiny_model, domain_dir):
     assert not np.allclose(none.p_correct, prompted.p_correct)
     assert mc.persona_prompt("economist") == "You are an economist."
     assert mc.persona_prompt("financial_analyst") == "You are a financial analyst."
-    with pytest.raises(ValueError, match="needs a layer"):
+    with pytest.raises(ConfigError, match="needs a layer"):
         mc.Condition("ablation")
     with pytest.raises(DirectionError, match="has no layer 7"):
         mc.evaluate_condition(tiny_model, qs, mc.Condition("ablation", 7), d)
@@ -259,11 +259,11 @@ def test_bootstrap_mean_matches_numpy():
 
 
 def test_study_config_validates():
-    with pytest.raises(ValueError, match="unknown condition"):
+    with pytest.raises(ConfigError, match="unknown condition"):
         rs.StudyConfig(conditions=("steering",))
-    with pytest.raises(ValueError, match="alphas must be finite"):
+    with pytest.raises(ConfigError, match="alphas must be finite"):
         rs.StudyConfig(alphas=(1.0, float("nan")))
-    with pytest.raises(ValueError, match="max_test must be positive"):
+    with pytest.raises(ConfigError, match="max_test must be positive"):
         rs.StudyConfig(max_test=0)
 
 

@@ -9,8 +9,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lens_roles.directions.direction import Direction, _thaw
+from lens_roles.directions.direction import Direction
 from lens_roles.errors import DirectionError, PatchingError
+from lens_roles.io import to_plain
 from lens_roles.runtime.models import validate_layers
 from lens_roles.runtime.readout import final_logits
 
@@ -112,7 +113,7 @@ class DirectionProjection(Metric):
         meta = self.direction.meta
         return {"kind": self.kind, "label": self.label, "direction": self.name, "layer": self.layer,
                 "position": self.position, "direction_model": meta.get("model"),
-                "direction_method": meta.get("method"), "direction_dataset": _thaw(meta.get("dataset"))}
+                "direction_method": meta.get("method"), "direction_dataset": to_plain(meta.get("dataset"))}
 
     def __call__(self, model, resid, n_prompt):
         u = self.direction.unit(self.layer).to(resid.device, resid.dtype)
