@@ -57,7 +57,7 @@ def main() -> None:
     config = StudyConfig()
     domains = load_domains(args.questions)
     qs = domains[args.domain]
-    val, test = qs.split(config.validation, config.seed)
+    val, test = qs.split(config.validation, seed=config.seed)
     val, test = val.head(config.max_val), test.head(config.max_test)
     role = args.role or next(r for r, d in load_role_domains().items() if d == args.domain)
     direction = vectors[role]

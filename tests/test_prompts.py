@@ -16,7 +16,6 @@ from lens_roles.inputs.prompts import (
     available_roles,
     common_prefix_len,
     data_dir,
-    fingerprint,
     load_baseline,
     load_pairs,
     load_prompt_set,
@@ -25,6 +24,7 @@ from lens_roles.inputs.prompts import (
     resolve_roles,
     template_name,
 )
+from lens_roles.inputs.sets import fingerprint
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data"
@@ -295,7 +295,7 @@ def test_split_is_deterministic_prefix():
     train, held = PromptSet("y", ps.prompts[:2]).split(0.99)
     assert len(train) == 1 and len(held) == 1
     with pytest.raises(DataError):
-        PromptSet("z", ps.prompts[:1]).split()
+        PromptSet("z", ps.prompts[:1]).split(0.75)
     with pytest.raises(DataError):
         ps.split(1.0)
     pairs = PairSet("p", tuple(ContrastPair(str(i), "a", "b") for i in range(4)))

@@ -27,14 +27,14 @@ reads), and the reply.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import ClassVar, Iterable, Sequence
 
 from lens_roles.errors import DataError
+from lens_roles.inputs.sets import ItemSet
 
 PLAIN_TEMPLATE = "[System: {system}\\n\\n]User: {user}\\n\\nAssistant:[ {reply}]"
 
@@ -52,30 +52,24 @@ class Prompt:
 
 
 @dataclass(frozen=True)
-class PromptSet:
-    """A named, ordered set of prompts (e.g. one role's instructions, or the baseline)."""
+class PromptSet(ItemSet):
+    """A named, ordered set of prompts (e.g. one role's instructions, or the baseline).
+
+    ``len``, iteration, ``head``, ``subset``, ``split``, ``halves`` and ``fingerprint`` are the
+    one set API of :mod:`lens_roles.inputs.sets`.
+    """
 
     name: str
     prompts: tuple[Prompt, ...]
     source: str = ""
+    items_field: ClassVar[str] = "prompts"
 
     def __post_init__(self):
         if not self.prompts:
             raise DataError(f"prompt set {self.name!r} ({self.source or 'in memory'}) is empty")
 
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def split(self, fraction: float = 0.75) -> tuple["PromptSet", "PromptSet"]:
-        """Deterministic train/held-out split: the first ``fraction`` and the rest."""
-        k = split_point(len(self), fraction, f"prompt set {self.name!r}")
-        return (
-            PromptSet(self.name, self.prompts[:k], self.source),
-            PromptSet(self.name, self.prompts[k:], self.source),
-        )
-
-    def fingerprint(self) -> str:
-        return fingerprint([(p.system, p.user, p.reply) for p in self.prompts])
+    def item_key(self, item: Prompt) -> tuple:
+        return (item.system, item.user, item.reply)
 
 
 @dataclass(frozen=True)
@@ -95,19 +89,20 @@ class ContrastPair:
 
 
 @dataclass(frozen=True)
-class PairSet:
-    """A named, ordered set of contrast pairs."""
+class PairSet(ItemSet):
+    """A named, ordered set of contrast pairs (the one set API of :mod:`lens_roles.inputs.sets`)."""
 
     name: str
     pairs: tuple[ContrastPair, ...]
     source: str = ""
+    items_field: ClassVar[str] = "pairs"
 
     def __post_init__(self):
         if not self.pairs:
             raise DataError(f"pair set {self.name!r} ({self.source or 'in memory'}) is empty")
 
-    def __len__(self) -> int:
-        return len(self.pairs)
+    def item_key(self, item: ContrastPair) -> tuple:
+        return (item.system, item.user, item.positive, item.negative)
 
     def positives(self) -> PromptSet:
         return PromptSet(f"{self.name}+", tuple(p.as_prompts()[0] for p in self.pairs), self.source)
@@ -115,39 +110,6 @@ class PairSet:
     def negatives(self) -> PromptSet:
         return PromptSet(f"{self.name}-", tuple(p.as_prompts()[1] for p in self.pairs), self.source)
 
-    def halves(self) -> tuple["PairSet", "PairSet"]:
-        """Two disjoint halves (even and odd items), for split-half agreement."""
-        if len(self) < 2:
-            raise DataError(f"pair set {self.name!r} has {len(self)} pair(s); cannot halve it")
-        return (
-            PairSet(f"{self.name}[even]", self.pairs[0::2], self.source),
-            PairSet(f"{self.name}[odd]", self.pairs[1::2], self.source),
-        )
-
-    def split(self, fraction: float = 0.75) -> tuple["PairSet", "PairSet"]:
-        k = split_point(len(self), fraction, f"pair set {self.name!r}")
-        return PairSet(self.name, self.pairs[:k], self.source), PairSet(self.name, self.pairs[k:], self.source)
-
-    def fingerprint(self) -> str:
-        return fingerprint([(p.system, p.user, p.positive, p.negative) for p in self.pairs])
-
-
-def split_point(n: int, fraction: float, what: str = "set") -> int:
-    """Items before the split when the first ``fraction`` of ``n`` builds and the rest is held out.
-
-    Both sides keep at least one item.
-    """
-    if not 0 < fraction < 1:
-        raise DataError(f"split fraction must be in (0, 1), got {fraction}")
-    if n < 2:
-        raise DataError(f"{what} has {n} item(s); cannot split it")
-    return max(1, min(n - 1, round(n * fraction)))
-
-
-def fingerprint(items) -> str:
-    """A short content hash of JSON-serialisable data (the 'dataset hash' of provenance)."""
-    blob = json.dumps(items, ensure_ascii=False, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------- loaders

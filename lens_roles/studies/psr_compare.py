@@ -16,7 +16,8 @@ from lens_roles.config import Config
 from lens_roles.directions.direction import Direction
 from lens_roles.errors import ConfigError, PSRError
 from lens_roles.inputs.positions import encode
-from lens_roles.inputs.prompts import PairSet, Prompt, PromptSet, fingerprint
+from lens_roles.inputs.prompts import PairSet, Prompt, PromptSet
+from lens_roles.inputs.sets import fingerprint
 from lens_roles.interventions.psr.align import _check_direction
 from lens_roles.interventions.psr.evaluate import token_coefficients
 from lens_roles.interventions.psr.model import PSR

@@ -216,7 +216,7 @@ def run_role_study(model, roles: Mapping[str, Direction], domains: Mapping[str, 
 
     val, test = {}, {}
     for name, qs in domains.items():
-        v, t = qs.split(config.validation, config.seed)
+        v, t = qs.split(config.validation, seed=config.seed, names=(f"{qs.name}[val]", None))
         val[name], test[name] = v.head(config.max_val), t.head(config.max_test)
     kw = dict(answer_format=config.answer_format, batch_size=config.batch_size)
 

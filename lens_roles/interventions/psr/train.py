@@ -17,7 +17,7 @@ from lens_roles.config import Config
 from lens_roles.directions.direction import Direction
 from lens_roles.errors import ConfigError, PSRError
 from lens_roles.inputs.positions import encode
-from lens_roles.inputs.prompts import fingerprint
+from lens_roles.inputs.sets import fingerprint
 from lens_roles.interventions.psr.align import (
     Aligned,
     _check_direction,
