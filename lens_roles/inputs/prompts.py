@@ -121,8 +121,17 @@ def data_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2] / "data"
 
 
-def _read_records(path: str | Path) -> list[tuple[int, dict]]:
-    """Read a JSONL file, or a JSON list, as ``(line_or_index, record)`` pairs."""
+def read_records(path: str | Path) -> list[tuple[int, dict]]:
+    """The one reader of the project's record files: a JSONL file, or a ``.json`` list, as
+    ``(location, record)`` pairs.
+
+    ``location`` is the 1-based line number in JSONL (blank lines skipped) or the 0-based item
+    index in a JSON list, so that every loader's errors can name the file and the record.
+
+    Raises:
+        DataError: naming the file (and line or item), for a missing file, malformed JSON, a JSON
+            file that is not a list, a record that is not a JSON object, or no records at all.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -167,7 +176,7 @@ def load_prompt_set(path: str | Path, name: str | None = None) -> PromptSet:
     """Load prompts from project JSONL or Role-Vectors JSON (``instruction`` field)."""
     path = Path(path)
     prompts = []
-    for loc, rec in _read_records(path):
+    for loc, rec in read_records(path):
         key = "instruction" if "instruction" in rec else "user" if "user" in rec else "instruction"
         prompts.append(Prompt(_field(path, loc, rec, key), _field(path, loc, rec, "system", False)))
     return PromptSet(name or path.stem, tuple(prompts), str(path))
@@ -191,7 +200,7 @@ def load_pairs(path: str | Path, name: str | None = None) -> PairSet:
     """Load contrast pairs from project JSONL (user/positive/negative) or CAA JSON."""
     path = Path(path)
     pairs = []
-    for loc, rec in _read_records(path):
+    for loc, rec in read_records(path):
         pos = _field(path, loc, rec, "positive")
         neg = _field(path, loc, rec, "negative")
         if "user" in rec:

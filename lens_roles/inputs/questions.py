@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import ClassVar, Sequence
 
 from lens_roles.errors import DataError
-from lens_roles.inputs.prompts import Prompt, _read_records
+from lens_roles.inputs.prompts import Prompt, read_records
 from lens_roles.inputs.sets import ItemSet
 
 DEFAULT_LETTERS = "ABCD"
@@ -201,7 +201,7 @@ def load_questions(path: str | Path, *, letters: str | Sequence[str] = DEFAULT_L
     if len(set(letters)) != len(letters) or len(letters) < 2:
         raise DataError(f"letters must be at least two distinct labels, got {letters}")
     questions, skipped = [], []
-    for loc, rec in _read_records(path):
+    for loc, rec in read_records(path):
         try:
             questions.append(_question(path, loc, rec, letters))
         except DataError as exc:
