@@ -3,11 +3,11 @@
 The public API, in the order of the data flow::
 
     model = load_model()                                   # models
-    pairs = load_pairs("data/personas/librarian.jsonl")    # prompts
+    pairs = load_pairs("librarian")                        # prompts (a shipped set, or any path)
     persona = persona_vector(model, pairs)                 # directions (via activations)
     role = role_vector(model, load_role("chemist"), load_baseline())
     persona.save("librarian.safetensors"); Direction.load("librarian.safetensors")
-    sae = load_sae("data/saes/layer_12")                   # sae (sae_lens SAEs)
+    sae = load_sae(data_dir() / "saes" / "layer_12")       # sae (shipped sae_lens SAEs; inputs.prompts.data_dir)
     feature_alignment(sae, persona, top=10)                # features (alignment, decomposition, attribution)
 """
 

@@ -2,10 +2,11 @@
 
 File formats read here:
 
-* Project JSONL (``data/``), one JSON object per line:
-    - prompt sets (``data/roles/<role>.jsonl``, ``data/roles/baseline.jsonl``):
+* Project JSONL, shipped inside the package (``lens_roles/data/``, see :func:`data_dir`), one JSON
+  object per line:
+    - prompt sets (``roles/<role>.jsonl``, ``roles/baseline.jsonl``):
       ``{"instruction": str}``, optionally ``"system": str``;
-    - contrast pairs (``data/personas/*.jsonl``):
+    - contrast pairs (``personas/*.jsonl``):
       ``{"user": str, "positive": str, "negative": str}``, optionally ``"system": str``.
       The positive and negative strings are assistant replies to the same user turn.
 * Role-Vectors JSON (``../shared/data/role-vectors/splits/*.json``): a list of
@@ -27,6 +28,7 @@ reads), and the reply.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 from dataclasses import dataclass, field
@@ -116,9 +118,30 @@ class PairSet(ItemSet):
 
 
 def data_dir() -> Path:
-    """The project's prompt data: ``$LENS_ROLES_DATA`` or the repository's ``data/``."""
+    """The shipped data (``personas/``, ``roles/``, ``saes/``): ``$LENS_ROLES_DATA`` when set, else the
+    package's own ``lens_roles/data``, found through ``importlib.resources`` so that an installed
+    wheel finds it as well as a source checkout."""
     env = os.environ.get("LENS_ROLES_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "data"
+    if env:
+        return Path(env)
+    root = importlib.resources.files("lens_roles") / "data"
+    if not isinstance(root, Path):
+        raise DataError(f"lens_roles is installed where its data are no plain files ({root}); "
+                        "install it unpacked, or point $LENS_ROLES_DATA at a copy of lens_roles/data")
+    return root
+
+
+def shipped_or_path(spec: str | Path, folder: str) -> Path:
+    """``spec`` as a path, or, when it is a bare name that is no file (no folder, no suffix), the
+    shipped set of that name: ``shipped_or_path("librarian", "personas")`` is
+    ``data_dir() / "personas" / "librarian.jsonl"``. Lets the loaders and the CLI take
+    ``librarian`` or ``chemist`` as well as a path."""
+    path = Path(spec)
+    if len(path.parts) == 1 and not path.suffix and not path.exists():
+        shipped = data_dir() / folder / f"{path.name}.jsonl"
+        if shipped.is_file():
+            return shipped
+    return path
 
 
 def read_records(path: str | Path) -> list[tuple[int, dict]]:
@@ -173,8 +196,9 @@ def _field(path, loc, rec: dict, key: str, required: bool = True) -> str | None:
 
 
 def load_prompt_set(path: str | Path, name: str | None = None) -> PromptSet:
-    """Load prompts from project JSONL or Role-Vectors JSON (``instruction`` field)."""
-    path = Path(path)
+    """Load prompts from project JSONL or Role-Vectors JSON (``instruction`` field); a bare name
+    (``"chemist"``, ``"baseline"``) is the shipped set in ``roles/``."""
+    path = shipped_or_path(path, "roles")
     prompts = []
     for loc, rec in read_records(path):
         key = "instruction" if "instruction" in rec else "user" if "user" in rec else "instruction"
@@ -197,8 +221,9 @@ def _split_caa(path, loc, positive: str, negative: str) -> ContrastPair:
 
 
 def load_pairs(path: str | Path, name: str | None = None) -> PairSet:
-    """Load contrast pairs from project JSONL (user/positive/negative) or CAA JSON."""
-    path = Path(path)
+    """Load contrast pairs from project JSONL (user/positive/negative) or CAA JSON; a bare name
+    (``"librarian"``) is the shipped set in ``personas/``."""
+    path = shipped_or_path(path, "personas")
     pairs = []
     for loc, rec in read_records(path):
         pos = _field(path, loc, rec, "positive")
@@ -214,13 +239,13 @@ def load_pairs(path: str | Path, name: str | None = None) -> PairSet:
 
 
 def available_roles(directory: str | Path | None = None) -> list[str]:
-    """Names of the role prompt sets in ``data/roles`` (every JSONL but the baseline)."""
+    """Names of the shipped role prompt sets in ``roles/`` (every JSONL but the baseline)."""
     directory = Path(directory) if directory else data_dir() / "roles"
     return sorted(p.stem for p in directory.glob("*.jsonl") if p.stem != "baseline")
 
 
 def load_role(role: str, directory: str | Path | None = None) -> PromptSet:
-    """Load one role's instructions by name (``"chemist"``) from ``data/roles``."""
+    """Load one role's instructions by name (``"chemist"``) from the shipped ``roles/``."""
     directory = Path(directory) if directory else data_dir() / "roles"
     path = directory / f"{role.replace(' ', '_')}.jsonl"
     if not path.is_file():

@@ -1,7 +1,7 @@
 """The main job (``lens-roles demo``, ``make demo``).
 
 On one model: the librarian persona vector from the project's contrast pairs and
-a role vector for every role in ``data/roles`` against the baseline, each at every
+a role vector for every shipped role (``lens_roles/data/roles``) against the baseline, each at every
 layer. Each set is split deterministically (first 75 % to build, the rest held
 out); the held-out prompts measure how well each direction separates its two
 sides (AUC per layer), and the pairs' two halves measure the persona vector's

@@ -51,7 +51,7 @@ METRICS = {"accuracy": "correct", "p_correct": "p_correct"}
 
 
 def load_role_domains(path: str | Path | None = None) -> dict[str, str]:
-    """Role → domain map from ``data/roles/domains.json`` (``{domain: [roles]}``)."""
+    """Role → domain map from the shipped ``roles/domains.json`` (``{domain: [roles]}``)."""
     path = Path(path) if path else data_dir() / "roles" / "domains.json"
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))

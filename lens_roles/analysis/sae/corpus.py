@@ -4,9 +4,9 @@ No pretrained SAE exists for the embedded models and nothing may be downloaded a
 run time, so the SAEs are trained on text that any user can rebuild offline from
 the repository alone:
 
-1. **Prompts** — every instruction of the project's prompt sets (``data/roles/*.jsonl``,
+1. **Prompts** — every instruction of the project's prompt sets (``lens_roles/data/roles/*.jsonl``,
    the baseline included) and every user turn of the persona pairs
-   (``data/personas/*.jsonl``), rendered with the model's chat template. Each gets a
+   (``lens_roles/data/personas/*.jsonl``), rendered with the model's chat template. Each gets a
    system prompt drawn by a seeded RNG: none (half of them), "You are a <role>." for
    a project role, or a persona system prompt — so the template tokens, role words
    and persona talk the analyses read all occur.
