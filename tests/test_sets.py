@@ -9,6 +9,7 @@ import random
 
 import pytest
 
+from lens_roles.analysis.sae.corpus import Corpus
 from lens_roles.errors import DataError
 from lens_roles.inputs.prompts import ContrastPair, PairSet, Prompt, PromptSet
 from lens_roles.inputs.questions import Question, QuestionSet
@@ -66,6 +67,14 @@ def old_demo_split_indices(n: int) -> tuple[range, range]:
     return range(k), range(k, n)
 
 
+def old_corpus_split(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """analysis.sae.corpus.Corpus.split before the one split rule: (train, eval) positions."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(n * eval_fraction))
+    return sorted(order[n_eval:]), sorted(order[:n_eval])
+
+
 def old_fingerprint(items) -> str:
     return hashlib.sha256(json.dumps(items, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -106,6 +115,17 @@ def test_split_indices_is_the_old_demo_split(n):
     first, rest = split_indices(n, 0.75)
     old_first, old_rest = old_demo_split_indices(n)
     assert first == list(old_first) and rest == list(old_rest)
+
+
+@pytest.mark.parametrize("n", SIZES + [1000, 4097])
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("eval_fraction", [0.05, 0.1, 0.25])
+def test_corpus_split_is_the_old_corpus_split(n, seed, eval_fraction):
+    corpus = Corpus(tuple((i, i + 1) for i in range(n)), tuple("prompt" for _ in range(n)), {"seed": 0})
+    train, held = corpus.split(eval_fraction, seed=seed)
+    old_train, old_eval = old_corpus_split(n, eval_fraction, seed)
+    assert [s[0] for s in train.sequences] == old_train and [s[0] for s in held.sequences] == old_eval
+    assert train.meta["part"] == "train" and held.meta["part"] == "eval"
 
 
 def test_fingerprints_did_not_move():
