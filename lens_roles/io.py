@@ -1,11 +1,25 @@
-"""Writing files so that an interrupted run never leaves a half-written one behind."""
+"""Writing files so that an interrupted run never leaves a half-written one behind, and the plain
+JSON data written into them."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
+
+
+def to_plain(value: Any) -> Any:
+    """Plain JSON-serialisable data: every mapping (also a read-only ``MappingProxyType``) as a
+    ``dict``, every tuple as a ``list``, recursively; anything else unchanged.
+
+    The one converter used wherever frozen values (a direction's meta, a config) are written out.
+    """
+    if isinstance(value, Mapping):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [to_plain(v) for v in value]
+    return value
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:

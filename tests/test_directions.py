@@ -26,7 +26,7 @@ from lens_roles.errors import DataError, DirectionError
 from lens_roles.inputs.prompts import ContrastPair, PairSet, PromptSet, load_pairs, load_prompt_set
 from lens_roles.runtime.activations import Activations, collect, collect_sets
 
-DATA = Path(__file__).resolve().parent.parent / "data"
+DATA = Path(__file__).resolve().parent.parent / "lens_roles" / "data"
 
 D = 8
 

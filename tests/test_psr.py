@@ -10,7 +10,7 @@ import torch
 
 import lens_roles as lr
 from lens_roles.cli import main
-from lens_roles.errors import PSRError
+from lens_roles.errors import ConfigError, PlotError, PSRError
 from lens_roles.inputs.prompts import Prompt
 from lens_roles.interventions.psr.align import align, prompt_pairs, prompt_steering
 from lens_roles.interventions.psr.evaluate import activation_distance, token_coefficients
@@ -281,9 +281,9 @@ def test_bad_inputs(tiny_model, direction, prompts, tmp_path):
         align(tiny_model, prompted, unprompted[1:] + unprompted[:1])
     with pytest.raises(PSRError, match="different replies"):
         align(tiny_model, prompted, [Prompt(p.user, None, "Something else.") for p in unprompted])
-    with pytest.raises(ValueError, match="objective"):
+    with pytest.raises(ConfigError, match="objective"):
         TrainConfig(objective="l1")
-    with pytest.raises(ValueError, match="epochs"):
+    with pytest.raises(ConfigError, match="epochs"):
         TrainConfig(epochs=0)
     with pytest.raises(PSRError, match="nothing to train"):
         train_psr(tiny_model, PSR(direction, [1], 1.0, constant=True), prompts, SYSTEM)
@@ -343,7 +343,7 @@ def test_plots(tiny_model, direction, prompts):
     fig = psr_coherence_curve(strength, strength.drop_duplicates("method", keep="last").assign(target_perplexity=3.0),
                               y="mean_strength")
     assert "strength" in fig.layout.yaxis.title.text
-    with pytest.raises(ValueError, match="unknown y"):
+    with pytest.raises(PlotError, match="unknown y"):
         psr_coherence_curve(curve, y="accuracy")
     lam = token_coefficients(tiny_model, PSR(direction, [0, 2], 1.0), prompts[:1])
     fig = token_heatmap(lam)

@@ -12,13 +12,13 @@ import torch
 
 import lens_roles as lr
 from lens_roles.directions.geometry import cosine_matrix, mean_offdiagonal_cosine, nearest_roles, role_map
-from lens_roles.errors import DataError, DirectionError
+from lens_roles.errors import ConfigError, DataError, DirectionError
 from lens_roles.inputs.positions import encode
 from lens_roles.inputs.prompts import ContrastPair, PairSet, Prompt
 from lens_roles.inputs.questions import QuestionSet, load_domains, load_questions
 from lens_roles.measures import multiple_choice as mc
 from lens_roles.studies import role_study as rs
-from lens_roles.studies.ab_curves import ab_curve, ab_items, monotonicity, split_pairs
+from lens_roles.studies.ab_curves import ab_curve, ab_items, monotonicity
 
 
 def _rv_record(i: int, answer: str = "B") -> dict:
@@ -164,7 +164,7 @@ def test_conditions(tiny_model, domain_dir):
     assert not np.allclose(none.p_correct, prompted.p_correct)
     assert mc.persona_prompt("economist") == "You are an economist."
     assert mc.persona_prompt("financial_analyst") == "You are a financial analyst."
-    with pytest.raises(ValueError, match="needs a layer"):
+    with pytest.raises(ConfigError, match="needs a layer"):
         mc.Condition("ablation")
     with pytest.raises(DirectionError, match="has no layer 7"):
         mc.evaluate_condition(tiny_model, qs, mc.Condition("ablation", 7), d)
@@ -213,7 +213,7 @@ def test_study_table_shape_and_intervals(tiny_model, tiny_study_inputs):
 
 def test_selection_never_touches_test_items(tiny_model, tiny_study_inputs, monkeypatch):
     roles, domains, role_domains, config = tiny_study_inputs
-    test_ids = {q.id for qs in domains.values() for q in qs.split(config.validation, config.seed)[1]}
+    test_ids = {q.id for qs in domains.values() for q in qs.split(config.validation, seed=config.seed)[1]}
     selecting, seen = [False], []
     real_select, real_eval = rs.select_addition, rs.evaluate_condition
 
@@ -236,7 +236,7 @@ def test_selection_never_touches_test_items(tiny_model, tiny_study_inputs, monke
     # and the choice cannot depend on the test answers: flip them all, same selection
     flipped = {}
     for name, qs in domains.items():
-        val, _ = qs.split(config.validation, config.seed)
+        val, _ = qs.split(config.validation, seed=config.seed)
         val_ids = {q.id for q in val}
         flipped[name] = QuestionSet(name, tuple(
             q if q.id in val_ids else type(q)(q.text, q.letters, q.letters[(q.answer_index + 1) % 4], q.id, q.subject)
@@ -248,11 +248,11 @@ def test_selection_never_touches_test_items(tiny_model, tiny_study_inputs, monke
 
 
 def test_study_config_validates():
-    with pytest.raises(ValueError, match="unknown condition"):
+    with pytest.raises(ConfigError, match="unknown condition"):
         rs.StudyConfig(conditions=("steering",))
-    with pytest.raises(ValueError, match="alphas must be finite"):
+    with pytest.raises(ConfigError, match="alphas must be finite"):
         rs.StudyConfig(alphas=(1.0, float("nan")))
-    with pytest.raises(ValueError, match="max_test must be positive"):
+    with pytest.raises(ConfigError, match="max_test must be positive"):
         rs.StudyConfig(max_test=0)
 
 
@@ -300,7 +300,7 @@ def test_ab_items_and_direct_probability(tiny_model):
     curve = ab_curve(tiny_model, _ab_pairs(12), layer=1, multipliers=(-1, 0, 1), n_train=6, n_test=6, n_boot=200)
     assert list(curve.frame.multiplier) == [-1.0, 0.0, 1.0] and (curve.frame.n == 6).all()
     # at multiplier 0 each test question's probability is the plain two-letter softmax
-    _, test = split_pairs(_ab_pairs(12), n_train=6, n_test=6)
+    _, test = _ab_pairs(12).split(6, seed=0, rest=6)
     test_items, _ = ab_items(tiny_model, test)
     zero = curve.scores[curve.scores.multiplier == 0.0].p_match.to_numpy()
     for p, item in zip(zero, test_items):
@@ -309,12 +309,12 @@ def test_ab_items_and_direct_probability(tiny_model):
         assert p == pytest.approx(float(torch.softmax(logits[list(item.choice_ids)], -1)[0]), abs=1e-5)
 
 
-def test_split_pairs_is_disjoint():
+def test_counted_seeded_split_is_disjoint():
     pairs = _ab_pairs(10)
-    train, test = split_pairs(pairs, n_train=6, n_test=3, seed=1)
+    train, test = pairs.split(6, seed=1, rest=3)
     assert len(train) == 6 and len(test) == 3
     assert not set(train.pairs) & set(test.pairs)
-    train, test = split_pairs(pairs, n_train=100, n_test=100)
+    train, test = pairs.split(100, seed=0, rest=100)
     assert len(train) + len(test) == 10 and not set(train.pairs) & set(test.pairs)
 
 

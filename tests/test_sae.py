@@ -24,7 +24,7 @@ from lens_roles.analysis.sae.features import (
 )
 from lens_roles.analysis.sae.quality import sae_quality
 from lens_roles.analysis.sae.training import SAETrainConfig, save_sae, train_sae
-from lens_roles.errors import SAEError
+from lens_roles.errors import ConfigError, SAEError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -134,6 +134,11 @@ def test_decomposition_reconstructs_to_its_reported_residual(tiny_model, directi
     assert dec.relative_residual == pytest.approx(dec.residual / float(v.norm()), rel=1e-9)
     assert dec.steps[-1] == pytest.approx(dec.relative_residual, rel=1e-6)
     assert all(b <= a + 1e-12 for a, b in zip(dec.steps, dec.steps[1:]))  # refitting never loses ground
+
+
+def test_decomposition_refuses_no_features(tiny_model, direction):
+    with pytest.raises(SAEError, match="max_features must be >= 1, got 0"):
+        decompose(random_sae(tiny_model.cfg.d_model, 1), direction, max_features=0)
 
 
 def test_decomposition_recovers_a_planted_combination(tiny_model):
@@ -317,7 +322,7 @@ def test_a_missing_or_foreign_sae_folder_is_a_clear_error(tmp_path):
 def test_train_config_rejects_bad_values():
     for bad in (dict(k=None, l1=None), dict(k=4, l1=1.0), dict(k=0), dict(d_sae=8, k=8), dict(k=None, l1=-1.0),
                 dict(lr=0.0)):
-        with pytest.raises(ValueError):
+        with pytest.raises(ConfigError, match="SAETrainConfig: "):
             SAETrainConfig(**bad)
 
 

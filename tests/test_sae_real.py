@@ -1,4 +1,4 @@
-"""Integration tests of the shipped SAEs (``data/saes``) on the default model.
+"""Integration tests of the shipped SAEs (``lens_roles/data/saes``) on the default model.
 
 Each SAE loads with ``sae_lens`` offline and fits the model; its recorded quality
 agrees with the table; the SAE splice with the error term is the clean run; and
@@ -22,7 +22,7 @@ from lens_roles.cli import main
 
 pytestmark = pytest.mark.integration
 
-SAES = Path(__file__).resolve().parent.parent / "data" / "saes"
+SAES = Path(__file__).resolve().parent.parent / "lens_roles" / "data" / "saes"
 FOLDERS = sorted(SAES.glob("layer_*"), key=lambda p: int(p.name.split("_")[1]))
 
 

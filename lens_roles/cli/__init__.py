@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("roles", help="role vectors (role instructions minus baseline), one file per role")
     p.add_argument("--roles", default="all", help="'all' or comma-separated role names from --roles-dir")
-    p.add_argument("--roles-dir", default=None, help="folder of <role>.jsonl (default: the project's data/roles)")
-    p.add_argument("--baseline", default=None, help="baseline JSONL/JSON (default: data/roles/baseline.jsonl)")
+    p.add_argument("--roles-dir", default=None, help="folder of <role>.jsonl (default: lens_roles/data/roles)")
+    p.add_argument("--baseline", default=None, help="baseline JSONL/JSON (default: the shipped roles/baseline.jsonl)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--positions", default="eoi", choices=["eoi", "last", "user", "all"])
     _model_args(p)
@@ -134,12 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--domains", default=None, help="comma-separated domains to keep (default: every file)")
     p.add_argument("--out", required=True, help="output folder: CSV tables, study.json, figures, vectors/")
-    p.add_argument("--roles-dir", default=None, help="folder of <role>.jsonl (default: the project's data/roles)")
-    p.add_argument("--baseline", default=None, help="baseline JSONL/JSON (default: data/roles/baseline.jsonl)")
+    p.add_argument("--roles-dir", default=None, help="folder of <role>.jsonl (default: lens_roles/data/roles)")
+    p.add_argument("--baseline", default=None, help="baseline JSONL/JSON (default: the shipped roles/baseline.jsonl)")
     p.add_argument(
         "--role-domains",
         default=None,
-        help="JSON {domain: [roles]} saying which role is in-domain where (default: data/roles/domains.json)",
+        help="JSON {domain: [roles]} saying which role is in-domain where (default: the shipped roles/domains.json)",
     )
     p.add_argument(
         "--select-layers", default=None, help="addition layers tried on validation (default: 25/50/75%% of depth)"

@@ -12,6 +12,7 @@ from lens_roles.inputs.prompts import (
     available_roles,
     render,
 )
+from lens_roles.inputs.sets import ItemSet, fingerprint, split_indices, split_point
 from lens_roles.inputs.questions import Question, QuestionSet, load_questions, load_domains
 from lens_roles.inputs.positions import Encoded, encode, select_positions
 
@@ -26,6 +27,10 @@ __all__ = [
     "load_baseline",
     "available_roles",
     "render",
+    "ItemSet",
+    "fingerprint",
+    "split_indices",
+    "split_point",
     "Question",
     "QuestionSet",
     "load_questions",

@@ -31,8 +31,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from lens_roles.config import Config
 from lens_roles.directions.direction import Direction
-from lens_roles.errors import DataError, DirectionError
+from lens_roles.errors import ConfigError, DataError, DirectionError
 from lens_roles.inputs.positions import Encoded, encode
 from lens_roles.inputs.prompts import Prompt, common_prefix_len
 from lens_roles.inputs.questions import Question, QuestionSet
@@ -147,7 +148,7 @@ def persona_prompt(role: str, template: str = SYSTEM_TEMPLATE) -> str:
 
 
 @dataclass(frozen=True)
-class Condition:
+class Condition(Config):
     """One evaluation condition.
 
     Attributes:
@@ -166,13 +167,13 @@ class Condition:
 
     def __post_init__(self):
         if self.kind not in CONDITIONS:
-            raise ValueError(f"unknown condition {self.kind!r}; use one of {', '.join(CONDITIONS)}")
+            raise ConfigError(f"Condition: unknown condition kind={self.kind!r}; use one of {', '.join(CONDITIONS)}")
         if self.kind in ("addition", "ablation") and self.layer is None:
-            raise ValueError(f"condition {self.kind!r} needs a layer")
+            raise ConfigError(f"Condition: condition {self.kind!r} needs a layer, got layer=None")
         if self.kind == "addition" and self.alpha is None:
-            raise ValueError("condition 'addition' needs alpha")
+            raise ConfigError("Condition: condition 'addition' needs alpha, got alpha=None")
         if self.kind == "prompting" and not self.system:
-            raise ValueError("condition 'prompting' needs a system prompt")
+            raise ConfigError(f"Condition: condition 'prompting' needs a system prompt, got system={self.system!r}")
 
     @contextmanager
     def applied(self, model, direction: Direction | None = None):

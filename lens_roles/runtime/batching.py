@@ -38,6 +38,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from lens_roles.errors import DataError
 from lens_roles.inputs.positions import Encoded
 from lens_roles.inputs.prompts import common_prefix_len
 from lens_roles.runtime.capture import Capture
@@ -165,7 +166,7 @@ def token_batches(model, rows: Sequence[Sequence[int]], batch_size: int, *, sort
     bar counting rows.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
     order = sorted(range(len(rows)), key=lambda i: len(rows[i])) if sort else list(range(len(rows)))
     with progress_bar(progress, len(rows), desc) as bar:
         for start in range(0, len(order), batch_size):

@@ -22,7 +22,6 @@ rises with ``m``.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -43,22 +42,6 @@ from lens_roles.runtime.activations import collect_sets
 from lens_roles.runtime.models import validate_layers
 
 DEFAULT_MULTIPLIERS = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
-
-
-def split_pairs(pairs: PairSet, *, n_train: int, n_test: int, seed: int = 0) -> tuple[PairSet, PairSet]:
-    """Disjoint training and test pairs from a seeded shuffle (at most ``n_train`` / ``n_test``)."""
-    if n_train < 1 or n_test < 1:
-        raise DataError(f"need at least one training and one test pair, got {n_train} and {n_test}")
-    if len(pairs) < 2:
-        raise DataError(f"pair set {pairs.name!r} has {len(pairs)} pair(s); cannot split it")
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    if n_train + n_test > len(pairs):
-        n_train = max(1, min(n_train, len(pairs) - min(n_test, len(pairs) // 2)))
-        n_test = len(pairs) - n_train
-    train = tuple(pairs.pairs[i] for i in sorted(order[:n_train]))
-    test = tuple(pairs.pairs[i] for i in sorted(order[n_train : n_train + n_test]))
-    return PairSet(f"{pairs.name}[train]", train, pairs.source), PairSet(f"{pairs.name}[test]", test, pairs.source)
 
 
 def ab_items(model, pairs: PairSet, *, template: str | None = None) -> tuple[list[ChoiceItem], list[int]]:
@@ -113,7 +96,7 @@ def ab_curve(model, pairs: PairSet, *, layer: int, multipliers: Sequence[float] 
     mults = [float(m) for m in multipliers]
     if not mults or any(not np.isfinite(m) for m in mults):
         raise DataError(f"multipliers must be finite numbers, got {list(multipliers)}")
-    train, test = split_pairs(pairs, n_train=n_train, n_test=n_test, seed=seed)
+    train, test = pairs.split(n_train, seed=seed, rest=n_test, names=(f"{pairs.name}[train]", f"{pairs.name}[test]"))
     vector = ab_vector(model, train, [layer], template=template, batch_size=batch_size)
     items, _ = ab_items(model, test, template=template)
     draws = bootstrap_indices(len(items), n_boot, seed)

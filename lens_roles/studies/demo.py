@@ -1,7 +1,7 @@
 """The main job (``lens-roles demo``, ``make demo``).
 
 On one model: the librarian persona vector from the project's contrast pairs and
-a role vector for every role in ``data/roles`` against the baseline, each at every
+a role vector for every shipped role (``lens_roles/data/roles``) against the baseline, each at every
 layer. Each set is split deterministically (first 75 % to build, the rest held
 out); the held-out prompts measure how well each direction separates its two
 sides (AUC per layer), and the pairs' two halves measure the persona vector's
@@ -38,7 +38,8 @@ import torch
 from lens_roles._version import __version__
 from lens_roles.directions.builders import diff_in_means
 from lens_roles.directions.separation import separation_auc
-from lens_roles.inputs.prompts import available_roles, data_dir, load_baseline, load_pairs, load_role, split_point
+from lens_roles.inputs.prompts import available_roles, data_dir, load_baseline, load_pairs, load_role
+from lens_roles.inputs.sets import split_indices
 from lens_roles.io import write_csv
 from lens_roles.runtime.activations import Activations, collect_sets
 from lens_roles.runtime.models import parse_layers, validate_layers
@@ -52,12 +53,6 @@ STEER_ALPHAS = (-0.5, -0.25, 0.25, 0.5)
 def default_steer_layers(n_layers: int) -> list[int]:
     """Early-middle, middle and late-middle layers (6, 12, 18 of SmolLM2's 30)."""
     return sorted({round(n_layers * f) for f in (0.2, 0.4, 0.6)})
-
-
-def _split_indices(n: int) -> tuple[range, range]:
-    """The same deterministic split as ``PromptSet.split`` / ``PairSet.split``, as index ranges."""
-    k = split_point(n, TRAIN_FRACTION)
-    return range(k), range(k, n)
 
 
 def run_demo(model, *, out: Path, directions_out: Path, layers="all", roles="all", steer_layers=None,
@@ -75,7 +70,7 @@ def run_demo(model, *, out: Path, directions_out: Path, layers="all", roles="all
     pairs = load_pairs(data_dir() / "personas" / "librarian.jsonl", "librarian")
     pos, neg = collect_sets(model, [pairs.positives(), pairs.negatives()], layers=layers, positions="reply",
                             keep_per_prompt=True, **collect_kw)
-    pair_train, pair_held = _split_indices(len(pairs))
+    pair_train, pair_held = split_indices(len(pairs), TRAIN_FRACTION)
     persona = diff_in_means(pos.subset(pair_train), neg.subset(pair_train), method="mean_diff", name="librarian",
                             dataset=pairs.fingerprint(), split=f"first {len(pair_train)} of {len(pairs)} pairs")
     persona.save(directions_out / "librarian.safetensors")
@@ -94,11 +89,11 @@ def run_demo(model, *, out: Path, directions_out: Path, layers="all", roles="all
     role_sets = [load_role(name) for name in names]
     base, *all_role_acts = collect_sets(model, [baseline, *role_sets], layers=layers, positions="eoi",
                                         keep_per_prompt=True, **collect_kw)
-    base_train, base_held = _split_indices(len(baseline))
+    base_train, base_held = split_indices(len(baseline), TRAIN_FRACTION)
     base_train_acts, base_held_acts = base.subset(base_train), base.subset(base_held)
     role_acts, vectors = {}, {}
     for name, role_set, acts in zip(names, role_sets, all_role_acts):
-        role_train, role_held = _split_indices(len(role_set))
+        role_train, role_held = split_indices(len(role_set), TRAIN_FRACTION)
         role_acts[name] = acts.subset(role_held)
         vectors[name] = diff_in_means(acts.subset(role_train), base_train_acts, method="role_vector", name=name,
                                       baseline="baseline", dataset=role_set.fingerprint(),

@@ -12,14 +12,17 @@ import pandas as pd
 import torch
 
 from lens_roles._version import __version__
-from lens_roles.directions.direction import Direction, _thaw
-from lens_roles.errors import PSRError
+from lens_roles.config import Config
+from lens_roles.directions.direction import Direction
+from lens_roles.errors import ConfigError, PSRError
 from lens_roles.inputs.positions import encode
-from lens_roles.inputs.prompts import PairSet, Prompt, PromptSet, as_prompts, fingerprint
+from lens_roles.inputs.prompts import PairSet, Prompt, PromptSet, as_prompts
+from lens_roles.inputs.sets import fingerprint
 from lens_roles.interventions.psr.align import _check_direction
 from lens_roles.interventions.psr.evaluate import token_coefficients
 from lens_roles.interventions.psr.model import PSR
 from lens_roles.interventions.steering import steer
+from lens_roles.io import to_plain
 from lens_roles.measures.behaviour import (
     generation_coherence,
     logprob_margin,
@@ -34,7 +37,7 @@ METHODS = ("none", "constant", "psr", "prompting")
 
 
 @dataclass(frozen=True)
-class CompareConfig:
+class CompareConfig(Config):
     """Settings of :func:`compare_at_matched_coherence`.
 
     Attributes:
@@ -55,15 +58,16 @@ class CompareConfig:
     def __post_init__(self):
         if self.target_perplexity is not None and not (self.target_perplexity > 1
                                                        and math.isfinite(self.target_perplexity)):
-            raise ValueError(f"target_perplexity must be finite and > 1, got {self.target_perplexity}")
+            raise ConfigError(f"CompareConfig: target_perplexity must be finite and > 1 (or None for "
+                              f"prompting's own), got {self.target_perplexity!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 2:
-            raise ValueError(f"max_new_tokens must be an integer >= 2, got {self.max_new_tokens!r}")
+            raise ConfigError(f"CompareConfig: max_new_tokens must be an integer >= 2, got {self.max_new_tokens!r}")
         if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+            raise ConfigError(f"CompareConfig: steps must be a positive integer, got {self.steps!r}")
         if not self.alpha_hi > 0:
-            raise ValueError(f"alpha_hi must be positive, got {self.alpha_hi}")
+            raise ConfigError(f"CompareConfig: alpha_hi must be positive, got {self.alpha_hi!r}")
         if not self.tolerance > 0:
-            raise ValueError(f"tolerance must be positive, got {self.tolerance}")
+            raise ConfigError(f"CompareConfig: tolerance must be positive, got {self.tolerance!r}")
 
 
 @dataclass(frozen=True)
@@ -230,7 +234,7 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
             "pairs_hash": pairs.fingerprint() if hasattr(pairs, "fingerprint") else fingerprint(
                 [(p.system, p.user, p.reply) for p in plist]), "n_pairs": len(users), "target_perplexity": target,
             "max_new_tokens": config.max_new_tokens, "bisection_steps": config.steps, "psr_mean_lambda": mean_lambda,
-            "psr": dict(psr.meta, alpha=float(psr.alpha)), "direction": _thaw(direction.meta),
+            "psr": dict(psr.meta, alpha=float(psr.alpha)), "direction": to_plain(direction.meta),
             "questions": None if questions is None else getattr(questions, "name", "questions"),
             "n_questions": None if questions is None else len(list(questions)), "lens_roles": __version__,
             "seconds": time.perf_counter() - t0}

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -38,8 +38,9 @@ import numpy as np
 import pandas as pd
 
 from lens_roles._version import __version__
+from lens_roles.config import Config
 from lens_roles.directions.direction import Direction
-from lens_roles.errors import DataError
+from lens_roles.errors import ConfigError, DataError
 from lens_roles.inputs.prompts import data_dir
 from lens_roles.inputs.questions import QuestionSet
 from lens_roles.io import atomic_write, write_csv
@@ -51,7 +52,7 @@ METRICS = {"accuracy": "correct", "p_correct": "p_correct"}
 
 
 def load_role_domains(path: str | Path | None = None) -> dict[str, str]:
-    """Role → domain map from ``data/roles/domains.json`` (``{domain: [roles]}``)."""
+    """Role → domain map from the shipped ``roles/domains.json`` (``{domain: [roles]}``)."""
     path = Path(path) if path else data_dir() / "roles" / "domains.json"
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -71,7 +72,7 @@ def load_role_domains(path: str | Path | None = None) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class StudyConfig:
+class StudyConfig(Config):
     """Settings of :func:`run_role_study` (validated on creation).
 
     Attributes:
@@ -103,19 +104,21 @@ class StudyConfig:
     def __post_init__(self):
         bad = [c for c in self.conditions if c not in ("addition", "ablation", "prompting")]
         if bad:
-            raise ValueError(f"unknown condition(s) {bad}; use addition, ablation, prompting")
+            raise ConfigError(f"StudyConfig: unknown condition(s) {bad} in conditions; "
+                              "use addition, ablation, prompting")
         if ("addition" in self.conditions or "ablation" in self.conditions) and not self.alphas:
-            raise ValueError("alphas must not be empty")
+            raise ConfigError(f"StudyConfig: alphas must not be empty when conditions include addition or "
+                              f"ablation, got alphas={self.alphas!r}")
         if any(not np.isfinite(a) for a in self.alphas):
-            raise ValueError(f"alphas must be finite, got {self.alphas}")
+            raise ConfigError(f"StudyConfig: alphas must be finite, got {self.alphas!r}")
         if not 0 < self.level < 1:
-            raise ValueError(f"level must be in (0, 1), got {self.level}")
+            raise ConfigError(f"StudyConfig: level must be in (0, 1), got {self.level!r}")
         if self.n_boot < 100:
-            raise ValueError(f"n_boot must be at least 100, got {self.n_boot}")
+            raise ConfigError(f"StudyConfig: n_boot must be at least 100, got {self.n_boot!r}")
         for name in ("max_val", "max_test"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be positive or None, got {value}")
+                raise ConfigError(f"StudyConfig: {name} must be positive or None, got {value!r}")
 
 
 def default_selection_layers(n_layers: int) -> tuple[int, ...]:
@@ -203,7 +206,7 @@ def run_role_study(model, roles: Mapping[str, Direction], domains: Mapping[str, 
 
     val, test = {}, {}
     for name, qs in domains.items():
-        v, t = qs.split(config.validation, config.seed)
+        v, t = qs.split(config.validation, seed=config.seed, names=(f"{qs.name}[val]", None))
         val[name], test[name] = v.head(config.max_val), t.head(config.max_test)
     kw = dict(answer_format=config.answer_format, batch_size=config.batch_size)
 
@@ -243,7 +246,7 @@ def run_role_study(model, roles: Mapping[str, Direction], domains: Mapping[str, 
     table, summary, baseline = _tables(scores, test, list(roles), role_domains, config)
     meta = {
         "model": model.cfg.model_name, "n_layers": model.cfg.n_layers, "lens_roles": __version__,
-        "config": asdict(config), "selection_layers": list(layers),
+        "config": config.to_dict(), "selection_layers": list(layers),
         "roles": {r: {"domain": role_domains.get(r), "dataset": d.meta.get("dataset"), "method": d.method,
                       "positions": d.meta.get("positions")} for r, d in roles.items()},
         "domains": {d: {"source": qs.source, "fingerprint": qs.fingerprint(), "n_val": len(val[d]),

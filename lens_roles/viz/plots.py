@@ -21,6 +21,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from lens_roles.errors import PlotError
 from lens_roles.io import atomic_write
 from lens_roles.measures.statistics import pearson
 
@@ -102,7 +103,7 @@ def layer_heatmap(frame: pd.DataFrame, *, metric: str = "auc", title: str | None
     elif order == "mean":
         table = table.loc[table.mean(axis=1).sort_values(kind="stable").index]
     else:
-        raise ValueError(f"order must be 'peak' or 'mean', got {order!r}")
+        raise PlotError(f"order must be 'peak' or 'mean', got {order!r}")
     fig = go.Figure(go.Heatmap(z=table.values, x=list(table.columns), y=list(table.index), zmin=zmin, zmax=zmax,
                                zmid=zmid, colorscale=colorscale, colorbar=dict(title=metric),
                                hovertemplate="%{y}<br>layer %{x}<br>" + metric + " %{z:.3f}<extra></extra>"))
@@ -220,7 +221,8 @@ def cosine_vs_alpha(frame: pd.DataFrame, steer_layer: int, *, title: str | None 
     """
     sub = frame[(frame.metric == "cosine") & (frame.layer == steer_layer)]
     if sub.empty:
-        raise ValueError(f"no cosine rows for steering layer {steer_layer}")
+        raise PlotError(f"no cosine rows for steering layer {steer_layer} (layers in the frame: "
+                        f"{sorted(set(frame.layer))}); pass one of those or sweep this layer")
     fig = make_subplots(rows=1, cols=2, subplot_titles=("per downstream layer", "layer × α"),
                         horizontal_spacing=0.2)
     layers = sorted(sub.read_layer.unique())
@@ -287,7 +289,8 @@ def role_domain_heatmap(table: pd.DataFrame, *, condition: str, metric: str = "a
     """
     sub = table[(table.condition == condition) & (table.metric == metric)]
     if sub.empty:
-        raise ValueError(f"no {metric!r} rows for condition {condition!r}")
+        raise PlotError(f"no {metric!r} rows for condition {condition!r}; the table has conditions "
+                        f"{sorted(set(table.condition))} and metrics {sorted(set(table.metric))}")
     z = sub.pivot_table(index="role", columns="domain", values="delta", sort=False)
     lo = sub.pivot_table(index="role", columns="domain", values="delta_lo", sort=False).loc[z.index, z.columns]
     hi = sub.pivot_table(index="role", columns="domain", values="delta_hi", sort=False).loc[z.index, z.columns]
@@ -493,7 +496,7 @@ def patch_heatmap(data, *, title: str | None = None, subtitle: str | None = None
     if "heads" in grids:
         panels.append(("head", ("heads",)))
     if not methods or not panels:
-        raise ValueError("no patching rows to plot")
+        raise PlotError("no patching rows to plot")
     n_pos = {g: frame[frame.grid == g].pos.nunique() for g in _POS_GRIDS if g in grids}
     n_heads = frame[frame.grid == "heads"]["head"].nunique() if "heads" in grids else 0
     widths = [22 * n_pos[g[0]] if kind == "pos" else 46 * len(g) if kind == "layer" else 26 * n_heads
@@ -563,7 +566,7 @@ def patch_scatter(data, *, title: str | None = None, subtitle: str | None = None
     grids = [g for g in ("resid", "attn_pos", "mlp_pos", "attn", "mlp", "heads") if (both.grid == g).any()]
     grids += sorted(set(both.grid) - set(grids))
     if not grids:
-        raise ValueError("no grid has both activation and attribution results")
+        raise PlotError("no grid has both activation and attribution results")
     corr = {g: pearson(both[both.grid == g].value_act, both[both.grid == g].value_att) for g in grids}
     fig = make_subplots(rows=1, cols=len(grids), subplot_titles=[f"{g} (r = {corr[g]:.2f}, n = "
                                                                  f"{int((both.grid == g).sum())})" for g in grids],
@@ -610,7 +613,7 @@ def psr_coherence_curve(curve: pd.DataFrame, table: pd.DataFrame | None = None, 
             method steers to reach a perplexity: a role, which has no contrast pairs).
     """
     if y not in _PSR_Y:
-        raise ValueError(f"unknown y {y!r}; use one of {list(_PSR_Y)}")
+        raise PlotError(f"unknown y {y!r}; use one of {list(_PSR_Y)}")
     curve = curve.assign(**{y: curve[y].fillna(0.0)}) if y == "mean_strength" else curve
     if table is not None and y == "mean_strength":
         table = table.assign(mean_strength=table.mean_strength.fillna(0.0))
@@ -679,7 +682,7 @@ def sae_alignment_bars(frames: dict, *, title: str = "SAE features aligned with 
     (columns ``feature, cosine``, as from ``features.feature_alignment``), best at the top."""
     labels = list(frames)
     if not labels:
-        raise ValueError("no alignment frames to plot")
+        raise PlotError("no alignment frames to plot")
     fig = make_subplots(rows=1, cols=len(labels), subplot_titles=labels, horizontal_spacing=0.12)
     for c, label in enumerate(labels, start=1):
         sub = frames[label].iloc[::-1]

@@ -8,8 +8,9 @@ from typing import ClassVar, Sequence
 from jaxtyping import Float
 from torch import Tensor
 
-from lens_roles.directions.direction import Direction, _thaw
+from lens_roles.directions.direction import Direction
 from lens_roles.errors import DirectionError, PatchingError
+from lens_roles.io import to_plain
 from lens_roles.measures.behaviour import (
     direction_projection,
     logprob_margin,
@@ -119,7 +120,7 @@ class DirectionProjection(Metric):
         meta = self.direction.meta
         return {"kind": self.kind, "label": self.label, "direction": self.name, "layer": self.layer,
                 "position": self.position, "direction_model": meta.get("model"),
-                "direction_method": meta.get("method"), "direction_dataset": _thaw(meta.get("dataset"))}
+                "direction_method": meta.get("method"), "direction_dataset": to_plain(meta.get("dataset"))}
 
     def __call__(self, model, resid, n_prompt):
         return direction_projection(resid[:, self.read_position(n_prompt)], self.direction, self.layer)

@@ -4,9 +4,9 @@ No pretrained SAE exists for the embedded models and nothing may be downloaded a
 run time, so the SAEs are trained on text that any user can rebuild offline from
 the repository alone:
 
-1. **Prompts** — every instruction of the project's prompt sets (``data/roles/*.jsonl``,
+1. **Prompts** — every instruction of the project's prompt sets (``lens_roles/data/roles/*.jsonl``,
    the baseline included) and every user turn of the persona pairs
-   (``data/personas/*.jsonl``), rendered with the model's chat template. Each gets a
+   (``lens_roles/data/personas/*.jsonl``), rendered with the model's chat template. Each gets a
    system prompt drawn by a seeded RNG: none (half of them), "You are a <role>." for
    a project role, or a persona system prompt — so the template tokens, role words
    and persona talk the analyses read all occur.
@@ -36,6 +36,7 @@ import torch
 from lens_roles.errors import DataError
 from lens_roles.inputs.positions import encode
 from lens_roles.inputs.prompts import Prompt, available_roles, data_dir, load_baseline, load_pairs, load_role
+from lens_roles.inputs.sets import split_indices
 
 PERSONA_SYSTEMS = (
     "You are a helpful librarian.",
@@ -67,15 +68,12 @@ class Corpus:
         return sum(len(s) for s in self.sequences)
 
     def split(self, eval_fraction: float = 0.1, seed: int = 0) -> tuple["Corpus", "Corpus"]:
-        """A seeded split into (train, eval) by sequence."""
-        if not 0 < eval_fraction < 1:
-            raise DataError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
-        order = list(range(len(self)))
-        random.Random(seed).shuffle(order)
-        n_eval = max(1, round(len(self) * eval_fraction))
+        """A seeded split into (train, eval) by sequence: the eval part is the *first* part of the one
+        split rule (:func:`lens_roles.inputs.sets.split_indices` with this seed), the train part the rest."""
+        eval_idx, train_idx = split_indices(len(self), eval_fraction, seed=seed, what="corpus")
         pick = lambda idx, part: Corpus(tuple(self.sequences[i] for i in idx),  # noqa: E731
                                         tuple(self.kinds[i] for i in idx), dict(self.meta, part=part))
-        return pick(sorted(order[n_eval:]), "train"), pick(sorted(order[:n_eval]), "eval")
+        return pick(train_idx, "train"), pick(eval_idx, "eval")
 
     def save(self, path: str | Path) -> Path:
         """Write the corpus as JSON (token ids, kinds, meta), atomically."""

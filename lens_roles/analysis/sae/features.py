@@ -118,7 +118,7 @@ def decompose(sae, direction: Direction | Tensor, *, max_features: int = 16, tol
     from scipy.optimize import nnls
 
     if max_features < 1:
-        raise ValueError(f"max_features must be >= 1, got {max_features}")
+        raise SAEError(f"decompose: max_features must be >= 1, got {max_features!r}")
     v = _direction_at(direction, sae).double()
     rows = decoder_directions(sae).double()
     chosen: list[int] = []

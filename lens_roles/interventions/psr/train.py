@@ -13,10 +13,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from lens_roles.config import Config
 from lens_roles.directions.direction import Direction
-from lens_roles.errors import PSRError
+from lens_roles.errors import ConfigError, PSRError
 from lens_roles.inputs.positions import encode
-from lens_roles.inputs.prompts import as_prompts, fingerprint
+from lens_roles.inputs.prompts import as_prompts
+from lens_roles.inputs.sets import fingerprint
 from lens_roles.interventions.psr.align import (
     Aligned,
     _check_direction,
@@ -35,7 +37,7 @@ OBJECTIVES = ("mse", "kl")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Config):
     """How a PSR is trained.
 
     Attributes:
@@ -54,13 +56,13 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {self.objective!r}; use one of {OBJECTIVES}")
+            raise ConfigError(f"TrainConfig: unknown objective {self.objective!r}; use one of {', '.join(OBJECTIVES)}")
         if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}")
+            raise ConfigError(f"TrainConfig: epochs must be a positive integer, got {self.epochs!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be positive and finite, got {self.lr}")
+            raise ConfigError(f"TrainConfig: lr must be positive and finite, got {self.lr!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+            raise ConfigError(f"TrainConfig: batch_size must be a positive integer, got {self.batch_size!r}")
 
 
 @dataclass
