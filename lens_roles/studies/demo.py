@@ -33,14 +33,13 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from lens_roles._version import __version__
 from lens_roles.directions.builders import diff_in_means
-from lens_roles.directions.separation import separation_auc
+from lens_roles.directions.separation import separation_auc, split_half_agreement
 from lens_roles.inputs.prompts import available_roles, data_dir, load_baseline, load_pairs, load_role, split_point
 from lens_roles.io import write_csv
-from lens_roles.runtime.activations import Activations, collect_sets
+from lens_roles.runtime.activations import collect_sets
 from lens_roles.runtime.models import parse_layers, validate_layers
 from lens_roles.viz.plots import direction_profile, layer_heatmap, line_by_layer, save_figure
 
@@ -81,11 +80,7 @@ def run_demo(model, *, out: Path, directions_out: Path, layers="all", roles="all
     persona.save(directions_out / "librarian.safetensors")
     add("librarian", "persona", persona.to_frame())
     add("librarian", "persona", separation_auc(persona, pos.subset(pair_held), neg.subset(pair_held)))
-    evens, odds = range(0, len(pairs), 2), range(1, len(pairs), 2)
-    half_a = diff_in_means(pos.subset(evens), neg.subset(evens))
-    half_b = diff_in_means(pos.subset(odds), neg.subset(odds))
-    add("librarian", "persona", pd.DataFrame(
-        [{"layer": layer, "metric": "split_half_cosine", "value": c} for layer, c in half_a.cosine(half_b).items()]))
+    add("librarian", "persona", split_half_agreement(model, pairs, activations=(pos, neg)))
 
     # -- every role against the baseline, read at the end-of-instruction tokens ----------------
     # the baseline and every role in one run (shared template prefix, full batches)
@@ -107,11 +102,9 @@ def run_demo(model, *, out: Path, directions_out: Path, layers="all", roles="all
     for name, vector in vectors.items():
         add(name, "role", vector.to_frame())
         add(name, "role", separation_auc(vector, role_acts[name], base_held_acts))
-        if len(names) > 1:  # specificity: this role's held-out prompts against every other role's
+        if len(names) > 1:  # specificity: this role's held-out prompts against every other role's, pooled
             others = [role_acts[other] for other in names if other != name]
-            rest = Activations(others[0].layers, torch.zeros(0), sum(a.count for a in others),
-                               torch.cat([a.per_prompt for a in others]), {})
-            add(name, "role", separation_auc(vector, role_acts[name], rest).assign(metric="auc_vs_roles"))
+            add(name, "role", separation_auc(vector, role_acts[name], others).assign(metric="auc_vs_roles"))
 
     summary = pd.DataFrame(rows)
     meta = {
