@@ -468,3 +468,17 @@ def test_plain_template_scores_the_spaced_letter(tiny_model, domain_dir):
     decoded = [tiny_model.tokenizer.decode([t]) for t in items[0].choice_ids]
     assert [d.strip() for d in decoded] == ["A", "B", "C", "D"]
     assert tiny_model.tokenizer.decode(list(items[0].tokens)).rstrip().endswith("Assistant:")
+
+
+def test_role_study_progress_goes_to_stderr(tiny_model, tiny_study_inputs, capsys):
+    """One tqdm bar on stderr counts the evaluations: none per domain, then per role its selection and
+    each condition × domain; stdout stays empty and the numbers do not depend on it."""
+    roles, domains, role_domains, config = tiny_study_inputs
+    config = rs.StudyConfig(**{**config.__dict__, "conditions": ("addition",)})
+    study = rs.run_role_study(tiny_model, roles, domains, role_domains=role_domains, config=config)
+    out, err = capsys.readouterr()
+    n = len(domains) + len(roles) * (1 + len(domains))
+    assert out == "" and "role study: 100%|" in err and f"{n}/{n}" in err
+    quiet = rs.run_role_study(tiny_model, roles, domains, role_domains=role_domains, config=config, progress=False)
+    assert capsys.readouterr() == ("", "")
+    pd.testing.assert_frame_equal(quiet.table, study.table)
