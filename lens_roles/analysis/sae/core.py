@@ -33,6 +33,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from lens_roles.errors import SAEError
 from lens_roles.runtime.batching import pad_batch, pad_id
@@ -149,15 +150,14 @@ def harvest(model, sequences: Sequence[Sequence[int]], layers: Sequence[int], *,
         store[layer] = x.detach().float().cpu()
 
     fwd = [(resid_hook(layer), lambda x, hook, layer=layer: keep(x, hook, layer)) for layer in layers]
-    for b, (_, batch) in enumerate(batches(sequences, batch_size)):
+    for _, batch in tqdm(batches(sequences, batch_size), total=n_batches, desc="harvest", unit="batch",
+                         disable=not progress):
         tokens, mask = padded_batch(model, [s for _, s in batch])
         with model.hooks(fwd_hooks=fwd):
             model(tokens, attention_mask=mask, stop_at_layer=max(layers) + 1)
         for row, (i, seq) in enumerate(batch):
             for layer in layers:
                 per_seq[layer][i] = store[layer][row, 1:len(seq)].clone()
-        if progress and (b + 1) % 20 == 0:
-            print(f"  harvest: batch {b + 1}/{n_batches}", flush=True)
     return {layer: torch.cat([per_seq[layer][i] for i in range(len(sequences))]) for layer in layers}
 
 
