@@ -435,6 +435,8 @@ def test_cli_ab_curve(tiny_cli, tmp_path, capsys):
     out = tmp_path / "ab"
     assert main(["ab-curve", "--pairs", str(pairs), "--layer", "1", "--multipliers=-1,0,1", "--n-train", "5",
                  "--n-test", "5", "--out", str(out)]) == 0
+    shown, err = capsys.readouterr()
+    assert "A/B curve toy: 100%|" in err and "%|" not in shown  # progress on stderr, the tables on stdout
     curves = pd.read_csv(out / "curves.csv")
     assert list(curves.multiplier) == [-1.0, 0.0, 1.0] and set(curves.behaviour) == {"toy"}
     assert (out / "monotonicity.csv").exists() and (out / "ab_curves.html").exists()
