@@ -473,10 +473,10 @@ def test_split_half_agreement_of_collected_activations_is_the_demos_computation(
 def test_split_half_agreement_refuses_unfit_activations(tiny_model, small_pairs):
     pos, neg = collect_sets(tiny_model, [small_pairs.positives(), small_pairs.negatives()], layers=[1],
                             positions="reply", keep_per_prompt=True, batch_size=4)
-    with pytest.raises(DataError, match="drop build="):
+    with pytest.raises(DataError, match="nothing is collected or built; drop build$"):
         split_half_agreement(tiny_model, small_pairs, activations=(pos, neg), build=persona_vector)
-    with pytest.raises(DataError, match="drop build="):
-        split_half_agreement(tiny_model, small_pairs, activations=(pos, neg), batch_size=4)
+    with pytest.raises(DataError, match="drop batch_size, layers$"):
+        split_half_agreement(tiny_model, small_pairs, activations=(pos, neg), layers=[1], batch_size=4)
     with pytest.raises(DataError, match=r"positive activations must hold one per-prompt vector per pair \(6 pairs"):
         split_half_agreement(tiny_model, small_pairs, activations=(pos.subset(range(4)), neg))
     with pytest.raises(DataError, match="negative activations .* per_prompt None"):

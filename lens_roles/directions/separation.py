@@ -12,6 +12,7 @@ from typing import Sequence
 
 import pandas as pd
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from lens_roles.directions.builders import diff_in_means, persona_vector
@@ -55,7 +56,7 @@ def separation_auc(direction: Direction, positive: Activations | Sequence[Activa
     return pd.DataFrame(rows)
 
 
-def _pooled_at(sets: Sequence[Activations], layer: int) -> Tensor:
+def _pooled_at(sets: Sequence[Activations], layer: int) -> Float[Tensor, "batch d_model"]:
     """The per-prompt vectors ``[batch, d_model]`` of ``sets`` at ``layer``, the sets' prompts one after another."""
     return torch.cat([acts.per_prompt[:, acts.layer_index(layer)] for acts in sets])
 
@@ -79,9 +80,10 @@ def split_half_agreement(model, pairs: PairSet, *, build=None,
         build = build or persona_vector
         a, b = build(model, first, **kwargs), build(model, second, **kwargs)
     else:
-        if build is not None or kwargs:
-            raise DataError("split_half_agreement: with activations= nothing is collected or built; "
-                            f"drop build= and {sorted(kwargs) or 'the other keywords'}")
+        given = ["build"] * (build is not None) + sorted(kwargs)
+        if given:
+            raise DataError(f"split_half_agreement: with activations= nothing is collected or built; drop "
+                            f"{', '.join(given)}")
         positive, negative = activations
         for acts, side in ((positive, "positive"), (negative, "negative")):
             if acts.per_prompt is None or acts.count != len(pairs):
