@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pandas as pd
@@ -164,9 +165,9 @@ def test_demo_progress_goes_to_stderr_only(tiny_model, tmp_path, capsys):
     assert "%|" not in shown and "\r" not in shown
     for phase in ("activations", "held-out AUCs", "figures", "role geometry"):
         assert f"{phase}: 100%|" in err
-    # the steering phase comes last: residual norms, the two sweeps and the generations, one bar each at least
-    steering = err[err.index("role geometry: 100%|"):].replace("\r", "\n").splitlines()
-    assert len({line.split(":")[0] for line in steering if "100%|" in line} - {"role geometry"}) >= 4
+    # the steering phase comes last: residual norms, the sweeps and the generations, a bar each at least
+    steering = err[err.index("role geometry: 100%|") + len("role geometry"):]
+    assert len(set(re.findall(r"([^\r\n:]+): +\d+%\|", steering)) - {"role geometry"}) >= 3
     pd.testing.assert_frame_equal(summary, quiet)
     for csv in (tmp_path / "f").rglob("*.csv"):
         assert "%|" not in csv.read_text()
