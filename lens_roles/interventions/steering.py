@@ -31,7 +31,6 @@ from typing import Mapping, Sequence
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from lens_roles.directions.direction import Direction
 from lens_roles.errors import DirectionError
@@ -214,8 +213,7 @@ def ablate_then_add(model, direction: Direction, alpha, *, layers=None, position
 
 
 @torch.no_grad()
-def residual_norms(model, prompts, *, layers=None, positions="all", batch_size: int = 16,
-                   progress: bool = False) -> dict[int, float]:
+def residual_norms(model, prompts, *, layers=None, positions="all", batch_size: int = 16) -> dict[int, float]:
     """Typical residual norm per layer: mean over prompts of the mean ‖x‖ over their positions.
 
     The first token is left out: its residual norm is often tens of times the others'
@@ -229,7 +227,7 @@ def residual_norms(model, prompts, *, layers=None, positions="all", batch_size: 
     items = encode(model, _as_prompts(prompts))
     pos = select_positions(items, positions)
     totals = dict.fromkeys(layers, 0.0)
-    for start in tqdm(range(0, len(items), batch_size), desc="residual norms", unit="batch", disable=not progress):
+    for start in range(0, len(items), batch_size):
         chunk = list(range(start, min(start + batch_size, len(items))))
         tokens, _ = pad_batch([items[i].tokens for i in chunk], pad_id(model))
         weights = torch.zeros(tokens.shape)

@@ -24,7 +24,6 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from lens_roles.directions.direction import Direction
 from lens_roles.errors import DataError
@@ -53,8 +52,7 @@ def _mode(relative) -> str:
 
 @torch.no_grad()
 def cosine_sweep(model, direction: Direction, prompts, *, steer_layers: Sequence[int], alphas: Sequence[float],
-                 relative: Mapping[int, float] | None = None, batch_size: int = 8,
-                 progress: bool = False) -> pd.DataFrame:
+                 relative: Mapping[int, float] | None = None, batch_size: int = 8) -> pd.DataFrame:
     """Cosine(steered, unsteered) per downstream layer, for each steering layer and α.
 
     Args:
@@ -67,7 +65,7 @@ def cosine_sweep(model, direction: Direction, prompts, *, steer_layers: Sequence
     pad = pad_id(model)
     n_a, ref = len(alpha_list), alpha_list.index(0.0)
     rows = []
-    for layer in tqdm(steer_layers, desc="cosine sweep", unit="layer", disable=not progress):
+    for layer in steer_layers:
         downstream = list(range(layer, model.cfg.n_layers))
         sums = torch.zeros(len(downstream), n_a, dtype=torch.float64)
         for start in range(0, len(items), batch_size):
@@ -98,7 +96,7 @@ def cosine_sweep(model, direction: Direction, prompts, *, steer_layers: Sequence
 @torch.no_grad()
 def adherence_sweep(model, direction: Direction, pairs: PairSet, *, steer_layers: Sequence[int],
                     alphas: Sequence[float], relative: Mapping[int, float] | None = None,
-                    positions: str = "all", batch_size: int = 4, progress: bool = False) -> pd.DataFrame:
+                    positions: str = "all", batch_size: int = 4) -> pd.DataFrame:
     """Persona adherence (reply log-prob margin) and next-token KL, per steering layer and α.
 
     The margin is mean log p(token) over the positive reply minus the same over the
@@ -113,7 +111,7 @@ def adherence_sweep(model, direction: Direction, pairs: PairSet, *, steer_layers
     pad = pad_id(model)
     n_a, ref = len(alpha_list), alpha_list.index(0.0)
     rows = []
-    for layer in tqdm(steer_layers, desc="adherence sweep", unit="layer", disable=not progress):
+    for layer in steer_layers:
         margin = torch.zeros(n_a, dtype=torch.float64)
         kl = torch.zeros(n_a, dtype=torch.float64)
         n_kl = 0
@@ -160,7 +158,7 @@ def repetition_rate(tokens: Sequence[int], n: int = 3) -> float:
 @torch.no_grad()
 def generation_sweep(model, direction: Direction, prompts, *, steer_layers: Sequence[int], alphas: Sequence[float],
                      relative: Mapping[int, float] | None = None, max_new_tokens: int = 32,
-                     seed: int = 0, progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+                     seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Steered greedy generations per steering layer and α, with their coherence.
 
     Returns ``(metrics, texts)``: tidy metrics ``perplexity`` (of the generated
@@ -173,7 +171,7 @@ def generation_sweep(model, direction: Direction, prompts, *, steer_layers: Sequ
     items = encode(model, plist)
     rows, texts = [], []
     pad = pad_id(model)
-    for layer in tqdm(steer_layers, desc="steered generation", unit="layer", disable=not progress):
+    for layer in steer_layers:
         batch = [p for p in plist for _ in alpha_list]
         alpha_rows = torch.tensor(alpha_list).repeat(len(plist))
         hooks = steering_hooks(model, direction, alpha_rows, layers=[layer], relative=relative)
