@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import pytest
 import torch
@@ -56,3 +58,24 @@ def test_sweep_bad_input(vector_file, tmp_path, capsys, tiny_model):
     assert main(["generate", "--vector", str(other), "--layer", "1", "--alpha", "1", "hi"]) == 2
     assert "extracted from 'someone-else'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_steering_report_progress_goes_to_stderr_only(tiny_model, tmp_path, capsys):
+    """run_steering_report shows tqdm bars for its steps on stderr; stdout gets the report table alone."""
+    from lens_roles.studies.steering_report import run_steering_report
+
+    torch.manual_seed(3)
+    direction = lr.Direction(tuple(range(tiny_model.cfg.n_layers)), torch.randn(tiny_model.cfg.n_layers, 32),
+                             {"model": tiny_model.cfg.model_name, "name": "random"})
+    pairs = lr.load_pairs(lr.inputs.prompts.data_dir() / "personas" / "librarian.jsonl").split(0.9)[1]
+    kw = dict(layers=[1], alphas=[-1.0, 1.0], out=tmp_path / "s", n_generate=1, max_new_tokens=4)
+    sweep, _ = run_steering_report(tiny_model, direction, pairs, progress=False, **kw)
+    quiet_out, quiet_err = capsys.readouterr()
+    assert quiet_err == "" and "logprob_margin" in quiet_out
+    again, _ = run_steering_report(tiny_model, direction, pairs, **kw)  # progress is on by default
+    out, err = capsys.readouterr()
+    assert out == quiet_out and "%|" not in out
+    # residual norms, the cosine and adherence sweeps, the generations: a bar each (two may share a name)
+    assert len(set(re.findall(r"([^\r\n:]+): +\d+%\|", err))) >= 3
+    pd.testing.assert_frame_equal(again, sweep)
+    assert "%|" not in (tmp_path / "s" / "sweep.csv").read_text()

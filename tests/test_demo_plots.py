@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pandas as pd
@@ -150,3 +151,23 @@ def test_png_switch(tmp_path, monkeypatch):
     monkeypatch.setenv("LENS_ROLES_PNG", "0")
     plots.save_figure(go.Figure(), tmp_path / "fig")
     assert not calls and (tmp_path / "fig.html").is_file()
+
+
+def test_demo_progress_goes_to_stderr_only(tiny_model, tmp_path, capsys):
+    """Every phase shows a tqdm bar on stderr; stdout holds the report alone, and the CSVs no trace of either."""
+    kw = dict(roles=["chemist", "lawyer"], steer_layers=[1], batch_size=32)
+    quiet = run_demo(tiny_model, out=tmp_path / "q", directions_out=tmp_path / "qv", progress=False, **kw)
+    out, err = capsys.readouterr()
+    assert err == "" and "demo finished" in out
+    summary = run_demo(tiny_model, out=tmp_path / "f", directions_out=tmp_path / "v", progress=True, **kw)
+    shown, err = capsys.readouterr()
+    assert shown.splitlines()[:-1] == out.splitlines()[:-1]  # the same report (the last line has the time)
+    assert "%|" not in shown and "\r" not in shown
+    for phase in ("activations", "held-out AUCs", "figures", "role geometry"):
+        assert f"{phase}: 100%|" in err
+    # the steering phase comes last: residual norms, the sweeps and the generations, a bar each at least
+    steering = err[err.index("role geometry: 100%|") + len("role geometry"):]
+    assert len(set(re.findall(r"([^\r\n:]+): +\d+%\|", steering)) - {"role geometry"}) >= 3
+    pd.testing.assert_frame_equal(summary, quiet)
+    for csv in (tmp_path / "f").rglob("*.csv"):
+        assert "%|" not in csv.read_text()

@@ -314,6 +314,7 @@ def test_compare_at_matched_coherence(tiny_model, direction, pairs):
         compare_at_matched_coherence(tiny_model, direction * 2.0, psr, held, SYSTEM)
 
 
+@pytest.mark.filterwarnings("ignore:.*did not reach the target perplexity:UserWarning")  # one bisection step
 def test_compare_for_a_role_without_pairs(tiny_model, direction, pairs):
     """A role has instructions, not contrast pairs: coherence on its prompts, behaviour = the MC effect."""
     from lens_roles.inputs.questions import Question, QuestionSet
@@ -358,6 +359,7 @@ def cli_files(tiny_model, direction, tmp_path, monkeypatch):
     return direction.save(tmp_path / "v.safetensors"), lr.inputs.prompts.data_dir() / "personas" / "librarian.jsonl"
 
 
+@pytest.mark.filterwarnings("ignore:.*did not reach the target perplexity:UserWarning")  # one bisection step
 def test_cli_train_and_compare(cli_files, tmp_path, capsys):
     vector, pairs = cli_files
     out = tmp_path / "psr"
@@ -378,6 +380,7 @@ def test_cli_train_and_compare(cli_files, tmp_path, capsys):
     assert (cmp_out / "curve.csv").is_file() and (cmp_out / "matched_coherence.html").is_file()
 
 
+@pytest.mark.filterwarnings("ignore:.*did not reach the target perplexity:UserWarning")  # one bisection step
 def test_cli_compare_for_a_role(cli_files, tmp_path, capsys):
     import json
 
@@ -411,3 +414,32 @@ def test_cli_bad_input(cli_files, tmp_path, capsys):
                  "--out", str(out)]) == 2
     assert "change nothing" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_training_progress_goes_to_stderr(tiny_model, direction, prompts, capsys):
+    """train_psr is quiet by default; with progress a tqdm bar on stderr counts the steps and shows the loss."""
+    config = TrainConfig(objective="mse", epochs=2, lr=0.05, batch_size=3)
+    quiet = train_psr(tiny_model, make_psr(tiny_model, direction, prompts, SYSTEM, layer=1, alpha=1.0), prompts,
+                      SYSTEM, config)
+    assert capsys.readouterr() == ("", "")
+    history = train_psr(tiny_model, make_psr(tiny_model, direction, prompts, SYSTEM, layer=1, alpha=1.0), prompts,
+                        SYSTEM, config, progress=True)
+    out, err = capsys.readouterr()
+    steps = int(history.step.iloc[-1])
+    assert out == "" and "PSR training: 100%|" in err and f"{steps}/{steps}" in err
+    assert f"epoch 2: mse loss {history.loss.iloc[-1]:.4f}" in err
+    pd.testing.assert_frame_equal(history.drop(columns="seconds"), quiet.drop(columns="seconds"))
+
+
+def test_compare_warns_when_a_method_misses_the_target(tiny_model, direction, pairs, capsys):
+    """The closest point is reported either way; a missed target is a warning, the points a bar on stderr."""
+    held = lr.PairSet("held", pairs.pairs[:2])
+    psr = PSR(direction, [1], 1.0)
+    config = CompareConfig(max_new_tokens=2, steps=1, alpha_hi=1.0, target_perplexity=1e12)
+    with pytest.warns(UserWarning, match="did not reach the target perplexity 1000000000000.000") as caught:
+        result = compare_at_matched_coherence(tiny_model, direction, psr, held, SYSTEM, config=config)
+    assert {str(w.message).split()[0] for w in caught} == {"constant", "psr"}
+    assert not result.table.matched.iloc[2:].any()
+    out, err = capsys.readouterr()
+    n = len(result.curve)
+    assert out == "" and "matched coherence: 100%|" in err and f"{n}/{n}" in err

@@ -424,6 +424,8 @@ def test_cli_ab_curve(tiny_cli, tmp_path, capsys):
     out = tmp_path / "ab"
     assert main(["ab-curve", "--pairs", str(pairs), "--layer", "1", "--multipliers=-1,0,1", "--n-train", "5",
                  "--n-test", "5", "--out", str(out)]) == 0
+    shown, err = capsys.readouterr()
+    assert "A/B curve toy: 100%|" in err and "%|" not in shown  # progress on stderr, the tables on stdout
     curves = pd.read_csv(out / "curves.csv")
     assert list(curves.multiplier) == [-1.0, 0.0, 1.0] and set(curves.behaviour) == {"toy"}
     assert (out / "monotonicity.csv").exists() and (out / "ab_curves.html").exists()
@@ -457,3 +459,17 @@ def test_plain_template_scores_the_spaced_letter(tiny_model, domain_dir):
     decoded = [tiny_model.tokenizer.decode([t]) for t in items[0].choice_ids]
     assert [d.strip() for d in decoded] == ["A", "B", "C", "D"]
     assert tiny_model.tokenizer.decode(list(items[0].tokens)).rstrip().endswith("Assistant:")
+
+
+def test_role_study_progress_goes_to_stderr(tiny_model, tiny_study_inputs, capsys):
+    """One tqdm bar on stderr counts the evaluations: none per domain, then per role its selection and
+    each condition × domain; stdout stays empty and the numbers do not depend on it."""
+    roles, domains, role_domains, config = tiny_study_inputs
+    config = rs.StudyConfig(**{**config.__dict__, "conditions": ("addition",)})
+    study = rs.run_role_study(tiny_model, roles, domains, role_domains=role_domains, config=config)
+    out, err = capsys.readouterr()
+    n = len(domains) + len(roles) * (1 + len(domains))
+    assert out == "" and "role study: 100%|" in err and f"{n}/{n}" in err
+    quiet = rs.run_role_study(tiny_model, roles, domains, role_domains=role_domains, config=config, progress=False)
+    assert capsys.readouterr() == ("", "")
+    pd.testing.assert_frame_equal(quiet.table, study.table)

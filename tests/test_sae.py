@@ -233,6 +233,18 @@ def test_harvest_skips_bos_and_padding(tiny_model):
                                rtol=1e-5, atol=1e-5)
 
 
+
+def test_harvest_progress_goes_to_stderr(tiny_model, capsys):
+    seqs = _tokens(tiny_model)
+    quiet = harvest(tiny_model, seqs, [1], batch_size=2)
+    assert capsys.readouterr() == ("", "")
+    shown = harvest(tiny_model, seqs, [1], batch_size=2, progress=True)
+    out, err = capsys.readouterr()
+    n = len(seqs)  # the bar counts sequences
+    assert out == "" and "harvest: 100%|" in err and f"{n}/{n}" in err
+    assert torch.equal(shown[1], quiet[1])
+
+
 def test_training_with_sae_lens_learns_and_saves_a_loadable_sae(tiny_model, trained):
     from sae_lens import SAE
 

@@ -553,7 +553,7 @@ def cmd_evaluate(args) -> int:
         domains,
         role_domains=role_domains,
         config=config,
-        progress=lambda msg: print(msg, file=sys.stderr),
+        progress=True,
     )
     write_role_study(study, out)
     for name, direction in vectors.items():
@@ -763,7 +763,7 @@ def cmd_psr_train(args) -> int:
         f"α = {float(psr.alpha):.3f}",
         file=sys.stderr,
     )
-    history = train_psr(model, psr, train, args.system_prompt, config, progress=lambda msg: print(msg, file=sys.stderr))
+    history = train_psr(model, psr, train, args.system_prompt, config, progress=True)
     data = prepare(model, psr, held, args.system_prompt, read_layers=psr.meta["read_layers"])
     distance = activation_distance(model, psr, data)
     lam = token_coefficients(model, psr, held[:1])
@@ -826,7 +826,7 @@ def cmd_psr_compare(args) -> int:
         system,
         questions=questions,
         config=config,
-        progress=lambda msg: print(msg, file=sys.stderr),
+        progress=True,
     )
     out = Path(args.out)
     write_csv(result.table, out / "matched.csv")

@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from lens_roles._version import __version__
 from lens_roles.directions.builders import diff_in_means
@@ -90,8 +91,11 @@ class ABCurve:
 @torch.no_grad()
 def ab_curve(model, pairs: PairSet, *, layer: int, multipliers: Sequence[float] = DEFAULT_MULTIPLIERS,
              n_train: int = 128, n_test: int = 64, seed: int = 0, n_boot: int = 2000, level: float = 0.95,
-             template: str | None = None, batch_size: int = 16) -> ABCurve:
-    """p(matching answer) against the multiplier of the behaviour's CAA vector at ``layer``."""
+             template: str | None = None, batch_size: int = 16, progress: bool = True) -> ABCurve:
+    """p(matching answer) against the multiplier of the behaviour's CAA vector at ``layer``.
+
+    With ``progress`` a tqdm bar on stderr counts the multipliers scored.
+    """
     (layer,) = validate_layers(model, [layer])
     mults = [float(m) for m in multipliers]
     if not mults or any(not np.isfinite(m) for m in mults):
@@ -101,7 +105,7 @@ def ab_curve(model, pairs: PairSet, *, layer: int, multipliers: Sequence[float] 
     items, _ = ab_items(model, test, template=template)
     draws = bootstrap_indices(len(items), n_boot, seed)
     rows, scores = [], []
-    for m in mults:
+    for m in tqdm(mults, desc=f"A/B curve {pairs.name}", unit="multiplier", disable=not progress):
         with steer(model, vector, m, layers=[layer]):
             logps = choice_logprobs(model, items, batch_size=batch_size)
         p = np.array([float(torch.softmax(lp.double(), -1)[0]) for lp in logps])

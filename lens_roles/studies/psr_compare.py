@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
-
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from lens_roles._version import __version__
 from lens_roles.config import Config
@@ -125,7 +125,7 @@ def _mc(model, ctx, questions, system: str | None) -> tuple[float, float]:
 
 def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: PairSet | PromptSet, system: str,
                                  *, questions=None, config: CompareConfig = CompareConfig(),
-                                 progress: Callable[[str], None] | None = None) -> Comparison:
+                                 progress: bool = True) -> Comparison:
     """Constant steering, PSR and prompting at matched coherence (see the module docs).
 
     Coherence is measured on the pairs' user turns; behaviour on the pairs (held
@@ -139,6 +139,10 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
     With ``questions``, the matched points (and prompting, and no intervention)
     are also scored on them: ``accuracy`` and ``p_correct`` and their changes from
     no intervention (the multiple-choice effect).
+
+    With ``progress`` a tqdm bar on stderr counts the evaluated points (its postfix
+    shows the latest α, perplexity and margin). A steering method whose closest
+    point misses the target perplexity is reported by a ``UserWarning``.
     """
     _check_direction(model, direction)
     psr.check_model(model)
@@ -147,7 +151,6 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
                                      psr.vectors.cpu(), rtol=1e-4, atol=1e-6):
         raise PSRError(f"the PSR steers with a different direction (or layers {missing}) than the one compared "
                        "against")
-    say = progress or (lambda msg: None)
     has_pairs = isinstance(pairs, PairSet)
     if has_pairs:
         users = [Prompt(p.user) for p in pairs.pairs]
@@ -163,6 +166,10 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
             raise PSRError("no prompts to measure coherence on")
     t0 = time.perf_counter()
     points = []
+    # the points to evaluate: none, prompting, and per steering method one bracket and the bisection steps
+    # (each further bracket adds one), then each method on the questions
+    bar = tqdm(total=2 + 2 * (1 + config.steps) + (4 if questions is not None else 0), desc="matched coherence",
+               unit="point", disable=not progress)
 
     def evaluate(method: str, alpha: float) -> dict:
         system_ = system if method == "prompting" else None
@@ -172,7 +179,9 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
                   else float("nan"))
         row = {"method": method, "alpha": alpha, "perplexity": ppl, "repetition": rep, "margin": margin}
         points.append(row)
-        say(f"{method} α={alpha:.3g}: perplexity {ppl:.2f}" + (f", margin {margin:.3f}" if has_pairs else ""))
+        bar.set_postfix_str(f"{method} α={alpha:.3g}: perplexity {ppl:.2f}"
+                            + (f", margin {margin:.3f}" if has_pairs else ""), refresh=False)
+        bar.update()
         return row
 
     base = evaluate("none", 0.0)
@@ -192,6 +201,7 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
             if row["perplexity"] >= target:
                 break
             lo, hi = hi, 2 * hi
+            bar.total += 1
             row = evaluate(method, hi)
         tried = [row]
         for _ in range(config.steps):
@@ -212,9 +222,6 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
     table = pd.DataFrame(rows)
     # the closest point found is reported either way; say whether it is a matched one
     table["matched"] = [abs(math.log(p / target)) <= config.tolerance for p in table.perplexity]
-    for row in table[~table.matched & table.method.isin(["constant", "psr"])].itertuples():
-        say(f"warning: {row.method} did not reach the target perplexity {target:.3f} (closest: "
-            f"{row.perplexity:.3f} at α={row.alpha:.3g}); its row is not a matched-coherence point")
     table["mean_strength"] = table.alpha * table.method.map(strength)
     table["margin_gain"] = table.margin - base["margin"]
     if questions is not None:
@@ -223,10 +230,17 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
             system_ = system if method == "prompting" else None
             accs[method] = _mc(model, _context(model, method, direction, psr, matched[method]["alpha"]), questions,
                                system_)
-            say(f"{method}: multiple-choice accuracy {accs[method][0]:.3f}")
+            bar.set_postfix_str(f"{method}: multiple-choice accuracy {accs[method][0]:.3f}", refresh=False)
+            bar.update()
         table["mc_accuracy"] = table.method.map(lambda m: accs[m][0])
         table["mc_p_correct"] = table.method.map(lambda m: accs[m][1])
         table["mc_effect"] = table.mc_p_correct - accs["none"][1]
+    bar.close()
+    for row in table[~table.matched & table.method.isin(["constant", "psr"])].itertuples():
+        warnings.warn(f"{row.method} did not reach the target perplexity {target:.3f} (closest: "
+                      f"{row.perplexity:.3f} at α={row.alpha:.3g}); its row is not a matched-coherence point. More "
+                      "bisection steps (CompareConfig.steps) bring it closer; a target out of reach needs a lower "
+                      "target_perplexity", stacklevel=2)
     curve = pd.DataFrame(points)
     curve["mean_strength"] = curve.alpha * curve.method.map(strength)
     meta = {"model": model.cfg.model_name, "layers": list(psr.layers), "system": system,

@@ -32,10 +32,11 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from lens_roles._version import __version__
 from lens_roles.config import Config
@@ -192,8 +193,13 @@ def _boot_indices(domains: Mapping[str, int], n_boot: int, seed: int) -> dict[st
 
 def run_role_study(model, roles: Mapping[str, Direction], domains: Mapping[str, QuestionSet], *,
                    role_domains: Mapping[str, str] | None = None, config: StudyConfig | None = None,
-                   progress: Callable[[str], None] | None = None) -> RoleStudy:
-    """Run the roles × domains evaluation (see the module docs for the protocol)."""
+                   progress: bool = True) -> RoleStudy:
+    """Run the roles × domains evaluation (see the module docs for the protocol).
+
+    With ``progress`` a tqdm bar on stderr counts the evaluations (no
+    intervention per domain, each role's layer/α selection, each role × condition ×
+    domain); its postfix names the one under way.
+    """
     config = config or StudyConfig()
     if not roles:
         raise DataError("no role vectors to evaluate")
@@ -201,7 +207,6 @@ def run_role_study(model, roles: Mapping[str, Direction], domains: Mapping[str, 
         raise DataError("no question sets to evaluate on")
     role_domains = dict(role_domains or {})
     layers = config.layers or default_selection_layers(model.cfg.n_layers)
-    say = progress or (lambda _msg: None)
     t0 = time.perf_counter()
 
     val, test = {}, {}
@@ -209,23 +214,29 @@ def run_role_study(model, roles: Mapping[str, Direction], domains: Mapping[str, 
         v, t = qs.split(config.validation, seed=config.seed, names=(f"{qs.name}[val]", None))
         val[name], test[name] = v.head(config.max_val), t.head(config.max_test)
     kw = dict(answer_format=config.answer_format, batch_size=config.batch_size)
+    needs_layer = "addition" in config.conditions or "ablation" in config.conditions
+    n_conditions = sum(c in config.conditions for c in ("addition", "ablation", "prompting"))
+    bar = tqdm(total=len(test) + len(roles) * (needs_layer + n_conditions * len(test)), desc="role study",
+               unit="eval", disable=not progress)
 
     frames = []
     for name, qs in test.items():
-        say(f"none · {name} ({len(qs)} questions)")
+        bar.set_postfix_str(f"none · {name} ({len(qs)} questions)")
         frames.append(evaluate_condition(model, qs, Condition("none"), **kw).assign(role="", domain=name))
+        bar.update()
 
     grids, chosen = [], {}
-    needs_layer = "addition" in config.conditions or "ablation" in config.conditions
     for role, direction in roles.items():
         if not needs_layer:
             break
         home = role_domains.get(role)
         sel = val[home] if home in val else _pooled_validation(val, config.max_val)
-        say(f"select · {role} on {sel.name} ({len(sel)} questions × {len(layers) * len(config.alphas)} settings)")
+        bar.set_postfix_str(f"select · {role} on {sel.name} ({len(sel)} questions × "
+                            f"{len(layers) * len(config.alphas)} settings)")
         cond, grid = select_addition(model, direction, sel, layers=layers, alphas=config.alphas, **kw)
         chosen[role] = cond
         grids.append(grid.assign(role=role, selected_on=sel.name))
+        bar.update()
     t_select = time.perf_counter() - t0
 
     for role, direction in roles.items():
@@ -238,8 +249,10 @@ def run_role_study(model, roles: Mapping[str, Direction], domains: Mapping[str, 
             conds.append(Condition("prompting", system=persona_prompt(role, config.system_template)))
         for cond in conds:
             for name, qs in test.items():
-                say(f"{cond.kind} · {role} · {name}")
+                bar.set_postfix_str(f"{cond.kind} · {role} · {name}")
                 frames.append(evaluate_condition(model, qs, cond, direction, **kw).assign(role=role, domain=name))
+                bar.update()
+    bar.close()
     scores = pd.concat(frames, ignore_index=True).assign(split="test")
     selection = pd.concat(grids, ignore_index=True) if grids else pd.DataFrame()
 

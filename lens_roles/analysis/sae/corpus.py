@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from lens_roles.errors import DataError
 from lens_roles.inputs.positions import encode
@@ -144,7 +145,8 @@ def build_corpus(model, *, max_new_tokens: int = 96, temperature: float = 1.0, s
     kinds: list[str] = []
     # length-sorted batches pad less; the order is fixed by the data, so still reproducible
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i].user), i))
-    for b, start in enumerate(range(0, len(order), batch_size)):
+    for b, start in enumerate(tqdm(range(0, len(order), batch_size), desc="corpus generation", unit="batch",
+                                   disable=not progress)):
         batch = [prompts[i] for i in order[start:start + batch_size]]
         heads = encode(model, batch)
         outs = generate(model, batch, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -152,8 +154,6 @@ def build_corpus(model, *, max_new_tokens: int = 96, temperature: float = 1.0, s
         for head, out in zip(heads, outs):
             sequences.append(tuple(head.tokens) + tuple(out.tokens))
             kinds.append("generation")
-        if progress:
-            print(f"  corpus: batch {b + 1}/{-(-len(order) // batch_size)}", flush=True)
     for kind, extra in (("prompt", rest), ("written", written)):
         for item in encode(model, extra):
             sequences.append(tuple(item.tokens))

@@ -6,12 +6,13 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from lens_roles.config import Config
 from lens_roles.directions.direction import Direction
@@ -222,13 +223,14 @@ def psr_loss(model, psr: PSR, data: TrainingData, objective: str = "mse", *,
 
 
 def train_psr(model, psr: PSR, prompts, system: str, config: TrainConfig = TrainConfig(), *,
-              data: TrainingData | None = None, progress: Callable[[str], None] | None = None
-              ) -> pd.DataFrame:
+              data: TrainingData | None = None, progress: bool = False) -> pd.DataFrame:
     """Train ``psr`` in place to mimic the ``system``-prompted run; returns the loss history.
 
     The model's parameters are frozen for the duration (and restored after);
     only ``psr.w`` and ``psr.b`` are optimised. History rows: ``epoch, step,
-    objective, loss, seconds`` (epoch 0 is the loss before training).
+    objective, loss, seconds`` (epoch 0 is the loss before training). With
+    ``progress`` a tqdm bar on stderr counts the optimiser steps and shows the
+    epoch and its running mean loss.
     """
     if psr.constant:
         raise PSRError("a constant PSR (λ ≡ 1) has nothing to train")
@@ -241,7 +243,8 @@ def train_psr(model, psr: PSR, prompts, system: str, config: TrainConfig = Train
                                                                                         config.objective),
                 "seconds": 0.0}]
     step = 0
-    with _frozen(model):
+    bar = tqdm(total=config.epochs * len(data.batches), desc="PSR training", unit="step", disable=not progress)
+    with _frozen(model), bar:
         for epoch in range(1, config.epochs + 1):
             t0 = time.perf_counter()
             total, n = 0.0, 0
@@ -255,11 +258,10 @@ def train_psr(model, psr: PSR, prompts, system: str, config: TrainConfig = Train
                 step += 1
                 total += float(loss.detach()) * len(batch.rows)
                 n += len(batch.rows)
+                bar.set_postfix_str(f"epoch {epoch}: {config.objective} loss {total / n:.4f}", refresh=False)
+                bar.update()
             history.append({"epoch": epoch, "step": step, "objective": config.objective, "loss": total / n,
                             "seconds": time.perf_counter() - t0})
-            if progress:
-                progress(f"epoch {epoch}: {config.objective} loss {total / n:.4f} "
-                         f"({time.perf_counter() - t0:.1f} s)")
     psr.meta.update({"objective": config.objective, "epochs": config.epochs, "lr": config.lr,
                      "system": system, "train_prompts": len(data.runs), "train_data": data.fingerprint,
                      "read_layers": list(data.read_layers), "final_loss": history[-1]["loss"]})
