@@ -12,6 +12,18 @@ class LensRolesError(Exception):
     """Base class of every error raised on purpose by ``lens_roles``."""
 
 
+class UsageError(LensRolesError, ValueError):
+    """A command-line argument that cannot work, found before any model loads.
+
+    ``prog`` is the command it belongs to (``"lens-roles psr train"``), so the
+    one-line message can say which command complained.
+    """
+
+    def __init__(self, message: str, prog: str = "lens-roles"):
+        super().__init__(message)
+        self.prog = prog
+
+
 class DataError(LensRolesError, ValueError):
     """A prompt set, pair file or question file is malformed, empty or mismatched."""
 
