@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
-
-import pandas as pd
 
 from lens_roles.cli.options import (
     ModelLoader,
@@ -22,16 +19,12 @@ from lens_roles.cli.options import (
     open_model,
     progress_line,
 )
-from lens_roles.directions.builders import role_vectors
-from lens_roles.directions.geometry import cosine_matrix, role_map
 from lens_roles.errors import DataError, UsageError
 from lens_roles.inputs.prompts import PromptSet, load_baseline, load_pairs, load_prompt_set, load_role, resolve_roles
 from lens_roles.inputs.questions import load_domains
-from lens_roles.io import write_csv
-from lens_roles.studies.ab_curves import ab_curve, monotonicity
-from lens_roles.studies.role_study import StudyConfig, load_role_domains, run_role_study, write_role_study
-from lens_roles.viz.plots import ab_curves, role_cosine_heatmap, save_figure
-from lens_roles.viz.plots import role_map as role_map_figure
+from lens_roles.studies.ab_report import run_ab_report
+from lens_roles.studies.role_eval_report import run_role_evaluation
+from lens_roles.studies.role_study import StudyConfig, load_role_domains
 
 
 def resolve_role_sets(spec: str, roles_dir, domains: list[str], role_domains: dict[str, str]) -> list[PromptSet]:
@@ -92,66 +85,40 @@ def run_evaluate(args: argparse.Namespace, load_model: ModelLoader) -> int:
     model = open_model(args, load_model)
     if args.select_layers is not None:
         config = dataclasses.replace(config, layers=args.select_layers.resolve(model))
-    vectors = role_vectors(
-        model, role_sets, baseline, batch_size=args.batch_size, cache_dir=args.cache_dir, template=args.template,
-        progress=True,
+    study = run_role_evaluation(
+        model,
+        role_sets,
+        baseline,
+        domains,
+        role_domains=role_domains,
+        config=config,
+        out=Path(args.out),
+        collect_kw=dict(batch_size=args.batch_size, cache_dir=args.cache_dir, template=args.template, progress=True),
+        progress=progress_line,
     )
-    out = Path(args.out)
-    study = run_role_study(model, vectors, domains, role_domains=role_domains, config=config, progress=progress_line)
-    write_role_study(study, out)
-    for name, direction in vectors.items():
-        direction.save(out / "vectors" / f"{name}.safetensors")
-    if len(vectors) > 1:
-        cos = cosine_matrix(vectors)
-        save_figure(role_cosine_heatmap(cos, subtitle=model.cfg.model_name), out / "role_cosine")
-        layer = study.selection.layer.mode().iloc[0] if not study.selection.empty else model.cfg.n_layers // 2
-        save_figure(
-            role_map_figure(role_map(vectors, int(layer), groups=role_domains), subtitle=model.cfg.model_name),
-            out / "role_map",
-        )
     summary = study.summary[study.summary.metric == "accuracy"]
     print(study.baseline[study.baseline.metric == "accuracy"].round(3).to_string(index=False))
     print(summary.round(3).to_string(index=False))
-    print(f"wrote {out}/ in {study.meta['seconds']['total']:.0f} s")
+    print(f"wrote {args.out}/ in {study.meta['seconds']['total']:.0f} s")
     return 0
 
 
 def run_ab_curve(args: argparse.Namespace, load_model: ModelLoader) -> int:
     """``lens-roles ab-curve``: p(matching answer) against the multiplier, one curve per pair file."""
     pair_sets = [load_pairs(p) for p in args.pairs]
-    multipliers = args.multipliers
     model = open_model(args, load_model)
-    out = Path(args.out)
-    curves = []
-    for pairs in pair_sets:
-        curve = ab_curve(
-            model,
-            pairs,
-            layer=args.layer,
-            multipliers=multipliers,
-            n_train=args.n_train,
-            n_test=args.n_test,
-            seed=args.seed,
-            template=args.template,
-            batch_size=args.batch_size,
-        )
-        curve.vector.save(out / "vectors" / f"{pairs.name}.safetensors")
-        curves.append(curve)
-        p = curve.frame.p_match
-        print(
-            f"{pairs.name}: p(match) {p.iloc[0]:.3f} at {multipliers[0]:g} → {p.iloc[-1]:.3f} at {multipliers[-1]:g}",
-            file=sys.stderr,
-        )
-    frame = pd.concat([c.frame for c in curves], ignore_index=True)
-    mono = monotonicity(frame)
-    write_csv(frame, out / "curves.csv")
-    write_csv(pd.concat([c.scores for c in curves], ignore_index=True), out / "scores.csv")
-    write_csv(mono, out / "monotonicity.csv")
-    meta = {"model": model.cfg.model_name, "behaviours": [c.meta for c in curves]}
-    save_figure(
-        ab_curves(frame, subtitle=f"{model.cfg.model_name} · layer {args.layer} · held-out pairs, 95% bootstrap bands"),
-        out / "ab_curves",
-        meta=meta,
+    frame, mono = run_ab_report(
+        model,
+        pair_sets,
+        layer=args.layer,
+        multipliers=args.multipliers,
+        out=Path(args.out),
+        n_train=args.n_train,
+        n_test=args.n_test,
+        seed=args.seed,
+        template=args.template,
+        batch_size=args.batch_size,
+        progress=progress_line,
     )
     print(frame.round(3).to_string(index=False))
     print(mono.round(3).to_string(index=False))

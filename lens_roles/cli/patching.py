@@ -5,11 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pandas as pd
-
 from lens_roles.analysis.patching.grids import get_grid
 from lens_roles.analysis.patching.metrics import DirectionProjection, LogitDiff, LogprobMargin
-from lens_roles.analysis.patching.result import patch_agreement
 from lens_roles.analysis.patching.runs import PatchSetup
 from lens_roles.cli.options import (
     ModelLoader,
@@ -24,8 +21,7 @@ from lens_roles.cli.options import (
 from lens_roles.directions.direction import Direction
 from lens_roles.errors import PatchingError
 from lens_roles.inputs.prompts import Prompt
-from lens_roles.io import write_csv
-from lens_roles.viz.plots import patch_heatmap, patch_scatter, save_figure
+from lens_roles.studies.patch_report import run_patch_report
 
 
 def run_patch(args: argparse.Namespace, load_model: ModelLoader) -> int:
@@ -64,48 +60,14 @@ def run_patch(args: argparse.Namespace, load_model: ModelLoader) -> int:
         align=args.align,
     )
     print(setup)
-    out = Path(args.out)
     methods = ["activation", "attribution"] if args.method == "both" else [args.method]
-    results = []
-    for grid in grids:
-        pair = []
-        for method in methods:
-            if method == "activation":
-                result = setup.activation_patch(grid, layers=layers, batch_size=args.batch_size)
-            else:
-                result = setup.attribution_patch(grid, layers=layers)
-            pair.append(result)
-            best = result.top(1).iloc[0]
-            where = ", ".join(f"{k} {best[k]}" for k in ("layer", "pos", "head") if not pd.isna(best[k]))
-            print(f"{grid:8s} {method:11s} {result.meta['seconds']:7.2f} s   strongest: {where} ({best.value:+.3f})")
-        results += pair
-        subtitle = (
-            f"{setup.meta['model']} · {metric.label} · clean {setup.clean_value:.3g}, "
-            f"corrupt {setup.corrupt_value:.3g} · 0 = corrupt, 1 = clean"
-        )
-        save_figure(
-            patch_heatmap(pair, title=f"Patching: {grid}", subtitle=subtitle),
-            out / f"patch_{grid}",
-            meta=dict(pair[0].meta, methods=methods),
-        )
-    write_csv(pd.concat([r.to_frame() for r in results], ignore_index=True), out / "patch.csv")
-    if len(grids) > 1:
-        save_figure(
-            patch_heatmap(results, title="Patching: every grid", subtitle=subtitle),
-            out / "patch_overview",
-            meta=dict(setup.meta, grids=grids, methods=methods),
-        )
-    if len(methods) == 2:
-        agreement = patch_agreement(results[0::2], results[1::2])
-        write_csv(agreement, out / "agreement.csv")
-        save_figure(
-            patch_scatter(results, subtitle=f"{setup.meta['model']} · {metric.label}"),
-            out / "attribution_vs_activation",
-            meta=dict(setup.meta, grids=grids),
-        )
-        for row in agreement.itertuples():
+    report = run_patch_report(
+        setup, grids, out=Path(args.out), methods=methods, layers=layers, batch_size=args.batch_size
+    )
+    if report.agreement is not None:
+        for row in report.agreement.itertuples():
             print(f"attribution vs activation, {row.grid}: Pearson r = {row.pearson:.3f} over {row.cells} cells")
-    print(f"wrote {out}/patch.csv and heatmaps")
+    print(f"wrote {args.out}/patch.csv and heatmaps")
     return 0
 
 

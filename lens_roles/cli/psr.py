@@ -24,12 +24,10 @@ from lens_roles.errors import DataError, UsageError
 from lens_roles.inputs.prompts import PairSet, Prompt, PromptSet
 from lens_roles.inputs.questions import QuestionSet, load_domains
 from lens_roles.interventions.psr.align import prompt_pairs
-from lens_roles.interventions.psr.evaluate import activation_distance, token_coefficients
 from lens_roles.interventions.psr.model import PSR
-from lens_roles.interventions.psr.train import TrainConfig, make_psr, prepare, train_psr
-from lens_roles.io import write_csv
+from lens_roles.interventions.psr.train import TrainConfig
 from lens_roles.studies.psr_compare import CompareConfig, compare_at_matched_coherence
-from lens_roles.viz.plots import psr_coherence_curve, save_figure, token_heatmap
+from lens_roles.studies.psr_report import run_psr_training, write_psr_comparison
 
 
 def run_psr_train(args: argparse.Namespace, load_model: ModelLoader) -> int:
@@ -47,31 +45,24 @@ def run_psr_train(args: argparse.Namespace, load_model: ModelLoader) -> int:
         train, held = (list(s.prompts) for s in items.split(args.train_fraction))
     train, held = head(train, args.max_prompts), head(held, args.max_held_out)
     model = open_model(args, load_model)
-    psr = make_psr(model, direction, train, args.system_prompt, layers=args.layers, layer=args.layer, alpha=args.alpha)
-    progress_line(
-        f"{psr.meta['variant']} at layer(s) {list(psr.layers)[:3]}{'...' if len(psr.layers) > 3 else ''}, "
-        f"α = {float(psr.alpha):.3f}"
+    trained = run_psr_training(
+        model,
+        direction,
+        train,
+        held,
+        args.system_prompt,
+        config=config,
+        out=Path(args.out),
+        layers=args.layers,
+        layer=args.layer,
+        alpha=args.alpha,
+        provenance={"vector": str(args.vector), "prompts": str(args.prompts)},
+        progress=progress_line,
     )
-    history = train_psr(model, psr, train, args.system_prompt, config, progress=progress_line)
-    data = prepare(model, psr, held, args.system_prompt, read_layers=psr.meta["read_layers"])
-    distance = activation_distance(model, psr, data)
-    lam = token_coefficients(model, psr, held[:1])
-    out = Path(args.out)
-    psr.meta.update({"vector": str(args.vector), "prompts": str(args.prompts), "held_out": len(held)})
-    psr.save(out / "psr.safetensors")
-    write_csv(history, out / "history.csv")
-    write_csv(distance, out / "distance.csv")
-    write_csv(lam, out / "lambda_tokens.csv")
-    meta = {"model": model.cfg.model_name, "psr": psr.meta, "layers": list(psr.layers)}
-    save_figure(
-        token_heatmap(lam, subtitle=f"{model.cfg.model_name} · {psr.meta['variant']} · held-out prompt 0"),
-        out / "lambda_tokens",
-        meta=meta,
-    )
-    print(history.round(4).to_string(index=False))
+    print(trained.history.round(4).to_string(index=False))
     print("held-out distance to the prompted activations (relative = / unsteered):")
-    print(distance.round(4).to_string(index=False))
-    print(f"wrote {out}/")
+    print(trained.distance.round(4).to_string(index=False))
+    print(f"wrote {args.out}/")
     return 0
 
 
@@ -107,20 +98,7 @@ def run_psr_compare(args: argparse.Namespace, load_model: ModelLoader) -> int:
     result = compare_at_matched_coherence(
         model, direction, psr, held, system, questions=questions, config=config, progress=progress_line
     )
-    out = Path(args.out)
-    write_csv(result.table, out / "matched.csv")
-    write_csv(result.curve, out / "curve.csv")
-    kind = "pairs" if isinstance(held, PairSet) else "prompts"
-    save_figure(
-        psr_coherence_curve(
-            result.curve,
-            result.table,
-            subtitle=f"{model.cfg.model_name} · layer(s) {list(psr.layers)[:3]} · {len(held)} held-out {kind}",
-            y="margin" if kind == "pairs" else "mean_strength",
-        ),
-        out / "matched_coherence",
-        meta=result.meta,
-    )
+    write_psr_comparison(result, Path(args.out), model_name=model.cfg.model_name, psr=psr, held=held)
     print("behaviour at matched coherence:")
     print(result.table.round(3).to_string(index=False))
     return 0

@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 
-from lens_roles.analysis.sae.cards import feature_cards, write_cards
 from lens_roles.analysis.sae.core import check_sae, load_sae, sae_layer
 from lens_roles.analysis.sae.corpus import Corpus
-from lens_roles.analysis.sae.features import (
-    ProjectionMetric,
-    ablation_check,
-    attribute_features,
-    decompose,
-    feature_alignment,
-)
+from lens_roles.analysis.sae.features import ProjectionMetric
 from lens_roles.analysis.sae.training import SAETrainConfig
 from lens_roles.cli.options import (
     ModelLoader,
@@ -26,19 +18,18 @@ from lens_roles.cli.options import (
     add_model_options,
     add_output,
     check_model_match,
+    finite_float,
     fraction,
     int_at_least,
     layer_spec,
-    finite_float,
     load_pairs_or_prompts,
     open_model,
 )
 from lens_roles.directions.direction import Direction
 from lens_roles.errors import SAEError, UsageError
 from lens_roles.inputs.prompts import PairSet, Prompt
-from lens_roles.io import write_csv
+from lens_roles.studies.sae_report import run_alignment_report, run_attribution_report, write_direction_cards
 from lens_roles.studies.sae_suite import corpus_for, train_sae_suite
-from lens_roles.viz.plots import attribution_check_scatter, decomposition_plot, sae_alignment_bars, save_figure
 
 
 def run_train_sae(args: argparse.Namespace, load_model: ModelLoader) -> int:
@@ -112,22 +103,14 @@ def run_sae_align(args: argparse.Namespace, load_model: ModelLoader) -> int:
     corpus_path = Path(args.corpus) if args.corpus else Path(args.sae).parent / "corpus.json"
     if args.cards == "yes" and not corpus_path.is_file():
         raise UsageError(f"--cards yes needs a corpus: no {corpus_path} (pass --corpus)", prog=args.prog)
-    out = Path(args.out)
     meta = sae_meta(args, direction, layer)
-    alignment = feature_alignment(sae, direction)
-    write_csv(alignment, out / "alignment.csv")
-    dec = decompose(sae, direction, max_features=args.decompose)
-    write_csv(dec.to_frame(), out / "decomposition.csv")
-    top = alignment.head(args.top)
-    sub = f"{direction.meta.get('model')} · SAE at layer {layer} ({sae.cfg.d_sae} features)"
-    save_figure(sae_alignment_bars({f"{name}, layer {layer}": top}, subtitle=sub), out / "alignment", meta=meta)
-    save_figure(
-        decomposition_plot({name: dec}, subtitle=sub + f" · residual {dec.relative_residual:.3f} of ‖v‖"),
-        out / "decomposition",
+    report = run_alignment_report(
+        sae, direction, layer=layer, name=name, out=Path(args.out), top=args.top, max_features=args.decompose,
         meta=meta,
     )
+    dec = report.decomposition
     print(f"top {args.top} features by cosine with {name} at layer {layer}:")
-    print(top.round(3).to_string(index=False))
+    print(report.top.round(3).to_string(index=False))
     print(f"decomposition: {len(dec.features)} features, relative residual {dec.relative_residual:.3f}")
     print(dec.to_frame().round(3).to_string(index=False))
     if args.cards == "yes" or (args.cards == "auto" and corpus_path.is_file()):
@@ -139,22 +122,12 @@ def run_sae_align(args: argparse.Namespace, load_model: ModelLoader) -> int:
         if args.roles:
             for path in sorted(Path(args.roles).glob("*.safetensors")):
                 roles[path.stem] = Direction.load(path)
-        features = list(dict.fromkeys([int(f) for f in top.feature] + [int(f) for f in dec.features[:5]]))
-        notes = {
-            int(r.feature): f"rank {int(r.rank)} by cosine with {name} ({r.cosine:+.3f})" for r in top.itertuples()
-        }
-        cards = feature_cards(
-            model, sae, features, corpus.sequences, directions=roles, notes=notes, batch_size=args.batch_size
+        cards = write_direction_cards(
+            model, sae, report, corpus, name=name, layer=layer, directions=roles, out=Path(args.out),
+            corpus_label=str(corpus_path), batch_size=args.batch_size, meta=meta,
         )
-        write_cards(
-            cards,
-            out / "cards.html",
-            title=f"Features of {name} at layer {layer}",
-            subtitle=f"{sub} · corpus {corpus_path} ({len(corpus)} sequences)",
-            meta=meta,
-        )
-        print(f"wrote {out}/cards.html ({len(cards)} cards)")
-    print(f"wrote {out}/alignment.csv, decomposition.csv and figures")
+        print(f"wrote {args.out}/cards.html ({len(cards)} cards)")
+    print(f"wrote {args.out}/alignment.csv, decomposition.csv and figures")
     return 0
 
 
@@ -174,7 +147,6 @@ def run_sae_attribute(args: argparse.Namespace, load_model: ModelLoader) -> int:
     model = open_model(args, load_model)
     check_model_match(direction, model)
     check_sae(sae, model, layer)
-    out = Path(args.out)
     meta = dict(
         sae_meta(args, direction, layer),
         read_layer=read,
@@ -182,27 +154,20 @@ def run_sae_attribute(args: argparse.Namespace, load_model: ModelLoader) -> int:
         n_prompts=len(prompts),
         system_prompt=args.system_prompt,
     )
-    t0 = time.perf_counter()
-    frame = attribute_features(model, sae, prompts, metric, batch_size=args.batch_size)
-    seconds = time.perf_counter() - t0
-    write_csv(frame, out / "attribution.csv")
+    report = run_attribution_report(
+        model, sae, prompts, metric, layer=layer, out=Path(args.out), check=args.check, batch_size=args.batch_size,
+        meta=meta,
+    )
+    frame, check = report.frame, report.check
     print(
-        f"{metric.label}: mean {frame.attrs['metric']:.3f} over {len(prompts)} prompts; attribution in {seconds:.1f} s"
+        f"{metric.label}: mean {frame.attrs['metric']:.3f} over {len(prompts)} prompts; "
+        f"attribution in {report.seconds:.1f} s"
     )
     print(frame.head(args.top).round(4).to_string(index=False))
-    if args.check:
-        check = ablation_check(model, sae, prompts, metric, frame, top=args.check, batch_size=args.batch_size)
-        write_csv(check, out / "check.csv")
-        save_figure(
-            attribution_check_scatter(
-                check, subtitle=f"{model.cfg.model_name} · SAE layer {layer} · {metric.label} · {len(prompts)} prompts"
-            ),
-            out / "attribution_vs_ablation",
-            meta=dict(meta, pearson=check.attrs["pearson"]),
-        )
+    if check is not None:
         print(check.round(4).to_string(index=False))
         print(f"attribution vs ablation over the top {len(check)} features: Pearson r = {check.attrs['pearson']:.3f}")
-    print(f"wrote {out}/attribution.csv")
+    print(f"wrote {args.out}/attribution.csv")
     return 0
 
 

@@ -1,0 +1,61 @@
+"""CAA A/B behaviour curves for several behaviours, written as one folder.
+
+:func:`run_ab_report` is the whole job of ``lens-roles ab-curve``: one
+:func:`~lens_roles.studies.ab_curves.ab_curve` per pair set (its vector saved to
+``vectors/<behaviour>.safetensors``), then ``curves.csv``, ``scores.csv``,
+``monotonicity.csv`` and the ``ab_curves`` figure.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pandas as pd
+
+from lens_roles.inputs.prompts import PairSet
+from lens_roles.io import write_csv
+from lens_roles.studies.ab_curves import ab_curve, monotonicity
+from lens_roles.viz.plots import ab_curves, save_figure
+
+
+def run_ab_report(model, pair_sets: Sequence[PairSet], *, layer: int, multipliers: Sequence[float], out: Path,
+                  n_train: int = 128, n_test: int = 64, seed: int = 0, template: str | None = None,
+                  batch_size: int = 16, progress: Callable[[str], None] = print) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Curves of p(matching answer) against the multiplier at ``layer``, one per behaviour.
+
+    Returns ``(curves, monotonicity)``: the tidy curve rows of every behaviour and
+    their monotonicity summary, both also written under ``out``.
+    """
+    out = Path(out)
+    curves = []
+    for pairs in pair_sets:
+        curve = ab_curve(
+            model,
+            pairs,
+            layer=layer,
+            multipliers=multipliers,
+            n_train=n_train,
+            n_test=n_test,
+            seed=seed,
+            template=template,
+            batch_size=batch_size,
+        )
+        curve.vector.save(out / "vectors" / f"{pairs.name}.safetensors")
+        curves.append(curve)
+        p = curve.frame.p_match
+        progress(
+            f"{pairs.name}: p(match) {p.iloc[0]:.3f} at {multipliers[0]:g} → {p.iloc[-1]:.3f} at {multipliers[-1]:g}"
+        )
+    frame = pd.concat([c.frame for c in curves], ignore_index=True)
+    mono = monotonicity(frame)
+    write_csv(frame, out / "curves.csv")
+    write_csv(pd.concat([c.scores for c in curves], ignore_index=True), out / "scores.csv")
+    write_csv(mono, out / "monotonicity.csv")
+    meta = {"model": model.cfg.model_name, "behaviours": [c.meta for c in curves]}
+    save_figure(
+        ab_curves(frame, subtitle=f"{model.cfg.model_name} · layer {layer} · held-out pairs, 95% bootstrap bands"),
+        out / "ab_curves",
+        meta=meta,
+    )
+    return frame, mono
