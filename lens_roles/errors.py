@@ -16,10 +16,10 @@ class UsageError(LensRolesError, ValueError):
     """A command-line argument that cannot work, found before any model loads.
 
     ``prog`` is the command it belongs to (``"lens-roles psr train"``), so the
-    one-line message can say which command complained.
+    one-line message can say which command complained (None: the one being run).
     """
 
-    def __init__(self, message: str, prog: str = "lens-roles"):
+    def __init__(self, message: str, prog: str | None = None):
         super().__init__(message)
         self.prog = prog
 

@@ -114,6 +114,20 @@ def test_batch_size_zero(files, capsys, command):
     check_rejected(files, capsys, command, "--batch-size", "0")
 
 
+DEVICES = ["extract", "roles", "demo", "sweep", "generate", "evaluate", "ab-curve", "patch", "psr train",
+           "psr compare", "train-sae", "sae-align", "sae-attribute"]
+
+
+@pytest.mark.parametrize("command", DEVICES)
+def test_unknown_device(files, capsys, command):
+    check_rejected(files, capsys, command, "--device", "gpu0")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="there is a CUDA device here")
+def test_cuda_without_cuda(files, capsys):
+    check_rejected(files, capsys, "extract", "--device", "cuda")
+
+
 def test_epochs_zero(files, capsys):
     check_rejected(files, capsys, "psr train", "--epochs", "0")
 
@@ -187,11 +201,13 @@ def test_unknown_command_and_missing_option_are_one_line(files, capsys):
     assert len(capsys.readouterr().err.splitlines()) == 1
     assert main(["extract", "--pairs", str(files / "pairs.jsonl")], load_model=refuse_to_load) == 2
     assert "--out" in one_error(capsys, "extract")
+    assert main([*commands(files)["sweep"], "--bogus", "1"], load_model=refuse_to_load) == 2
+    assert "unrecognized arguments: --bogus 1" in one_error(capsys, "sweep")
 
 
 def test_the_output_check_leaves_nothing_behind(tmp_path):
     check_output(tmp_path / "a" / "b", "--out")
-    check_output(tmp_path / "v.safetensors", "--out", "file.safetensors")
+    check_output(tmp_path / "v.safetensors", "--out", "file", ".safetensors")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -41,15 +41,14 @@ def main(argv: Sequence[str] | None = None, *, load_model: ModelLoader = default
     argv = join_negative_values(sys.argv[1:] if argv is None else list(argv))
     prog = "lens-roles"
     try:
-        args = build_parser().parse_args(argv)
+        args, unknown = build_parser().parse_known_args(argv)
         prog = args.prog
+        if unknown:
+            raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
         check_paths(args)
         return args.handler(args, load_model)
-    except UsageError as exc:
-        print(one_line(exc.prog if exc.prog != "lens-roles" else prog, exc), file=sys.stderr)
-        return 2
     except LensRolesError as exc:
-        print(one_line(prog, exc), file=sys.stderr)
+        print(one_line(getattr(exc, "prog", None) or prog, exc), file=sys.stderr)
         return 2
 
 

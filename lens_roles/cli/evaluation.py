@@ -81,7 +81,7 @@ def run_evaluate(args: argparse.Namespace, load_model: ModelLoader) -> int:
             system_template=args.system_template,
         )
     except ValueError as exc:  # StudyConfig's own checks: a bad argument, found before the model loads
-        raise UsageError(str(exc), prog=args.prog) from None
+        raise UsageError(str(exc)) from None
     model = open_model(args, load_model)
     if args.select_layers is not None:
         config = dataclasses.replace(config, layers=args.select_layers.resolve(model))

@@ -98,28 +98,41 @@ def add_command(sub, name: str, handler: Callable, *, help: str) -> CommandParse
     return parser
 
 
-def _remember(parser: argparse.ArgumentParser, kind: str, dest: str, what: str) -> None:
-    parser.set_defaults(**{kind: (*parser.get_default(kind), (dest, what))})
+@dataclass(frozen=True)
+class PathOption:
+    """A path option that :func:`check_paths` checks after parsing.
 
-
-def add_input(parser: argparse.ArgumentParser, *flags: str, kind: str = "file", **kw) -> None:
-    """An option (or positional) naming input that must exist before any model loads.
-
-    ``kind`` is ``"file"``, ``"folder"`` or ``"path"`` (either). With ``nargs``
-    every value is checked. :func:`check_paths` does the check after parsing.
+    ``dest`` is its name in the namespace, ``flag`` its name on the command line;
+    ``kind`` is ``"file"``, ``"folder"`` or (inputs only) ``"path"`` (either);
+    ``suffix`` is the ending an output file must have (``".safetensors"``).
     """
-    action = parser.add_argument(*flags, **kw)
-    _remember(parser, "input_paths", action.dest, kind)
+
+    dest: str
+    flag: str
+    kind: str
+    suffix: str = ""
 
 
-def add_output(parser: argparse.ArgumentParser, *flags: str, kind: str = "folder", suffix: str | None = None,
-               **kw) -> None:
-    """An option naming where results go: a ``"folder"`` or a ``"file"`` (with ``suffix``).
+def _declare(parser: argparse.ArgumentParser, role: str, option: PathOption) -> None:
+    parser.set_defaults(**{role: (*parser.get_default(role), option)})
+
+
+def add_input(parser: argparse.ArgumentParser, flag: str, *, kind: str = "file", **kw) -> None:
+    """An option naming input that must exist (a ``kind``) before any model loads.
+
+    With ``nargs`` every value is checked. :func:`check_paths` does the check after parsing.
+    """
+    action = parser.add_argument(flag, **kw)
+    _declare(parser, "input_paths", PathOption(action.dest, flag, kind))
+
+
+def add_output(parser: argparse.ArgumentParser, flag: str, *, kind: str = "folder", suffix: str = "", **kw) -> None:
+    """An option naming where results go: a ``"folder"``, or a ``"file"`` ending in ``suffix``.
 
     :func:`check_paths` makes sure something can be written there before any model loads.
     """
-    action = parser.add_argument(*flags, **kw)
-    _remember(parser, "output_paths", action.dest, f"{kind}{suffix or ''}")
+    action = parser.add_argument(flag, **kw)
+    _declare(parser, "output_paths", PathOption(action.dest, flag, kind, suffix))
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, batch: str | None = "read") -> None:
@@ -132,7 +145,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, batch: str | None = "r
         default=None,
         help="embedded name, local Hugging Face folder or TransformerLens name (default: SmolLM2-135M-Instruct)",
     )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype (default: float32)")
     if batch is not None:
         work = {
@@ -210,6 +223,17 @@ def finite_float(option: str, *, minimum: float | None = None, above: float | No
 
     parse.__name__ = "number"
     return parse
+
+
+def device_name(text: str) -> str:
+    """``type=`` for ``--device``: a name torch knows, and a CUDA device only where torch sees one."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        _fail(f"unknown --device {text!r}: use cpu, cuda, cuda:1, ...")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        _fail(f"--device {text} asked for, but torch sees no CUDA device here; use --device cpu")
+    return text
 
 
 def fraction(option: str) -> Callable[[str], float]:
@@ -316,10 +340,6 @@ def layer_spec(option: str, *, allow_all: bool = True, why_not_all: str = "") ->
 # --------------------------------------------------------------------------- paths
 
 
-def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
-
-
 def check_input(path: str | Path, option: str, kind: str = "file") -> Path:
     """Raise a one-line :class:`UsageError` unless ``path`` is an existing file/folder."""
     path = Path(path)
@@ -332,21 +352,20 @@ def check_input(path: str | Path, option: str, kind: str = "file") -> Path:
     return path
 
 
-def check_output(path: str | Path, option: str, kind: str = "folder") -> Path:
+def check_output(path: str | Path, option: str, kind: str = "folder", suffix: str = "") -> Path:
     """Raise a one-line :class:`UsageError` unless results can be written at ``path``.
 
-    ``kind`` is ``"folder"`` or ``"file"`` followed by a required suffix
-    (``"file.safetensors"``). Nothing is created: the check writes and removes a
-    temporary file in the deepest folder that exists on the way to ``path``,
-    because permission bits do not tell whether root can write there.
+    ``kind`` is ``"folder"`` or ``"file"`` (which must end in ``suffix``). Nothing is
+    created: the check writes and removes a temporary file in the deepest folder
+    that exists on the way to ``path``, because permission bits do not tell
+    whether root can write there.
     """
     path = Path(path)
     want_folder = kind == "folder"
-    suffix = kind.removeprefix("file") if not want_folder else ""
     if suffix and path.suffix != suffix:
         raise UsageError(f"{option} must end in {suffix}, got {path}")
     if path.exists() and path.is_dir() != want_folder:
-        raise UsageError(f"{option} {path}: is a {'file' if want_folder else 'folder'}, not a {kind.split('.')[0]}")
+        raise UsageError(f"{option} {path}: is a {'file' if want_folder else 'folder'}, not a {kind}")
     existing = path if want_folder and path.is_dir() else path.parent
     while not existing.exists():
         existing = existing.parent
@@ -365,14 +384,14 @@ def check_output(path: str | Path, option: str, kind: str = "folder") -> Path:
 
 def check_paths(args: argparse.Namespace) -> None:
     """Check every input and output path the command declared (see :func:`add_input`, :func:`add_output`)."""
-    for dest, kind in args.input_paths:
-        value = getattr(args, dest)
+    for option in args.input_paths:
+        value = getattr(args, option.dest)
         for path in value if isinstance(value, list) else [value]:
             if path is not None:
-                check_input(path, _flag(dest), kind)
-    for dest, kind in args.output_paths:
-        if getattr(args, dest) is not None:
-            check_output(getattr(args, dest), _flag(dest), kind)
+                check_input(path, option.flag, option.kind)
+    for option in args.output_paths:
+        if getattr(args, option.dest) is not None:
+            check_output(getattr(args, option.dest), option.flag, option.kind, option.suffix)
 
 
 # --------------------------------------------------------------------------- loading

@@ -37,7 +37,7 @@ def run_psr_train(args: argparse.Namespace, load_model: ModelLoader) -> int:
     try:
         config = TrainConfig(objective=args.objective, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
     except ValueError as exc:  # TrainConfig's own checks: a bad argument, found before the model loads
-        raise UsageError(str(exc), prog=args.prog) from None
+        raise UsageError(str(exc)) from None
     items = load_pairs_or_prompts(args.prompts)
     if isinstance(items, PairSet):  # contrast pairs: the positive replies are the prompted behaviour
         train, held = ([Prompt(p.user, None, p.positive) for p in s.pairs] for s in items.split(args.train_fraction))
@@ -74,7 +74,7 @@ def run_psr_compare(args: argparse.Namespace, load_model: ModelLoader) -> int:
             target_perplexity=args.target_perplexity, max_new_tokens=args.max_new_tokens, steps=args.steps
         )
     except ValueError as exc:  # CompareConfig's own checks: a bad argument, found before the model loads
-        raise UsageError(str(exc), prog=args.prog) from None
+        raise UsageError(str(exc)) from None
     items = load_pairs_or_prompts(args.pairs)
     if isinstance(items, PairSet):
         held = items.split(1 - args.eval_fraction)[1]

@@ -38,7 +38,7 @@ def run_train_sae(args: argparse.Namespace, load_model: ModelLoader) -> int:
         k = None if args.l1 is not None else (32 if args.k is None else args.k)
         config = SAETrainConfig(d_sae=args.d_sae, k=k, l1=args.l1, samples=args.tokens, lr=args.lr, seed=args.seed)
     except ValueError as exc:  # SAETrainConfig's own checks: a bad argument, found before the model loads
-        raise UsageError(str(exc), prog=args.prog) from None
+        raise UsageError(str(exc)) from None
     out = Path(args.out)
     model = open_model(args, load_model)
     layers = args.layer.resolve(model)
@@ -102,7 +102,7 @@ def run_sae_align(args: argparse.Namespace, load_model: ModelLoader) -> int:
     name = str(direction.meta.get("name", Path(args.vector).stem))
     corpus_path = Path(args.corpus) if args.corpus else Path(args.sae).parent / "corpus.json"
     if args.cards == "yes" and not corpus_path.is_file():
-        raise UsageError(f"--cards yes needs a corpus: no {corpus_path} (pass --corpus)", prog=args.prog)
+        raise UsageError(f"--cards yes needs a corpus: no {corpus_path} (pass --corpus)")
     meta = sae_meta(args, direction, layer)
     report = run_alignment_report(
         sae, direction, layer=layer, name=name, out=Path(args.out), top=args.top, max_features=args.decompose,
