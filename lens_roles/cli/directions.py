@@ -12,16 +12,12 @@ from lens_roles.cli.options import (
     add_input,
     add_model_options,
     add_output,
+    collect_kw,
     open_model,
 )
 from lens_roles.directions.builders import persona_vector, role_vectors
 from lens_roles.inputs.prompts import load_baseline, load_pairs, load_role, resolve_roles
 from lens_roles.studies.demo import default_steer_layers, run_demo
-
-
-def collect_kw(args: argparse.Namespace) -> dict:
-    """The activation-collection keywords of ``add_collect_options``'s options (and ``--batch-size``)."""
-    return dict(batch_size=args.batch_size, cache_dir=args.cache_dir, template=args.template, progress=True)
 
 
 def run_extract(args: argparse.Namespace, load_model: ModelLoader) -> int:

@@ -8,10 +8,13 @@ from pathlib import Path
 
 from lens_roles.cli.options import (
     ModelLoader,
+    add_collect_options,
     add_command,
     add_input,
     add_model_options,
     add_output,
+    add_template_option,
+    collect_kw,
     fraction,
     int_at_least,
     layer_spec,
@@ -93,7 +96,7 @@ def run_evaluate(args: argparse.Namespace, load_model: ModelLoader) -> int:
         role_domains=role_domains,
         config=config,
         out=Path(args.out),
-        collect_kw=dict(batch_size=args.batch_size, cache_dir=args.cache_dir, template=args.template, progress=True),
+        collect_kw=collect_kw(args),
         progress=progress_line,
     )
     summary = study.summary[study.summary.metric == "accuracy"]
@@ -163,9 +166,7 @@ def register(sub) -> None:
     p.add_argument("--skip-invalid", action="store_true", help="leave out malformed questions instead of failing")
     p.add_argument("--n-boot", type=int_at_least("--n-boot", 100), default=2000, help="bootstrap draws")
     p.add_argument("--seed", type=int, default=0)
-    add_output(p, "--cache-dir", default=None, help="activation cache folder (default: none)")
-    p.add_argument("--template", choices=["chat", "plain"], default=None,
-                   help="chat template (default: the model's own if it has one, else plain)")
+    add_collect_options(p, layers=False)
     add_model_options(p, batch="read")
 
     p = add_command(sub, "ab-curve", run_ab_curve,
@@ -183,5 +184,5 @@ def register(sub) -> None:
     p.add_argument("--n-test", type=int_at_least("--n-test", 1), default=64, help="disjoint pairs that are scored")
     p.add_argument("--seed", type=int, default=0)
     add_output(p, "--out", required=True, help="output folder: curves.csv, scores.csv, monotonicity.csv, figure")
-    p.add_argument("--template", choices=["chat", "plain"], default=None)
+    add_template_option(p)
     add_model_options(p, batch="read")

@@ -161,25 +161,39 @@ def add_model_options(parser: argparse.ArgumentParser, *, batch: str | None = "r
         )
 
 
-def add_collect_options(parser: argparse.ArgumentParser, *, positions: Sequence[str] = ()) -> None:
+def add_collect_options(parser: argparse.ArgumentParser, *, positions: Sequence[str] = (),
+                        layers: bool = True) -> None:
     """The options of commands that read activations of prompt sets: layers, positions, cache, template.
 
     ``positions`` are the ``--positions`` choices, the first being the default
-    (none: the command has fixed positions and no such option).
+    (none: the command has fixed positions and no such option); ``layers=False``
+    leaves out ``--layers`` (the command reads every layer).
     """
-    parser.add_argument(
-        "--layers", type=layer_spec("--layers"), default="all", help="all, 5, 3,7 or 10-20 (default: all)"
-    )
+    if layers:
+        parser.add_argument(
+            "--layers", type=layer_spec("--layers"), default="all", help="all, 5, 3,7 or 10-20 (default: all)"
+        )
     if positions:
         parser.add_argument("--positions", default=positions[0], choices=list(positions),
                             help=f"token positions averaged (default: {positions[0]})")
     add_output(parser, "--cache-dir", default=None, help="activation cache folder (default: none)")
+    add_template_option(parser)
+
+
+def add_template_option(parser: argparse.ArgumentParser) -> None:
+    """``--template chat|plain``: how prompts are rendered (default: the model's own chat template if any)."""
     parser.add_argument(
         "--template",
         choices=["chat", "plain"],
         default=None,
         help="chat template (default: the model's own if it has one, else plain)",
     )
+
+
+def collect_kw(args: argparse.Namespace) -> dict:
+    """The activation-collection keywords (``batch_size``, ``cache_dir``, ``template``, ``progress``)
+    of a command with :func:`add_model_options` and ``--cache-dir``/``--template``."""
+    return dict(batch_size=args.batch_size, cache_dir=args.cache_dir, template=args.template, progress=True)
 
 
 # --------------------------------------------------------------------------- value types
