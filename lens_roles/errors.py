@@ -12,6 +12,18 @@ class LensRolesError(Exception):
     """Base class of every error raised on purpose by ``lens_roles``."""
 
 
+class UsageError(LensRolesError, ValueError):
+    """A command-line argument that cannot work, found before any model loads.
+
+    ``prog`` is the command it belongs to (``"lens-roles psr train"``), so the
+    one-line message can say which command complained (None: the one being run).
+    """
+
+    def __init__(self, message: str, prog: str | None = None):
+        super().__init__(message)
+        self.prog = prog
+
+
 class ConfigError(LensRolesError, ValueError):
     """A settings object (``TrainConfig``, ``StudyConfig``, ...) built with a value it cannot use,
     or read from a dict with keys it does not have."""

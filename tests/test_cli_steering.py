@@ -1,7 +1,8 @@
-"""``lens-roles sweep`` and ``lens-roles generate`` on the tiny model (the model loader is patched)."""
+"""``lens-roles sweep`` and ``lens-roles generate`` on the tiny model (passed as the model loader)."""
 
 from __future__ import annotations
 
+import functools
 import re
 
 import pandas as pd
@@ -9,19 +10,24 @@ import pytest
 import torch
 
 import lens_roles as lr
-from lens_roles.cli import main
+from lens_roles import cli
 
 
 @pytest.fixture
-def vector_file(tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr("lens_roles.runtime.models.load_model", lambda *a, **k: tiny_model)
+def main(tiny_model):
+    """``lens-roles`` with the tiny model as its model loader."""
+    return functools.partial(cli.main, load_model=lambda *a, **k: tiny_model)
+
+
+@pytest.fixture
+def vector_file(tiny_model, tmp_path):
     torch.manual_seed(2)
     d = lr.Direction(tuple(range(tiny_model.cfg.n_layers)), torch.randn(tiny_model.cfg.n_layers, 32),
                      {"model": tiny_model.cfg.model_name, "name": "random"})
     return d.save(tmp_path / "v.safetensors")
 
 
-def test_sweep_writes_csv_and_figures(vector_file, tmp_path, capsys):
+def test_sweep_writes_csv_and_figures(main, vector_file, tmp_path, capsys):
     pairs = lr.inputs.prompts.data_dir() / "personas" / "librarian.jsonl"
     out = tmp_path / "sweep"
     assert main(["sweep", "--vector", str(vector_file), "--pairs", str(pairs), "--layers", "0,2",
@@ -35,14 +41,14 @@ def test_sweep_writes_csv_and_figures(vector_file, tmp_path, capsys):
     assert "logprob_margin" in capsys.readouterr().out
 
 
-def test_generate_prints_three_continuations(vector_file, capsys):
+def test_generate_prints_three_continuations(main, vector_file, capsys):
     assert main(["generate", "--vector", str(vector_file), "--layer", "1", "--alpha", "0.5", "--max-new-tokens",
                  "4", "Where are the maps?"]) == 0
     out = capsys.readouterr().out
     assert "unsteered" in out and "+0.5" in out and "-0.5" in out
 
 
-def test_sweep_bad_input(vector_file, tmp_path, capsys, tiny_model):
+def test_sweep_bad_input(main, vector_file, tmp_path, capsys, tiny_model):
     pairs = lr.inputs.prompts.data_dir() / "personas" / "librarian.jsonl"
     out = tmp_path / "o"
     assert main(["sweep", "--vector", str(vector_file), "--pairs", str(pairs), "--alphas", "1,nan",

@@ -364,12 +364,13 @@ def test_heatmap_has_token_labels_and_a_centred_scale(setup):
 
 @pytest.fixture
 def patched_cli(tiny_model, monkeypatch):
-    monkeypatch.setattr("lens_roles.runtime.models.load_model", lambda *a, **k: tiny_model)
     monkeypatch.setattr("lens_roles.viz.plots.find_browser", lambda: None)  # HTML only: PNG export takes seconds
     monkeypatch.setattr("lens_roles.viz.plots._png_warned", True)
+    from functools import partial
+
     from lens_roles.cli import main
 
-    return main
+    return partial(main, load_model=lambda *a, **k: tiny_model)
 
 
 def test_cli_patch_writes_results_and_figures(patched_cli, tiny_model, direction, tmp_path, capsys):
@@ -401,7 +402,7 @@ def test_cli_patch_bad_input(patched_cli, tmp_path, capsys):
     assert patched_cli(["patch", "--clean", USER, "--corrupt", USER, "--clean-system", "You are a chemist.",
                         "--corrupt-system", "You are a helpful and friendly general assistant.", *base]) == 2
     err = capsys.readouterr().err.splitlines()[-1]
-    assert err.startswith("lens-roles: error: clean and corrupt prompts have different token lengths")
+    assert err.startswith("lens-roles patch: error: clean and corrupt prompts have different token lengths")
     assert "--align" in err
     assert patched_cli(["patch", "--clean", USER, "--corrupt", USER, *base]) == 2
     assert "normalised patching (0 = corrupt, 1 = clean) is undefined" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pandas as pd
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import lens_roles as lr
-from lens_roles.cli import main
+from lens_roles import cli
 from lens_roles.errors import ConfigError, PlotError, PSRError
 from lens_roles.inputs.prompts import Prompt
 from lens_roles.interventions.psr.align import align, prompt_pairs, prompt_steering
@@ -354,13 +355,18 @@ def test_plots(tiny_model, direction, prompts):
 
 
 @pytest.fixture
-def cli_files(tiny_model, direction, tmp_path, monkeypatch):
-    monkeypatch.setattr("lens_roles.runtime.models.load_model", lambda *a, **k: tiny_model)
+def main(tiny_model):
+    """``lens-roles`` with the tiny model as its model loader."""
+    return functools.partial(cli.main, load_model=lambda *a, **k: tiny_model)
+
+
+@pytest.fixture
+def cli_files(direction, tmp_path):
     return direction.save(tmp_path / "v.safetensors"), lr.inputs.prompts.data_dir() / "personas" / "librarian.jsonl"
 
 
 @pytest.mark.filterwarnings("ignore:.*did not reach the target perplexity:UserWarning")  # one bisection step
-def test_cli_train_and_compare(cli_files, tmp_path, capsys):
+def test_cli_train_and_compare(main, cli_files, tmp_path, capsys):
     vector, pairs = cli_files
     out = tmp_path / "psr"
     assert main(["psr", "train", "--vector", str(vector), "--system-prompt", SYSTEM, "--prompts", str(pairs),
@@ -381,7 +387,7 @@ def test_cli_train_and_compare(cli_files, tmp_path, capsys):
 
 
 @pytest.mark.filterwarnings("ignore:.*did not reach the target perplexity:UserWarning")  # one bisection step
-def test_cli_compare_for_a_role(cli_files, tmp_path, capsys):
+def test_cli_compare_for_a_role(main, cli_files, tmp_path, capsys):
     import json
 
     vector, pairs = cli_files
@@ -403,7 +409,7 @@ def test_cli_compare_for_a_role(cli_files, tmp_path, capsys):
     assert table.margin.isna().all() and table.mc_accuracy.notna().all()
 
 
-def test_cli_bad_input(cli_files, tmp_path, capsys):
+def test_cli_bad_input(main, cli_files, tmp_path, capsys):
     vector, pairs = cli_files
     other = lr.Direction((1,), torch.ones(1, 32), {"model": "someone-else"}).save(tmp_path / "other.safetensors")
     out = tmp_path / "o"

@@ -378,13 +378,17 @@ def test_role_figures_build():
 
 
 @pytest.fixture
-def tiny_cli(tiny_model, monkeypatch):
-    monkeypatch.setattr("lens_roles.runtime.models.load_model", lambda *a, **k: tiny_model)
-    return tiny_model
+def tiny_cli(tiny_model):
+    """``lens-roles`` with the tiny model as its model loader."""
+    from functools import partial
+
+    from lens_roles.cli import main
+
+    return partial(main, load_model=lambda *a, **k: tiny_model)
 
 
 def test_cli_evaluate(tiny_cli, domain_dir, tmp_path, capsys):
-    from lens_roles.cli import main
+    main = tiny_cli
 
     out = tmp_path / "eval"
     assert main(["evaluate", "--questions", str(domain_dir), "--out", str(out), "--select-layers", "0,2",
@@ -397,7 +401,7 @@ def test_cli_evaluate(tiny_cli, domain_dir, tmp_path, capsys):
 
 
 def test_cli_evaluate_bad_input(tiny_cli, domain_dir, tmp_path, capsys):
-    from lens_roles.cli import main
+    main = tiny_cli
 
     out = tmp_path / "eval"
     bad = _write(tmp_path / "weird.json", [{"prompt": "Q?", "label": 1}])
@@ -415,7 +419,7 @@ def test_cli_evaluate_bad_input(tiny_cli, domain_dir, tmp_path, capsys):
 
 
 def test_cli_ab_curve(tiny_cli, tmp_path, capsys):
-    from lens_roles.cli import main
+    main = tiny_cli
 
     records = [{"positive": f"Q{i}?\n\nChoices:\n (A) Yes\n (B) No\n\nAnswer:\n (" + ("A)" if i % 2 else "B)"),
                 "negative": f"Q{i}?\n\nChoices:\n (A) Yes\n (B) No\n\nAnswer:\n (" + ("B)" if i % 2 else "A)")}
@@ -434,12 +438,12 @@ def test_cli_ab_curve(tiny_cli, tmp_path, capsys):
 
 
 def test_roles_from_role_vectors_files(shared_data):
-    from lens_roles.cli import _role_sets
+    from lens_roles.cli.evaluation import resolve_role_sets
 
     files = [shared_data / "role-vectors" / "splits" / f"target_train_{r}.json" for r in ("chemist", "data scientist")]
-    sets = _role_sets(",".join(map(str, files)), None, [], {})
+    sets = resolve_role_sets(",".join(map(str, files)), None, [], {})
     assert [s.name for s in sets] == ["chemist", "data_scientist"] and all(len(s) == 128 for s in sets)
-    domain_sets = _role_sets("domain", None, ["law", "econ"], rs.load_role_domains())
+    domain_sets = resolve_role_sets("domain", None, ["law", "econ"], rs.load_role_domains())
     assert [s.name for s in domain_sets] == ["lawyer", "economist"]
 
 

@@ -75,5 +75,7 @@ def test_librarian_align_and_attribute_commands(real_model, tmp_path, capsys):
     check = pd.read_csv(tmp_path / "attr" / "check.csv")
     assert len(check) == 4 and (check.actual != 0).any()
     assert main(["sae-attribute", "--vector", str(tmp_path / "librarian.safetensors"), "--sae",
-                 str(SAES / "layer_6"), "--prompts", "x.jsonl", "--out", str(tmp_path / "bad")]) == 2
+                 str(SAES / "layer_6"), "--prompts",
+                 str(Path(lr.inputs.prompts.data_dir()) / "personas" / "librarian.jsonl"),
+                 "--out", str(tmp_path / "bad")]) == 2
     assert "reads layer 6" in capsys.readouterr().err
