@@ -245,3 +245,16 @@ def test_layer_range_is_checked_against_the_model_without_expanding_it(files, ca
 def test_read_only_location_is_really_read_only_here():
     """The read-only tests rely on /proc refusing new files even to root."""
     assert os.path.isdir("/proc") and not os.path.exists(READ_ONLY)
+
+
+def test_shipped_set_names_pass_the_input_check(tmp_path):
+    """``--pairs librarian`` / ``--baseline baseline`` name shipped sets: the check lets them through to the loader."""
+    from lens_roles.cli import main
+
+    def loader(*args, **kwargs):
+        raise RuntimeError("reached the loader")
+
+    for argv in (["extract", "--pairs", "librarian", "--out", str(tmp_path / "l.safetensors")],
+                 ["roles", "--roles", "chemist", "--baseline", "baseline", "--out", str(tmp_path / "roles")]):
+        with pytest.raises(RuntimeError, match="reached the loader"):
+            main(argv, load_model=loader)

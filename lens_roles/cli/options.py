@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from lens_roles.errors import DataError, DirectionError, ModelError, UsageError
-from lens_roles.inputs.prompts import PairSet, PromptSet, load_pairs, load_prompt_set
+from lens_roles.inputs.prompts import PairSet, PromptSet, load_pairs, load_prompt_set, shipped_or_path
 from lens_roles.runtime.models import validate_layers
 
 #: ``--dtype`` names and the weight dtypes they load.
@@ -355,8 +355,15 @@ def layer_spec(option: str, *, allow_all: bool = True, why_not_all: str = "") ->
 
 
 def check_input(path: str | Path, option: str, kind: str = "file") -> Path:
-    """Raise a one-line :class:`UsageError` unless ``path`` is an existing file/folder."""
+    """Raise a one-line :class:`UsageError` unless ``path`` is an existing file/folder.
+
+    A bare name that is no file (``librarian``, ``chemist``, ``baseline``) stands for the
+    shipped set of that name (:func:`~lens_roles.inputs.prompts.shipped_or_path`).
+    """
     path = Path(path)
+    if kind == "file":
+        for folder in ("personas", "roles"):
+            path = shipped_or_path(path, folder)
     if not path.exists():
         raise UsageError(f"{option} {path}: no such {'file or folder' if kind == 'path' else kind}")
     if kind == "file" and not path.is_file():
