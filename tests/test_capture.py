@@ -7,9 +7,9 @@ import inspect
 
 import pytest
 import torch
+from conftest import hooks_left
 
 import lens_roles as lr
-from conftest import hooks_left
 from lens_roles.errors import DataError
 from lens_roles.inputs.prompts import Prompt, PromptSet, as_prompts
 from lens_roles.interventions.steering import residual_norms, steer

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import importlib.resources
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from lens_roles.errors import DataError
 from lens_roles.inputs.prompts import (
@@ -18,13 +18,13 @@ from lens_roles.inputs.prompts import (
     available_roles,
     common_prefix_len,
     data_dir,
-    shipped_or_path,
     load_baseline,
     load_pairs,
     load_prompt_set,
     load_role,
     render,
     resolve_roles,
+    shipped_or_path,
     template_name,
 )
 from lens_roles.inputs.sets import fingerprint

@@ -335,7 +335,7 @@ def test_compare_for_a_role_without_pairs(tiny_model, direction, pairs):
 
 
 def test_plots(tiny_model, direction, prompts):
-    from lens_roles.viz.plots import psr_coherence_curve, token_heatmap
+    from lens_roles.viz import psr_coherence_curve, token_heatmap
 
     curve = pd.DataFrame({"method": ["none", "prompting", "constant", "constant", "psr"], "alpha": [0, 0, 1, 2, 1],
                           "perplexity": [2.0, 3.0, 2.5, 4.0, 3.1], "margin": [0.0, 0.5, 0.2, 0.3, 0.4]})

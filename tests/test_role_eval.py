@@ -365,13 +365,13 @@ def test_role_geometry():
 
 
 def test_role_figures_build():
-    from lens_roles.viz import plots
+    from lens_roles import viz
 
     torch.manual_seed(3)
     roles = {f"r{i}": lr.Direction((0, 5), torch.randn(2, 16), {"name": f"r{i}"}) for i in range(4)}
-    fig = plots.role_cosine_heatmap(cosine_matrix(roles))
+    fig = viz.role_cosine_heatmap(cosine_matrix(roles))
     assert len(fig.data) == 2 and fig.layout.sliders[0].active == 1
-    assert len(plots.role_map(role_map(roles, 0)).data) >= 1
+    assert len(viz.role_map(role_map(roles, 0)).data) >= 1
 
 
 # -------------------------------------------------------------------- CLI

@@ -10,9 +10,9 @@ from lens_roles.measures.behaviour import (
     reply_logprob,
     reply_logprobs,
 )
+from lens_roles.measures.multiple_choice import Condition, evaluate_condition, persona_prompt, score_questions
 from lens_roles.measures.statistics import bootstrap_indices, bootstrap_mean, pearson, percentile_interval
-from lens_roles.measures.sweeps import cosine_sweep, adherence_sweep, generation_sweep
-from lens_roles.measures.multiple_choice import Condition, score_questions, evaluate_condition, persona_prompt
+from lens_roles.measures.sweeps import adherence_sweep, cosine_sweep, generation_sweep
 
 __all__ = [
     "direction_projection",

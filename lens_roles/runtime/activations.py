@@ -32,6 +32,8 @@ from typing import Sequence
 
 import torch
 from jaxtyping import Float
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from lens_roles._version import __version__
@@ -102,8 +104,6 @@ def _cache_key(model, layers, items, positions, keep_per_prompt) -> str:
 
 
 def _load_cached(path: Path, key: str) -> Activations:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(f.metadata()["meta"])
@@ -119,8 +119,6 @@ def _load_cached(path: Path, key: str) -> Activations:
 
 
 def _save_cached(path: Path, acts: Activations) -> None:
-    from safetensors.torch import save_file
-
     tensors = {"mean": acts.mean.contiguous()}
     if acts.per_prompt is not None:
         tensors["per_prompt"] = acts.per_prompt.contiguous()

@@ -17,7 +17,7 @@ import pandas as pd
 from lens_roles.inputs.prompts import PairSet
 from lens_roles.io import write_csv
 from lens_roles.studies.ab_curves import ab_curve, monotonicity
-from lens_roles.viz.plots import ab_curves, save_figure
+from lens_roles.viz import ab_curves, save_figure
 
 
 def run_ab_report(model, pair_sets: Sequence[PairSet], *, layer: int, multipliers: Sequence[float], out: Path,

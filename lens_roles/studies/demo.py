@@ -46,14 +46,14 @@ from lens_roles.runtime.activations import collect_sets
 from lens_roles.runtime.models import parse_layers, validate_layers
 from lens_roles.studies.role_study import load_role_domains
 from lens_roles.studies.steering_report import run_steering_report
-from lens_roles.viz.plots import (
+from lens_roles.viz import (
     direction_profile,
     layer_heatmap,
     line_by_layer,
     role_cosine_heatmap,
     save_figure,
 )
-from lens_roles.viz.plots import role_map as role_map_figure
+from lens_roles.viz import role_map as role_map_figure
 
 TRAIN_FRACTION = 0.75
 #: α values of the demo's steering sweep, as multiples of the typical residual norm
@@ -146,7 +146,7 @@ def run_demo(model, *, out: Path, directions_out: Path, layers="all", roles="all
 
 
 def save_figures(figures: list, meta: dict, *, desc: str, progress: bool = False) -> None:
-    """Save each ``(figure, stem)`` with :func:`~lens_roles.viz.plots.save_figure`, in order, under a tqdm bar.
+    """Save each ``(figure, stem)`` with :func:`~lens_roles.viz.save_figure`, in order, under a tqdm bar.
 
     Figures are built first and saved here, one by one: the PNG export (a
     browser) is what takes seconds, and the bar shows it.

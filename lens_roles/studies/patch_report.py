@@ -18,7 +18,7 @@ import pandas as pd
 from lens_roles.analysis.patching.result import PatchResult, patch_agreement
 from lens_roles.analysis.patching.runs import PatchSetup
 from lens_roles.io import write_csv
-from lens_roles.viz.plots import patch_heatmap, patch_scatter, save_figure
+from lens_roles.viz import patch_heatmap, patch_scatter, save_figure
 
 METHODS = ("activation", "attribution")
 

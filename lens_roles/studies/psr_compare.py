@@ -7,6 +7,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
+
 import pandas as pd
 import torch
 from tqdm.auto import tqdm

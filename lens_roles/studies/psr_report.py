@@ -9,8 +9,8 @@ per-token λ of one held-out prompt, and write ``psr.safetensors`` (+ JSON),
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -23,7 +23,7 @@ from lens_roles.interventions.psr.model import PSR
 from lens_roles.interventions.psr.train import TrainConfig, make_psr, prepare, train_psr
 from lens_roles.io import write_csv
 from lens_roles.studies.psr_compare import Comparison
-from lens_roles.viz.plots import psr_coherence_curve, save_figure, token_heatmap
+from lens_roles.viz import psr_coherence_curve, save_figure, token_heatmap
 
 
 @dataclass

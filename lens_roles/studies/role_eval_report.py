@@ -18,8 +18,8 @@ from lens_roles.directions.geometry import cosine_matrix, role_map
 from lens_roles.inputs.prompts import PromptSet
 from lens_roles.inputs.questions import QuestionSet
 from lens_roles.studies.role_study import RoleStudy, StudyConfig, run_role_study, write_role_study
-from lens_roles.viz.plots import role_cosine_heatmap, save_figure
-from lens_roles.viz.plots import role_map as role_map_figure
+from lens_roles.viz import role_cosine_heatmap, save_figure
+from lens_roles.viz import role_map as role_map_figure
 
 
 def run_role_evaluation(model, role_sets: Sequence[PromptSet], baseline: PromptSet,

@@ -47,6 +47,7 @@ from lens_roles.inputs.questions import QuestionSet
 from lens_roles.io import atomic_write, write_csv
 from lens_roles.measures.multiple_choice import SYSTEM_TEMPLATE, Condition, evaluate_condition, persona_prompt
 from lens_roles.measures.statistics import bootstrap_indices, bootstrap_mean, percentile_interval
+from lens_roles.viz import in_off_domain_bars, role_domain_heatmap, save_figure, selection_heatmap
 
 #: metric name → the per-question column it averages
 METRICS = {"accuracy": "correct", "p_correct": "p_correct"}
@@ -320,8 +321,6 @@ def _tables(scores: pd.DataFrame, test: Mapping[str, QuestionSet], roles: list[s
 
 def write_role_study(study: RoleStudy, out: str | Path, *, png: bool = True) -> list[Path]:
     """Write the study's frames as CSV, its provenance as JSON, and its figures, into ``out``."""
-    from lens_roles.viz.plots import in_off_domain_bars, role_domain_heatmap, save_figure, selection_heatmap
-
     out = Path(out)
     written = [write_csv(getattr(study, name), out / f"{name}.csv")
                for name in ("scores", "selection", "table", "summary", "baseline")]

@@ -31,7 +31,7 @@ from lens_roles.analysis.sae.features import (
 from lens_roles.directions.direction import Direction
 from lens_roles.inputs.prompts import Prompt
 from lens_roles.io import write_csv
-from lens_roles.viz.plots import attribution_check_scatter, decomposition_plot, sae_alignment_bars, save_figure
+from lens_roles.viz import attribution_check_scatter, decomposition_plot, sae_alignment_bars, save_figure
 
 
 @dataclass

@@ -26,7 +26,7 @@ from lens_roles.interventions.steering import residual_norms
 from lens_roles.io import write_csv
 from lens_roles.measures.sweeps import adherence_sweep, cosine_sweep, generation_sweep
 from lens_roles.runtime.models import validate_layers
-from lens_roles.viz.plots import behaviour_vs_alpha, cosine_vs_alpha, save_figure
+from lens_roles.viz import behaviour_vs_alpha, cosine_vs_alpha, save_figure
 
 
 def run_steering_report(model, direction: Direction, pairs: PairSet, *, layers, alphas, relative: bool = True,

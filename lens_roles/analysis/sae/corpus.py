@@ -38,6 +38,8 @@ from lens_roles.errors import DataError
 from lens_roles.inputs.positions import encode
 from lens_roles.inputs.prompts import Prompt, available_roles, data_dir, load_baseline, load_pairs, load_role
 from lens_roles.inputs.sets import split_indices
+from lens_roles.io import atomic_write
+from lens_roles.runtime.generation import generate
 
 PERSONA_SYSTEMS = (
     "You are a helpful librarian.",
@@ -78,8 +80,6 @@ class Corpus:
 
     def save(self, path: str | Path) -> Path:
         """Write the corpus as JSON (token ids, kinds, meta), atomically."""
-        from lens_roles.io import atomic_write
-
         data = {"meta": self.meta, "kinds": list(self.kinds), "sequences": [list(s) for s in self.sequences]}
         return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data)))
 
@@ -134,8 +134,6 @@ def build_corpus(model, *, max_new_tokens: int = 96, temperature: float = 1.0, s
         max_prompts: continue only the first prompts of the (shuffled) mix; the others
             enter the corpus as prompts alone (kind ``"prompt"``). None: continue all.
     """
-    from lens_roles.runtime.generation import generate
-
     if temperature <= 0:
         raise DataError(f"the corpus needs sampling: temperature must be > 0, got {temperature}")
     mix = corpus_prompts(seed)

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
+from scipy.optimize import nnls
 from torch import Tensor
 
 from lens_roles.analysis.sae.core import (
@@ -115,8 +116,6 @@ def decompose(sae, direction: Direction | Tensor, *, max_features: int = 16, tol
     ``max_features`` rows, when no row has a positive inner product with the residual,
     or when the relative residual is below ``tol``.
     """
-    from scipy.optimize import nnls
-
     if max_features < 1:
         raise SAEError(f"decompose: max_features must be >= 1, got {max_features!r}")
     v = _direction_at(direction, sae).double()

@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 from jaxtyping import Float
+from safetensors.torch import save_file
 from torch import Tensor
 
 from lens_roles._version import __version__
@@ -116,8 +117,6 @@ def save_sae(sae, path: str | Path, *, dtype: torch.dtype = torch.float16, extra
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-sae-", dir=path.parent))
     try:
         state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in sae.state_dict().items()}
-        from safetensors.torch import save_file
-
         save_file(state, str(tmp / "sae_weights.safetensors"))
         cfg = sae.cfg.to_dict()
         cfg["dtype"] = str(dtype).removeprefix("torch.")
