@@ -50,22 +50,22 @@ bench: setup
 	$(BIN)/python -m pip install -q --no-deps steering-vectors==0.12.2
 	$(BIN)/python benchmarks/extract.py
 
-# The shipped SAEs (data/saes) and their figures (figures/sae); see README "SAE features".
+# The shipped SAEs (lens_roles/data/saes) and their figures (figures/sae); see README "SAE features".
 SAE_DIRS := build/sae_dirs
 saes: setup
-	OMP_NUM_THREADS=1 $(BIN)/lens-roles train-sae --layer 6,12,24 --out data/saes
+	OMP_NUM_THREADS=1 $(BIN)/lens-roles train-sae --layer 6,12,24 --out lens_roles/data/saes
 
 sae-figures: setup browser
-	$(BIN)/lens-roles extract --pairs data/personas/librarian.jsonl --layers 6,12,24 --out $(SAE_DIRS)/librarian.safetensors
+	$(BIN)/lens-roles extract --pairs lens_roles/data/personas/librarian.jsonl --layers 6,12,24 --out $(SAE_DIRS)/librarian.safetensors
 	$(BIN)/lens-roles roles --roles chemist,lawyer --layers 6,12,24 --out $(SAE_DIRS)/roles
-	$(BIN)/lens-roles sae-align --vector $(SAE_DIRS)/librarian.safetensors --sae data/saes/layer_12 --top 10 \
+	$(BIN)/lens-roles sae-align --vector $(SAE_DIRS)/librarian.safetensors --sae lens_roles/data/saes/layer_12 --top 10 \
 	    --roles $(SAE_DIRS)/roles --out figures/sae/librarian_L12
 	for L in 6 24; do $(BIN)/lens-roles sae-align --vector $(SAE_DIRS)/librarian.safetensors \
-	    --sae data/saes/layer_$$L --top 10 --cards no --out figures/sae/librarian_L$$L || exit 1; done
+	    --sae lens_roles/data/saes/layer_$$L --top 10 --cards no --out figures/sae/librarian_L$$L || exit 1; done
 	for R in chemist lawyer; do $(BIN)/lens-roles sae-align --vector $(SAE_DIRS)/roles/$$R.safetensors \
-	    --sae data/saes/layer_12 --top 10 --roles $(SAE_DIRS)/roles --out figures/sae/$${R}_L12 || exit 1; done
-	$(BIN)/lens-roles sae-attribute --vector $(SAE_DIRS)/librarian.safetensors --sae data/saes/layer_12 \
-	    --prompts data/personas/librarian.jsonl --read-layer 24 --max-prompts 128 --check 16 \
+	    --sae lens_roles/data/saes/layer_12 --top 10 --roles $(SAE_DIRS)/roles --out figures/sae/$${R}_L12 || exit 1; done
+	$(BIN)/lens-roles sae-attribute --vector $(SAE_DIRS)/librarian.safetensors --sae lens_roles/data/saes/layer_12 \
+	    --prompts lens_roles/data/personas/librarian.jsonl --read-layer 24 --max-prompts 128 --check 16 \
 	    --out figures/sae/librarian_attribution
 
 lint: setup

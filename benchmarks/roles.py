@@ -2,7 +2,7 @@
 
 Prints
 
-* the time to extract a role vector for every role in ``data/roles`` against the
+* the time to extract a role vector for every shipped role (``lens_roles/data/roles``) against the
   baseline, at every layer, read at the end-of-instruction positions;
 * the time to evaluate one domain set under every condition for one role: no
   intervention, the validation grid (layers × α) for addition, and addition,
@@ -41,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--questions", default=str(SHARED))
     parser.add_argument("--domain", default="econ")
-    parser.add_argument("--role", default=None, help="default: the domain's first role in data/roles/domains.json")
+    parser.add_argument("--role", default=None, help="default: the domain's first role in roles/domains.json")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     t_load, model = timed(lr.load_model)
@@ -57,7 +57,7 @@ def main() -> None:
     config = StudyConfig()
     domains = load_domains(args.questions)
     qs = domains[args.domain]
-    val, test = qs.split(config.validation, config.seed)
+    val, test = qs.split(config.validation, seed=config.seed)
     val, test = val.head(config.max_val), test.head(config.max_test)
     role = args.role or next(r for r, d in load_role_domains().items() if d == args.domain)
     direction = vectors[role]

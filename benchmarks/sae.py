@@ -29,7 +29,7 @@ from lens_roles.analysis.sae.features import ProjectionMetric, attribute_feature
 from lens_roles.analysis.sae.training import SAETrainConfig, train_sae
 
 REPO = Path(__file__).resolve().parent.parent
-SAES = REPO / "data" / "saes"
+SAES = REPO / "lens_roles" / "data" / "saes"
 
 
 def main() -> None:
@@ -54,7 +54,7 @@ def main() -> None:
     print(f"SAE training (TopK k=32, 2304 features, batch 1024): {config.samples:,} activations in {seconds:.1f} s "
           f"= {config.samples / seconds:,.0f} tokens/s")
 
-    pairs = lr.load_pairs(REPO / "data" / "personas" / "librarian.jsonl")
+    pairs = lr.load_pairs(REPO / "lens_roles" / "data" / "personas" / "librarian.jsonl")
     prompts = [p for pair in pairs.pairs for p in pair.as_prompts()][: args.prompts]
     librarian = lr.persona_vector(model, pairs, layers=[12, 24])
     sae = load_sae(SAES / "layer_12", device=args.device)

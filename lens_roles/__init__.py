@@ -3,11 +3,11 @@
 The public API, in the order of the data flow::
 
     model = load_model()                                   # models
-    pairs = load_pairs("data/personas/librarian.jsonl")    # prompts
+    pairs = load_pairs("librarian")                        # prompts (a shipped set, or any path)
     persona = persona_vector(model, pairs)                 # directions (via activations)
     role = role_vector(model, load_role("chemist"), load_baseline())
     persona.save("librarian.safetensors"); Direction.load("librarian.safetensors")
-    sae = load_sae("data/saes/layer_12")                   # sae (sae_lens SAEs)
+    sae = load_sae(data_dir() / "saes" / "layer_12")       # sae (shipped sae_lens SAEs; inputs.prompts.data_dir)
     feature_alignment(sae, persona, top=10)                # features (alignment, decomposition, attribution)
 """
 
@@ -40,11 +40,13 @@ from lens_roles.directions.direction import Direction
 from lens_roles.directions.separation import separation_auc, split_half_agreement
 from lens_roles.errors import (
     CacheError,
+    ConfigError,
     DataError,
     DirectionError,
     LensRolesError,
     ModelError,
     PatchingError,
+    PlotError,
     PSRError,
     SAEError,
 )
@@ -78,6 +80,7 @@ from lens_roles.studies.psr_compare import compare_at_matched_coherence
 __all__ = [
     "Activations",
     "CacheError",
+    "ConfigError",
     "ContrastPair",
     "DEFAULT_MODEL",
     "DataError",
@@ -93,6 +96,7 @@ __all__ = [
     "PatchResult",
     "PatchSetup",
     "PatchingError",
+    "PlotError",
     "Prompt",
     "PromptSet",
     "activation_patch",

@@ -12,6 +12,23 @@ class LensRolesError(Exception):
     """Base class of every error raised on purpose by ``lens_roles``."""
 
 
+class UsageError(LensRolesError, ValueError):
+    """A command-line argument that cannot work, found before any model loads.
+
+    ``prog`` is the command it belongs to (``"lens-roles psr train"``), so the
+    one-line message can say which command complained (None: the one being run).
+    """
+
+    def __init__(self, message: str, prog: str | None = None):
+        super().__init__(message)
+        self.prog = prog
+
+
+class ConfigError(LensRolesError, ValueError):
+    """A settings object (``TrainConfig``, ``StudyConfig``, ...) built with a value it cannot use,
+    or read from a dict with keys it does not have."""
+
+
 class DataError(LensRolesError, ValueError):
     """A prompt set, pair file or question file is malformed, empty or mismatched."""
 
@@ -36,6 +53,10 @@ class DirectionError(LensRolesError, ValueError):
 class PatchingError(LensRolesError, ValueError):
     """A patching request that cannot be answered: unknown grid, a site the metric cannot
     depend on, clean and corrupt runs that do not line up or give the same metric value."""
+
+
+class PlotError(LensRolesError, ValueError):
+    """A figure asked of a frame that holds none of the rows it draws, or with an option it does not have."""
 
 
 class PSRError(LensRolesError, ValueError):

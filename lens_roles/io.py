@@ -6,6 +6,9 @@ an unreadable file, a file that is not UTF-8, one that is too large, JSON that n
 too deep, a number with thousands of digits or a string holding a lone surrogate all
 become one :class:`~lens_roles.errors.DataError` naming the file (and the line).
 
+Plain data (:func:`to_plain`): the one converter of frozen values (a direction's meta,
+a config) to JSON-serialisable dicts and lists.
+
 Writing (:func:`atomic_write`, :func:`write_csv`, :func:`save_tensors`): each output
 is written to a temporary file beside its target and renamed into place, so an
 interrupted or failing write never leaves a partial file; a tensor file and its JSON
@@ -21,7 +24,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -157,6 +160,19 @@ def read_tensors(path: str | Path, what: str, error: type[Exception], *, require
 
 
 # ------------------------------------------------------------------------ writing
+
+
+def to_plain(value: Any) -> Any:
+    """Plain JSON-serialisable data: every mapping (also a read-only ``MappingProxyType``) as a
+    ``dict``, every tuple as a ``list``, recursively; anything else unchanged.
+
+    The one converter used wherever frozen values (a direction's meta, a config) are written out.
+    """
+    if isinstance(value, Mapping):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [to_plain(v) for v in value]
+    return value
 
 
 def _existing_ancestor(path: Path) -> Path:

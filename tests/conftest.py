@@ -28,7 +28,7 @@ _MODELS: list = []
 
 def _corpus() -> list[str]:
     texts = []
-    for path in sorted((REPO / "data").rglob("*.jsonl"))[:12]:
+    for path in sorted((REPO / "lens_roles" / "data").rglob("*.jsonl"))[:12]:
         for line in path.read_text().splitlines():
             texts.extend(v for v in json.loads(line).values() if isinstance(v, str))
     return texts

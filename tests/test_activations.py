@@ -4,10 +4,10 @@ errors, and hook hygiene."""
 
 from __future__ import annotations
 
-import lens_roles.runtime.activations as activations_mod
 import pytest
 import torch
 
+import lens_roles.runtime.activations as activations_mod
 from lens_roles.errors import CacheError, DataError, ModelError
 from lens_roles.inputs.positions import encode, select_positions
 from lens_roles.inputs.prompts import Prompt, PromptSet

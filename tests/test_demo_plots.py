@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pandas as pd
 import pytest
 
-from lens_roles import Direction
-from lens_roles.viz import plots
+from lens_roles import Direction, viz
 from lens_roles.studies.demo import run_demo
 
 
@@ -71,12 +71,12 @@ def test_demo_saves_directions_that_reload(demo_run, tiny_model):
 
 def test_missing_browser_still_writes_html(tmp_path, monkeypatch):
     monkeypatch.setenv("LENS_ROLES_PNG", "1")
-    monkeypatch.setattr(plots, "find_browser", lambda: None)
-    monkeypatch.setattr(plots, "_png_warned", False)
+    monkeypatch.setattr(viz.export, "find_browser", lambda: None)
+    monkeypatch.setattr(viz.export, "_png_warned", False)
     frame = pd.DataFrame({"direction": ["a", "a"], "layer": [0, 1], "metric": ["auc", "auc"], "value": [0.5, 0.9]})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        written = plots.save_figure(plots.line_by_layer(frame, title="t"), tmp_path / "fig", meta={"model": "m"})
+        written = viz.save_figure(viz.line_by_layer(frame, title="t"), tmp_path / "fig", meta={"model": "m"})
     assert (tmp_path / "fig.html").is_file() and not (tmp_path / "fig.png").exists()
     assert tmp_path / "fig.html" in written
     assert any("no Chrome/Chromium" in str(w.message) for w in caught)
@@ -89,9 +89,9 @@ def test_heatmap_orders_rows_by_peak_layer():
         "metric": ["auc"] * 6,
         "value": [0.5, 0.6, 0.9, 0.9, 0.6, 0.5],
     })
-    fig = plots.layer_heatmap(frame, metric="auc")
+    fig = viz.layer_heatmap(frame, metric="auc")
     assert list(fig.data[0].y) == ["early", "late"]
-    assert list(plots.layer_heatmap(frame, metric="auc", order="mean").data[0].y) == ["early", "late"]
+    assert list(viz.layer_heatmap(frame, metric="auc", order="mean").data[0].y) == ["early", "late"]
     assert fig.data[0].z.tolist() == [[0.9, 0.6, 0.5], [0.5, 0.6, 0.9]]
 
 
@@ -115,7 +115,7 @@ def test_demo_writes_the_steering_study(demo_run):
 def test_figures_in_subfolders_share_one_plotly_js(tmp_path):
     import plotly.graph_objects as go
 
-    from lens_roles.viz.plots import save_figure
+    from lens_roles.viz import save_figure
 
     save_figure(go.Figure(), tmp_path / "top", png=False)
     save_figure(go.Figure(), tmp_path / "a" / "b" / "deep", png=False)
@@ -128,14 +128,14 @@ def test_a_hanging_browser_is_given_up_and_html_kept(tmp_path, monkeypatch):
 
     import plotly.graph_objects as go
 
-    from lens_roles.viz import plots
+    from lens_roles import viz
 
     monkeypatch.setenv("LENS_ROLES_PNG", "1")
-    monkeypatch.setattr(plots, "find_browser", lambda: "/usr/bin/true")
-    monkeypatch.setattr(plots, "PNG_TIMEOUT", 0.2)
+    monkeypatch.setattr(viz.export, "find_browser", lambda: "/usr/bin/true")
+    monkeypatch.setattr(viz.export, "PNG_TIMEOUT", 0.2)
     monkeypatch.setattr(go.Figure, "to_image", lambda self, *a, **k: time.sleep(0.6) or b"late png")
     with pytest.warns(UserWarning, match="did not finish within 0.2 s"):
-        plots.save_figure(go.Figure(), tmp_path / "fig")
+        viz.save_figure(go.Figure(), tmp_path / "fig")
     assert (tmp_path / "fig.html").is_file() and not (tmp_path / "fig.png").exists()
     assert not list(tmp_path.glob(".tmp-*"))
     # the abandoned export finishes later: it must not write anything after the deadline
@@ -147,10 +147,30 @@ def test_a_hanging_browser_is_given_up_and_html_kept(tmp_path, monkeypatch):
 def test_png_switch(tmp_path, monkeypatch):
     import plotly.graph_objects as go
 
-    from lens_roles.viz import plots
+    from lens_roles import viz
 
     calls = []
-    monkeypatch.setattr(plots, "find_browser", lambda: calls.append(1) or None)
+    monkeypatch.setattr(viz.export, "find_browser", lambda: calls.append(1) or None)
     monkeypatch.setenv("LENS_ROLES_PNG", "0")
-    plots.save_figure(go.Figure(), tmp_path / "fig")
+    viz.save_figure(go.Figure(), tmp_path / "fig")
     assert not calls and (tmp_path / "fig.html").is_file()
+
+
+def test_demo_progress_goes_to_stderr_only(tiny_model, tmp_path, capsys):
+    """Every phase shows a tqdm bar on stderr; stdout holds the report alone, and the CSVs no trace of either."""
+    kw = dict(roles=["chemist", "lawyer"], steer_layers=[1], batch_size=32)
+    quiet = run_demo(tiny_model, out=tmp_path / "q", directions_out=tmp_path / "qv", progress=False, **kw)
+    out, err = capsys.readouterr()
+    assert err == "" and "demo finished" in out
+    summary = run_demo(tiny_model, out=tmp_path / "f", directions_out=tmp_path / "v", progress=True, **kw)
+    shown, err = capsys.readouterr()
+    assert shown.splitlines()[:-1] == out.splitlines()[:-1]  # the same report (the last line has the time)
+    assert "%|" not in shown and "\r" not in shown
+    for phase in ("activations", "held-out AUCs", "figures", "role geometry"):
+        assert f"{phase}: 100%|" in err
+    # the steering phase comes last: residual norms, the sweeps and the generations, a bar each at least
+    steering = err[err.index("role geometry: 100%|") + len("role geometry"):]
+    assert len(set(re.findall(r"([^\r\n:]+): +\d+%\|", steering)) - {"role geometry"}) >= 3
+    pd.testing.assert_frame_equal(summary, quiet)
+    for csv in (tmp_path / "f").rglob("*.csv"):
+        assert "%|" not in csv.read_text()

@@ -26,7 +26,7 @@ from lens_roles.errors import DataError, DirectionError
 from lens_roles.inputs.prompts import ContrastPair, PairSet, PromptSet, load_pairs, load_prompt_set
 from lens_roles.runtime.activations import Activations, collect, collect_sets
 
-DATA = Path(__file__).resolve().parent.parent / "data"
+DATA = Path(__file__).resolve().parent.parent / "lens_roles" / "data"
 
 D = 8
 
@@ -410,6 +410,25 @@ def test_separation_auc_against_direct_computation():
         separation_auc(d, Activations(pos.layers, pos.mean, pos.count), neg)
 
 
+def test_separation_auc_pools_several_sets():
+    """Several sets on one side count as their prompts pooled: as one set holding them all."""
+    _, pos, neg = _planted(seed=2, noise=1.0, shift=0.5, n=20)
+    _, neg2, _ = _planted(seed=4, noise=1.0, shift=0.5, n=20)
+    d = Direction(pos.layers, torch.randn(2, 16, generator=torch.Generator().manual_seed(5)), {"model": "synthetic"})
+    pooled = torch.cat([neg.per_prompt, neg2.per_prompt])
+    one = Activations(neg.layers, pooled.double().mean(0), len(pooled), pooled, {})
+    expected = separation_auc(d, pos, one)
+    assert separation_auc(d, pos, [neg, neg2]).equals(expected)
+    assert separation_auc(d, [pos], (neg, neg2)).equals(expected)
+    # each set is read at its own index of the layer, whatever its layer order
+    flipped = Activations(neg2.layers[::-1], neg2.mean.flip(0), neg2.count, neg2.per_prompt.flip(1), {})
+    assert separation_auc(d, pos, [neg, flipped]).equals(expected)
+    with pytest.raises(DataError, match="no negative activation sets"):
+        separation_auc(d, pos, [])
+    with pytest.raises(DataError, match="keep_per_prompt"):
+        separation_auc(d, pos, [neg, Activations(neg2.layers, neg2.mean, neg2.count)])
+
+
 def test_split_half_agreement(tiny_model, small_pairs):
     frame = split_half_agreement(tiny_model, small_pairs, layers=[0, 2], batch_size=4)
     assert list(frame.columns) == ["layer", "metric", "value"]
@@ -429,3 +448,36 @@ def test_split_half_agreement(tiny_model, small_pairs):
     assert same["value"].tolist() == pytest.approx([1.0])
     with pytest.raises(DataError):
         split_half_agreement(tiny_model, PairSet("one", (ContrastPair("u", "a", "b"),)))
+
+
+def test_split_half_agreement_of_collected_activations_is_the_demos_computation(tiny_model, small_pairs):
+    """With ``activations=`` the function runs exactly what ``run_demo`` computed by hand before it
+    used it (even vs odd pairs of one collection, difference of the halves' means)."""
+    pos, neg = collect_sets(tiny_model, [small_pairs.positives(), small_pairs.negatives()], layers=[0, 2],
+                            positions="reply", keep_per_prompt=True, batch_size=4)
+    frame = split_half_agreement(tiny_model, small_pairs, activations=(pos, neg))
+    # the demo's former code, verbatim
+    evens, odds = range(0, len(small_pairs), 2), range(1, len(small_pairs), 2)
+    half_a = diff_in_means(pos.subset(evens), neg.subset(evens))
+    half_b = diff_in_means(pos.subset(odds), neg.subset(odds))
+    old = [{"layer": layer, "metric": "split_half_cosine", "value": c} for layer, c in half_a.cosine(half_b).items()]
+    assert frame["layer"].tolist() == [0, 2] and set(frame["metric"]) == {"split_half_cosine"}
+    for row, expected in zip(frame.to_dict("records"), old):
+        assert row["layer"] == expected["layer"]
+        assert row["value"] == pytest.approx(expected["value"], rel=1e-12, abs=1e-12)
+    # the same halves as PairSet.halves: collecting each half on its own agrees to float rounding
+    separate = split_half_agreement(tiny_model, small_pairs, layers=[0, 2], batch_size=4)
+    assert frame["value"].tolist() == pytest.approx(separate["value"].tolist(), abs=1e-5)
+
+
+def test_split_half_agreement_refuses_unfit_activations(tiny_model, small_pairs):
+    pos, neg = collect_sets(tiny_model, [small_pairs.positives(), small_pairs.negatives()], layers=[1],
+                            positions="reply", keep_per_prompt=True, batch_size=4)
+    with pytest.raises(DataError, match="nothing is collected or built; drop build$"):
+        split_half_agreement(tiny_model, small_pairs, activations=(pos, neg), build=persona_vector)
+    with pytest.raises(DataError, match="drop batch_size, layers$"):
+        split_half_agreement(tiny_model, small_pairs, activations=(pos, neg), layers=[1], batch_size=4)
+    with pytest.raises(DataError, match=r"positive activations must hold one per-prompt vector per pair \(6 pairs"):
+        split_half_agreement(tiny_model, small_pairs, activations=(pos.subset(range(4)), neg))
+    with pytest.raises(DataError, match="negative activations .* per_prompt None"):
+        split_half_agreement(tiny_model, small_pairs, activations=(pos, Activations(neg.layers, neg.mean, neg.count)))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lens_roles as lr
-from lens_roles.inputs.prompts import split_point
+from lens_roles.inputs.sets import split_point
 from lens_roles.io import atomic_write, write_csv
 from lens_roles.runtime.batching import pad_batch
 
@@ -40,7 +40,7 @@ def test_split_point_and_set_splits():
     with pytest.raises(lr.DataError, match="split fraction"):
         split_point(10, 1.0)
     with pytest.raises(lr.DataError, match="1 item"):
-        lr.PromptSet("one", (lr.Prompt("x"),)).split()
+        lr.PromptSet("one", (lr.Prompt("x"),)).split(0.75)
     pairs = lr.PairSet("p", tuple(lr.ContrastPair(f"u{i}", "a", "b") for i in range(8)))
     train, held = pairs.split(0.75)
     assert (len(train), len(held)) == (6, 2) and train.pairs + held.pairs == pairs.pairs

@@ -7,7 +7,8 @@ import torch
 
 import lens_roles as lr
 from lens_roles.interventions.steering import ablate, ablate_then_add, clamp, residual_norms, steer
-from lens_roles.measures.sweeps import adherence_sweep, cosine_sweep, generation_sweep, repetition_rate
+from lens_roles.measures.behaviour import repetition_rate
+from lens_roles.measures.sweeps import adherence_sweep, cosine_sweep, generation_sweep
 from lens_roles.runtime.generation import generate
 
 PROMPTS = ["Where are the atlases kept?", "Can I renew a book online, and how long can I keep it?", "Hi"]

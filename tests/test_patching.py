@@ -336,11 +336,11 @@ def test_no_hooks_left_after_a_failing_metric(tiny_model, ids):
 
 
 def test_heatmap_has_token_labels_and_a_centred_scale(setup):
-    from lens_roles.viz import plots
+    from lens_roles import viz
 
     results = [setup.activation_patch(g) for g in ("resid", "attn", "mlp", "heads")]
     results += [setup.attribution_patch(g) for g in ("resid", "attn", "mlp", "heads")]
-    fig = plots.patch_heatmap(results)
+    fig = viz.patch_heatmap(results)
     heatmaps = [t for t in fig.data if t.type == "heatmap"]
     assert len(heatmaps) == 6  # (resid, attn+mlp, heads) × (activation, attribution)
     resid = heatmaps[0]
@@ -352,24 +352,25 @@ def test_heatmap_has_token_labels_and_a_centred_scale(setup):
         ca = fig.layout[axis]
         bound = max(float(r.values.abs().max()) for r in results if r.method == method)
         assert ca.cmin == -ca.cmax and ca.cmax == pytest.approx(bound) and ca.cmid == 0
-    mixed = plots.patch_heatmap([setup.activation_patch("attn"), setup.attribution_patch("resid")])
+    mixed = viz.patch_heatmap([setup.activation_patch("attn"), setup.attribution_patch("resid")])
     assert [t.type for t in mixed.data] == ["heatmap", "heatmap"]
     first_shown = mixed.layout["yaxis" + mixed.data[0].yaxis[1:]]  # activation row: only its attn panel is shown
     assert first_shown.showticklabels and first_shown.title.text == "layer"
     assert [a.text for a in mixed.layout.annotations if a.text] == ["activation: attn",
                                                                     "attribution: residual stream (resid_pre)"]
-    scatter = plots.patch_scatter(results)
+    scatter = viz.patch_scatter(results)
     assert [a.text.split(" (")[0] for a in scatter.layout.annotations] == ["resid", "attn", "mlp", "heads"]
 
 
 @pytest.fixture
 def patched_cli(tiny_model, monkeypatch):
-    monkeypatch.setattr("lens_roles.runtime.models.load_model", lambda *a, **k: tiny_model)
-    monkeypatch.setattr("lens_roles.viz.plots.find_browser", lambda: None)  # HTML only: PNG export takes seconds
-    monkeypatch.setattr("lens_roles.viz.plots._png_warned", True)
+    monkeypatch.setattr("lens_roles.viz.export.find_browser", lambda: None)  # HTML only: PNG export takes seconds
+    monkeypatch.setattr("lens_roles.viz.export._png_warned", True)
+    from functools import partial
+
     from lens_roles.cli import main
 
-    return main
+    return partial(main, load_model=lambda *a, **k: tiny_model)
 
 
 def test_cli_patch_writes_results_and_figures(patched_cli, tiny_model, direction, tmp_path, capsys):
@@ -401,7 +402,7 @@ def test_cli_patch_bad_input(patched_cli, tmp_path, capsys):
     assert patched_cli(["patch", "--clean", USER, "--corrupt", USER, "--clean-system", "You are a chemist.",
                         "--corrupt-system", "You are a helpful and friendly general assistant.", *base]) == 2
     err = capsys.readouterr().err.splitlines()[-1]
-    assert err.startswith("lens-roles: error: clean and corrupt prompts have different token lengths")
+    assert err.startswith("lens-roles patch: error: clean and corrupt prompts have different token lengths")
     assert "--align" in err
     assert patched_cli(["patch", "--clean", USER, "--corrupt", USER, *base]) == 2
     assert "normalised patching (0 = corrupt, 1 = clean) is undefined" in capsys.readouterr().err

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from lens_roles.errors import DataError
 from lens_roles.inputs.prompts import (
@@ -16,24 +18,25 @@ from lens_roles.inputs.prompts import (
     available_roles,
     common_prefix_len,
     data_dir,
-    fingerprint,
     load_baseline,
     load_pairs,
     load_prompt_set,
     load_role,
     render,
     resolve_roles,
+    shipped_or_path,
     template_name,
 )
+from lens_roles.inputs.sets import fingerprint
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = REPO / "data"
+DATA = REPO / "lens_roles" / "data"
 CHAT_EOI = "<|im_end|>\n<|im_start|>assistant\n"
 
 
 @pytest.fixture(autouse=True)
 def _repository_data(monkeypatch):
-    """The loaders read the repository's data/ unless LENS_ROLES_DATA says otherwise."""
+    """The loaders read the package's lens_roles/data unless LENS_ROLES_DATA says otherwise."""
     monkeypatch.delenv("LENS_ROLES_DATA", raising=False)
 
 
@@ -49,10 +52,31 @@ def _write(path: Path, text: str) -> Path:
 # ------------------------------------------------------------------ loaders: real files
 
 
-def test_data_dir_is_repository_data(monkeypatch, tmp_path):
+def test_data_dir_is_the_package_data(monkeypatch, tmp_path):
     assert data_dir() == DATA
+    assert data_dir() == Path(str(importlib.resources.files("lens_roles") / "data"))
     monkeypatch.setenv("LENS_ROLES_DATA", str(tmp_path))
     assert data_dir() == tmp_path
+
+
+def test_package_data_declares_every_shipped_file():
+    """pyproject's package-data globs match every file under lens_roles/data, so a wheel carries them all."""
+    globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["lens_roles"]
+    shipped = [p.relative_to(REPO / "lens_roles") for p in DATA.rglob("*") if p.is_file()]
+    assert shipped and [p for p in shipped if not any(p.match(g) for g in globs)] == []
+
+
+def test_loaders_take_the_short_name_of_a_shipped_set(monkeypatch, tmp_path):
+    assert shipped_or_path("librarian", "personas") == DATA / "personas" / "librarian.jsonl"
+    assert load_pairs("librarian") == load_pairs(DATA / "personas" / "librarian.jsonl")
+    assert load_prompt_set("chemist") == load_prompt_set(DATA / "roles" / "chemist.jsonl")
+    assert shipped_or_path("no_such_set", "personas") == Path("no_such_set")
+    assert shipped_or_path("sub/librarian", "personas") == Path("sub/librarian")
+    with pytest.raises(DataError, match="no_such_set: no such file"):
+        load_pairs("no_such_set")
+    monkeypatch.chdir(tmp_path)  # an existing file of that name wins over the shipped set
+    _write(tmp_path / "librarian", '{"user": "u", "positive": "p", "negative": "n"}\n')
+    assert len(load_pairs("librarian")) == 1
 
 
 def test_load_prompt_set_project_jsonl():
@@ -295,7 +319,7 @@ def test_split_is_deterministic_prefix():
     train, held = PromptSet("y", ps.prompts[:2]).split(0.99)
     assert len(train) == 1 and len(held) == 1
     with pytest.raises(DataError):
-        PromptSet("z", ps.prompts[:1]).split()
+        PromptSet("z", ps.prompts[:1]).split(0.75)
     with pytest.raises(DataError):
         ps.split(1.0)
     pairs = PairSet("p", tuple(ContrastPair(str(i), "a", "b") for i in range(4)))

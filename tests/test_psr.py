@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pandas as pd
@@ -9,8 +10,8 @@ import pytest
 import torch
 
 import lens_roles as lr
-from lens_roles.cli import main
-from lens_roles.errors import PSRError
+from lens_roles import cli
+from lens_roles.errors import ConfigError, PlotError, PSRError
 from lens_roles.inputs.prompts import Prompt
 from lens_roles.interventions.psr.align import align, prompt_pairs, prompt_steering
 from lens_roles.interventions.psr.evaluate import activation_distance, token_coefficients
@@ -281,9 +282,9 @@ def test_bad_inputs(tiny_model, direction, prompts, tmp_path):
         align(tiny_model, prompted, unprompted[1:] + unprompted[:1])
     with pytest.raises(PSRError, match="different replies"):
         align(tiny_model, prompted, [Prompt(p.user, None, "Something else.") for p in unprompted])
-    with pytest.raises(ValueError, match="objective"):
+    with pytest.raises(ConfigError, match="objective"):
         TrainConfig(objective="l1")
-    with pytest.raises(ValueError, match="epochs"):
+    with pytest.raises(ConfigError, match="epochs"):
         TrainConfig(epochs=0)
     with pytest.raises(PSRError, match="nothing to train"):
         train_psr(tiny_model, PSR(direction, [1], 1.0, constant=True), prompts, SYSTEM)
@@ -314,6 +315,7 @@ def test_compare_at_matched_coherence(tiny_model, direction, pairs):
         compare_at_matched_coherence(tiny_model, direction * 2.0, psr, held, SYSTEM)
 
 
+@pytest.mark.filterwarnings("ignore:.*did not reach the target perplexity:UserWarning")  # one bisection step
 def test_compare_for_a_role_without_pairs(tiny_model, direction, pairs):
     """A role has instructions, not contrast pairs: coherence on its prompts, behaviour = the MC effect."""
     from lens_roles.inputs.questions import Question, QuestionSet
@@ -333,7 +335,7 @@ def test_compare_for_a_role_without_pairs(tiny_model, direction, pairs):
 
 
 def test_plots(tiny_model, direction, prompts):
-    from lens_roles.viz.plots import psr_coherence_curve, token_heatmap
+    from lens_roles.viz import psr_coherence_curve, token_heatmap
 
     curve = pd.DataFrame({"method": ["none", "prompting", "constant", "constant", "psr"], "alpha": [0, 0, 1, 2, 1],
                           "perplexity": [2.0, 3.0, 2.5, 4.0, 3.1], "margin": [0.0, 0.5, 0.2, 0.3, 0.4]})
@@ -343,7 +345,7 @@ def test_plots(tiny_model, direction, prompts):
     fig = psr_coherence_curve(strength, strength.drop_duplicates("method", keep="last").assign(target_perplexity=3.0),
                               y="mean_strength")
     assert "strength" in fig.layout.yaxis.title.text
-    with pytest.raises(ValueError, match="unknown y"):
+    with pytest.raises(PlotError, match="unknown y"):
         psr_coherence_curve(curve, y="accuracy")
     lam = token_coefficients(tiny_model, PSR(direction, [0, 2], 1.0), prompts[:1])
     fig = token_heatmap(lam)
@@ -353,12 +355,18 @@ def test_plots(tiny_model, direction, prompts):
 
 
 @pytest.fixture
-def cli_files(tiny_model, direction, tmp_path, monkeypatch):
-    monkeypatch.setattr("lens_roles.runtime.models.load_model", lambda *a, **k: tiny_model)
+def main(tiny_model):
+    """``lens-roles`` with the tiny model as its model loader."""
+    return functools.partial(cli.main, load_model=lambda *a, **k: tiny_model)
+
+
+@pytest.fixture
+def cli_files(direction, tmp_path):
     return direction.save(tmp_path / "v.safetensors"), lr.inputs.prompts.data_dir() / "personas" / "librarian.jsonl"
 
 
-def test_cli_train_and_compare(cli_files, tmp_path, capsys):
+@pytest.mark.filterwarnings("ignore:.*did not reach the target perplexity:UserWarning")  # one bisection step
+def test_cli_train_and_compare(main, cli_files, tmp_path, capsys):
     vector, pairs = cli_files
     out = tmp_path / "psr"
     assert main(["psr", "train", "--vector", str(vector), "--system-prompt", SYSTEM, "--prompts", str(pairs),
@@ -378,7 +386,8 @@ def test_cli_train_and_compare(cli_files, tmp_path, capsys):
     assert (cmp_out / "curve.csv").is_file() and (cmp_out / "matched_coherence.html").is_file()
 
 
-def test_cli_compare_for_a_role(cli_files, tmp_path, capsys):
+@pytest.mark.filterwarnings("ignore:.*did not reach the target perplexity:UserWarning")  # one bisection step
+def test_cli_compare_for_a_role(main, cli_files, tmp_path, capsys):
     import json
 
     vector, pairs = cli_files
@@ -400,7 +409,7 @@ def test_cli_compare_for_a_role(cli_files, tmp_path, capsys):
     assert table.margin.isna().all() and table.mc_accuracy.notna().all()
 
 
-def test_cli_bad_input(cli_files, tmp_path, capsys):
+def test_cli_bad_input(main, cli_files, tmp_path, capsys):
     vector, pairs = cli_files
     other = lr.Direction((1,), torch.ones(1, 32), {"model": "someone-else"}).save(tmp_path / "other.safetensors")
     out = tmp_path / "o"
@@ -411,3 +420,32 @@ def test_cli_bad_input(cli_files, tmp_path, capsys):
                  "--out", str(out)]) == 2
     assert "change nothing" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_training_progress_goes_to_stderr(tiny_model, direction, prompts, capsys):
+    """train_psr is quiet by default; with progress a tqdm bar on stderr counts the steps and shows the loss."""
+    config = TrainConfig(objective="mse", epochs=2, lr=0.05, batch_size=3)
+    quiet = train_psr(tiny_model, make_psr(tiny_model, direction, prompts, SYSTEM, layer=1, alpha=1.0), prompts,
+                      SYSTEM, config)
+    assert capsys.readouterr() == ("", "")
+    history = train_psr(tiny_model, make_psr(tiny_model, direction, prompts, SYSTEM, layer=1, alpha=1.0), prompts,
+                        SYSTEM, config, progress=True)
+    out, err = capsys.readouterr()
+    steps = int(history.step.iloc[-1])
+    assert out == "" and "PSR training: 100%|" in err and f"{steps}/{steps}" in err
+    assert f"epoch 2: mse loss {history.loss.iloc[-1]:.4f}" in err
+    pd.testing.assert_frame_equal(history.drop(columns="seconds"), quiet.drop(columns="seconds"))
+
+
+def test_compare_warns_when_a_method_misses_the_target(tiny_model, direction, pairs, capsys):
+    """The closest point is reported either way; a missed target is a warning, the points a bar on stderr."""
+    held = lr.PairSet("held", pairs.pairs[:2])
+    psr = PSR(direction, [1], 1.0)
+    config = CompareConfig(max_new_tokens=2, steps=1, alpha_hi=1.0, target_perplexity=1e12)
+    with pytest.warns(UserWarning, match="did not reach the target perplexity 1000000000000.000") as caught:
+        result = compare_at_matched_coherence(tiny_model, direction, psr, held, SYSTEM, config=config)
+    assert {str(w.message).split()[0] for w in caught} == {"constant", "psr"}
+    assert not result.table.matched.iloc[2:].any()
+    out, err = capsys.readouterr()
+    n = len(result.curve)
+    assert out == "" and "matched coherence: 100%|" in err and f"{n}/{n}" in err

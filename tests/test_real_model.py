@@ -9,11 +9,13 @@ The per-layer numbers are printed (``pytest -s`` shows them) and asserted.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import lens_roles as lr
-from lens_roles.cli import main
+from lens_roles import cli
 
 pytestmark = pytest.mark.integration
 
@@ -77,8 +79,8 @@ def test_role_vector_separates_held_out_instructions(real_model):
     assert auc[auc.layer >= 10].value.min() > 0.95
 
 
-def test_cli_extract_and_roles_write_loadable_directions(real_model, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("lens_roles.runtime.models.load_model", lambda *a, **k: real_model)
+def test_cli_extract_and_roles_write_loadable_directions(real_model, tmp_path, capsys):
+    main = functools.partial(cli.main, load_model=lambda *a, **k: real_model)
     out = tmp_path / "librarian.safetensors"
     pairs = lr.inputs.prompts.data_dir() / "personas" / "librarian.jsonl"
     assert main(["extract", "--pairs", str(pairs), "--out", str(out), "--layers", "10-12", "--batch-size", "24"]) == 0
@@ -93,8 +95,8 @@ def test_cli_extract_and_roles_write_loadable_directions(real_model, tmp_path, m
     assert lr.Direction.load(roles_out / "chemist.safetensors").meta["positions"] == "eoi"
 
 
-def test_cli_bad_input_gives_one_clear_error_and_writes_nothing(real_model, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("lens_roles.runtime.models.load_model", lambda *a, **k: real_model)
+def test_cli_bad_input_gives_one_clear_error_and_writes_nothing(real_model, tmp_path, capsys):
+    main = functools.partial(cli.main, load_model=lambda *a, **k: real_model)
     pairs = lr.inputs.prompts.data_dir() / "personas" / "librarian.jsonl"
     out = tmp_path / "v.safetensors"
 
@@ -116,7 +118,7 @@ def test_cli_bad_input_gives_one_clear_error_and_writes_nothing(real_model, tmp_
 def test_cli_unknown_model_lists_embedded_names(tmp_path, capsys):
     pairs = lr.inputs.prompts.data_dir() / "personas" / "librarian.jsonl"
     out = str(tmp_path / "v.safetensors")
-    code = main(["extract", "--pairs", str(pairs), "--out", out, "--model", "no-such-model"])
+    code = cli.main(["extract", "--pairs", str(pairs), "--out", out, "--model", "no-such-model"])
     err = capsys.readouterr().err
     assert code == 2
     assert "smollm2-135m-instruct" in err and "gemma-3-270m" in err

@@ -12,13 +12,13 @@ import torch
 
 import lens_roles as lr
 from lens_roles.directions.geometry import cosine_matrix, mean_offdiagonal_cosine, nearest_roles, role_map
-from lens_roles.errors import DataError, DirectionError
+from lens_roles.errors import ConfigError, DataError, DirectionError
 from lens_roles.inputs.positions import encode
 from lens_roles.inputs.prompts import ContrastPair, PairSet, Prompt
 from lens_roles.inputs.questions import QuestionSet, load_domains, load_questions
 from lens_roles.measures import multiple_choice as mc
 from lens_roles.studies import role_study as rs
-from lens_roles.studies.ab_curves import ab_curve, ab_items, monotonicity, split_pairs
+from lens_roles.studies.ab_curves import ab_curve, ab_items, monotonicity
 
 
 def _rv_record(i: int, answer: str = "B") -> dict:
@@ -164,7 +164,7 @@ def test_conditions(tiny_model, domain_dir):
     assert not np.allclose(none.p_correct, prompted.p_correct)
     assert mc.persona_prompt("economist") == "You are an economist."
     assert mc.persona_prompt("financial_analyst") == "You are a financial analyst."
-    with pytest.raises(ValueError, match="needs a layer"):
+    with pytest.raises(ConfigError, match="needs a layer"):
         mc.Condition("ablation")
     with pytest.raises(DirectionError, match="has no layer 7"):
         mc.evaluate_condition(tiny_model, qs, mc.Condition("ablation", 7), d)
@@ -213,7 +213,7 @@ def test_study_table_shape_and_intervals(tiny_model, tiny_study_inputs):
 
 def test_selection_never_touches_test_items(tiny_model, tiny_study_inputs, monkeypatch):
     roles, domains, role_domains, config = tiny_study_inputs
-    test_ids = {q.id for qs in domains.values() for q in qs.split(config.validation, config.seed)[1]}
+    test_ids = {q.id for qs in domains.values() for q in qs.split(config.validation, seed=config.seed)[1]}
     selecting, seen = [False], []
     real_select, real_eval = rs.select_addition, rs.evaluate_condition
 
@@ -236,7 +236,7 @@ def test_selection_never_touches_test_items(tiny_model, tiny_study_inputs, monke
     # and the choice cannot depend on the test answers: flip them all, same selection
     flipped = {}
     for name, qs in domains.items():
-        val, _ = qs.split(config.validation, config.seed)
+        val, _ = qs.split(config.validation, seed=config.seed)
         val_ids = {q.id for q in val}
         flipped[name] = QuestionSet(name, tuple(
             q if q.id in val_ids else type(q)(q.text, q.letters, q.letters[(q.answer_index + 1) % 4], q.id, q.subject)
@@ -247,23 +247,12 @@ def test_selection_never_touches_test_items(tiny_model, tiny_study_inputs, monke
     assert not study.table.value.equals(again.table.value)
 
 
-def test_bootstrap_mean_matches_numpy():
-    rng = np.random.default_rng(0)
-    v = rng.random(20)
-    idx = rng.integers(0, 20, size=(500, 20))
-    mean, lo, hi = rs.bootstrap_mean(v, idx, 0.9)
-    draws = v[idx].mean(1)
-    assert mean == pytest.approx(v.mean())
-    assert (lo, hi) == pytest.approx(tuple(np.percentile(draws, [5, 95])))
-    assert rs.bootstrap_mean(np.ones(5), idx[:, :5] % 5)[1:] == (1.0, 1.0)
-
-
 def test_study_config_validates():
-    with pytest.raises(ValueError, match="unknown condition"):
+    with pytest.raises(ConfigError, match="unknown condition"):
         rs.StudyConfig(conditions=("steering",))
-    with pytest.raises(ValueError, match="alphas must be finite"):
+    with pytest.raises(ConfigError, match="alphas must be finite"):
         rs.StudyConfig(alphas=(1.0, float("nan")))
-    with pytest.raises(ValueError, match="max_test must be positive"):
+    with pytest.raises(ConfigError, match="max_test must be positive"):
         rs.StudyConfig(max_test=0)
 
 
@@ -311,7 +300,7 @@ def test_ab_items_and_direct_probability(tiny_model):
     curve = ab_curve(tiny_model, _ab_pairs(12), layer=1, multipliers=(-1, 0, 1), n_train=6, n_test=6, n_boot=200)
     assert list(curve.frame.multiplier) == [-1.0, 0.0, 1.0] and (curve.frame.n == 6).all()
     # at multiplier 0 each test question's probability is the plain two-letter softmax
-    _, test = split_pairs(_ab_pairs(12), n_train=6, n_test=6)
+    _, test = _ab_pairs(12).split(6, seed=0, rest=6)
     test_items, _ = ab_items(tiny_model, test)
     zero = curve.scores[curve.scores.multiplier == 0.0].p_match.to_numpy()
     for p, item in zip(zero, test_items):
@@ -320,12 +309,12 @@ def test_ab_items_and_direct_probability(tiny_model):
         assert p == pytest.approx(float(torch.softmax(logits[list(item.choice_ids)], -1)[0]), abs=1e-5)
 
 
-def test_split_pairs_is_disjoint():
+def test_counted_seeded_split_is_disjoint():
     pairs = _ab_pairs(10)
-    train, test = split_pairs(pairs, n_train=6, n_test=3, seed=1)
+    train, test = pairs.split(6, seed=1, rest=3)
     assert len(train) == 6 and len(test) == 3
     assert not set(train.pairs) & set(test.pairs)
-    train, test = split_pairs(pairs, n_train=100, n_test=100)
+    train, test = pairs.split(100, seed=0, rest=100)
     assert len(train) + len(test) == 10 and not set(train.pairs) & set(test.pairs)
 
 
@@ -376,26 +365,30 @@ def test_role_geometry():
 
 
 def test_role_figures_build():
-    from lens_roles.viz import plots
+    from lens_roles import viz
 
     torch.manual_seed(3)
     roles = {f"r{i}": lr.Direction((0, 5), torch.randn(2, 16), {"name": f"r{i}"}) for i in range(4)}
-    fig = plots.role_cosine_heatmap(cosine_matrix(roles))
+    fig = viz.role_cosine_heatmap(cosine_matrix(roles))
     assert len(fig.data) == 2 and fig.layout.sliders[0].active == 1
-    assert len(plots.role_map(role_map(roles, 0)).data) >= 1
+    assert len(viz.role_map(role_map(roles, 0)).data) >= 1
 
 
 # -------------------------------------------------------------------- CLI
 
 
 @pytest.fixture
-def tiny_cli(tiny_model, monkeypatch):
-    monkeypatch.setattr("lens_roles.runtime.models.load_model", lambda *a, **k: tiny_model)
-    return tiny_model
+def tiny_cli(tiny_model):
+    """``lens-roles`` with the tiny model as its model loader."""
+    from functools import partial
+
+    from lens_roles.cli import main
+
+    return partial(main, load_model=lambda *a, **k: tiny_model)
 
 
 def test_cli_evaluate(tiny_cli, domain_dir, tmp_path, capsys):
-    from lens_roles.cli import main
+    main = tiny_cli
 
     out = tmp_path / "eval"
     assert main(["evaluate", "--questions", str(domain_dir), "--out", str(out), "--select-layers", "0,2",
@@ -408,7 +401,7 @@ def test_cli_evaluate(tiny_cli, domain_dir, tmp_path, capsys):
 
 
 def test_cli_evaluate_bad_input(tiny_cli, domain_dir, tmp_path, capsys):
-    from lens_roles.cli import main
+    main = tiny_cli
 
     out = tmp_path / "eval"
     bad = _write(tmp_path / "weird.json", [{"prompt": "Q?", "label": 1}])
@@ -426,7 +419,7 @@ def test_cli_evaluate_bad_input(tiny_cli, domain_dir, tmp_path, capsys):
 
 
 def test_cli_ab_curve(tiny_cli, tmp_path, capsys):
-    from lens_roles.cli import main
+    main = tiny_cli
 
     records = [{"positive": f"Q{i}?\n\nChoices:\n (A) Yes\n (B) No\n\nAnswer:\n (" + ("A)" if i % 2 else "B)"),
                 "negative": f"Q{i}?\n\nChoices:\n (A) Yes\n (B) No\n\nAnswer:\n (" + ("B)" if i % 2 else "A)")}
@@ -435,6 +428,8 @@ def test_cli_ab_curve(tiny_cli, tmp_path, capsys):
     out = tmp_path / "ab"
     assert main(["ab-curve", "--pairs", str(pairs), "--layer", "1", "--multipliers=-1,0,1", "--n-train", "5",
                  "--n-test", "5", "--out", str(out)]) == 0
+    shown, err = capsys.readouterr()
+    assert "A/B curve toy: 100%|" in err and "%|" not in shown  # progress on stderr, the tables on stdout
     curves = pd.read_csv(out / "curves.csv")
     assert list(curves.multiplier) == [-1.0, 0.0, 1.0] and set(curves.behaviour) == {"toy"}
     assert (out / "monotonicity.csv").exists() and (out / "ab_curves.html").exists()
@@ -443,12 +438,12 @@ def test_cli_ab_curve(tiny_cli, tmp_path, capsys):
 
 
 def test_roles_from_role_vectors_files(shared_data):
-    from lens_roles.cli import _role_sets
+    from lens_roles.cli.evaluation import resolve_role_sets
 
     files = [shared_data / "role-vectors" / "splits" / f"target_train_{r}.json" for r in ("chemist", "data scientist")]
-    sets = _role_sets(",".join(map(str, files)), None, [], {})
+    sets = resolve_role_sets(",".join(map(str, files)), None, [], {})
     assert [s.name for s in sets] == ["chemist", "data_scientist"] and all(len(s) == 128 for s in sets)
-    domain_sets = _role_sets("domain", None, ["law", "econ"], rs.load_role_domains())
+    domain_sets = resolve_role_sets("domain", None, ["law", "econ"], rs.load_role_domains())
     assert [s.name for s in domain_sets] == ["lawyer", "economist"]
 
 
@@ -468,3 +463,17 @@ def test_plain_template_scores_the_spaced_letter(tiny_model, domain_dir):
     decoded = [tiny_model.tokenizer.decode([t]) for t in items[0].choice_ids]
     assert [d.strip() for d in decoded] == ["A", "B", "C", "D"]
     assert tiny_model.tokenizer.decode(list(items[0].tokens)).rstrip().endswith("Assistant:")
+
+
+def test_role_study_progress_goes_to_stderr(tiny_model, tiny_study_inputs, capsys):
+    """One tqdm bar on stderr counts the evaluations: none per domain, then per role its selection and
+    each condition × domain; stdout stays empty and the numbers do not depend on it."""
+    roles, domains, role_domains, config = tiny_study_inputs
+    config = rs.StudyConfig(**{**config.__dict__, "conditions": ("addition",)})
+    study = rs.run_role_study(tiny_model, roles, domains, role_domains=role_domains, config=config)
+    out, err = capsys.readouterr()
+    n = len(domains) + len(roles) * (1 + len(domains))
+    assert out == "" and "role study: 100%|" in err and f"{n}/{n}" in err
+    quiet = rs.run_role_study(tiny_model, roles, domains, role_domains=role_domains, config=config, progress=False)
+    assert capsys.readouterr() == ("", "")
+    pd.testing.assert_frame_equal(quiet.table, study.table)

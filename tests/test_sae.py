@@ -24,7 +24,7 @@ from lens_roles.analysis.sae.features import (
 )
 from lens_roles.analysis.sae.quality import sae_quality
 from lens_roles.analysis.sae.training import SAETrainConfig, save_sae, train_sae
-from lens_roles.errors import SAEError
+from lens_roles.errors import ConfigError, SAEError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -136,6 +136,11 @@ def test_decomposition_reconstructs_to_its_reported_residual(tiny_model, directi
     assert all(b <= a + 1e-12 for a, b in zip(dec.steps, dec.steps[1:]))  # refitting never loses ground
 
 
+def test_decomposition_refuses_no_features(tiny_model, direction):
+    with pytest.raises(SAEError, match="max_features must be >= 1, got 0"):
+        decompose(random_sae(tiny_model.cfg.d_model, 1), direction, max_features=0)
+
+
 def test_decomposition_recovers_a_planted_combination(tiny_model):
     sae = random_sae(tiny_model.cfg.d_model, 1, d_sae=40)
     rows = decoder_directions(sae)
@@ -228,6 +233,18 @@ def test_harvest_skips_bos_and_padding(tiny_model):
                                rtol=1e-5, atol=1e-5)
 
 
+
+def test_harvest_progress_goes_to_stderr(tiny_model, capsys):
+    seqs = _tokens(tiny_model)
+    quiet = harvest(tiny_model, seqs, [1], batch_size=2)
+    assert capsys.readouterr() == ("", "")
+    shown = harvest(tiny_model, seqs, [1], batch_size=2, progress=True)
+    out, err = capsys.readouterr()
+    n = len(seqs)  # the bar counts sequences
+    assert out == "" and "harvest: 100%|" in err and f"{n}/{n}" in err
+    assert torch.equal(shown[1], quiet[1])
+
+
 def test_training_with_sae_lens_learns_and_saves_a_loadable_sae(tiny_model, trained):
     from sae_lens import SAE
 
@@ -317,7 +334,7 @@ def test_a_missing_or_foreign_sae_folder_is_a_clear_error(tmp_path):
 def test_train_config_rejects_bad_values():
     for bad in (dict(k=None, l1=None), dict(k=4, l1=1.0), dict(k=0), dict(d_sae=8, k=8), dict(k=None, l1=-1.0),
                 dict(lr=0.0)):
-        with pytest.raises(ValueError):
+        with pytest.raises(ConfigError, match="SAETrainConfig: "):
             SAETrainConfig(**bad)
 
 

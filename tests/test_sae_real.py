@@ -1,4 +1,4 @@
-"""Integration tests of the shipped SAEs (``data/saes``) on the default model.
+"""Integration tests of the shipped SAEs (``lens_roles/data/saes``) on the default model.
 
 Each SAE loads with ``sae_lens`` offline and fits the model; its recorded quality
 agrees with the table; the SAE splice with the error term is the clean run; and
@@ -22,7 +22,7 @@ from lens_roles.cli import main
 
 pytestmark = pytest.mark.integration
 
-SAES = Path(__file__).resolve().parent.parent / "data" / "saes"
+SAES = Path(__file__).resolve().parent.parent / "lens_roles" / "data" / "saes"
 FOLDERS = sorted(SAES.glob("layer_*"), key=lambda p: int(p.name.split("_")[1]))
 
 
@@ -75,5 +75,7 @@ def test_librarian_align_and_attribute_commands(real_model, tmp_path, capsys):
     check = pd.read_csv(tmp_path / "attr" / "check.csv")
     assert len(check) == 4 and (check.actual != 0).any()
     assert main(["sae-attribute", "--vector", str(tmp_path / "librarian.safetensors"), "--sae",
-                 str(SAES / "layer_6"), "--prompts", "x.jsonl", "--out", str(tmp_path / "bad")]) == 2
+                 str(SAES / "layer_6"), "--prompts",
+                 str(Path(lr.inputs.prompts.data_dir()) / "personas" / "librarian.jsonl"),
+                 "--out", str(tmp_path / "bad")]) == 2
     assert "reads layer 6" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lens_roles._version import __version__
 from lens_roles.errors import DirectionError
-from lens_roles.io import parse_json, read_tensors, read_text, save_tensors
+from lens_roles.io import parse_json, read_tensors, read_text, save_tensors, to_plain
 
 #: provenance keys that must agree for two directions to be combined
 _COMPATIBLE_KEYS = ("model", "hook", "d_model")
@@ -29,15 +29,6 @@ def _freeze(value):
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
-
-
-def _thaw(value):
-    """Plain JSON-serialisable data from :func:`_freeze`'s output."""
-    if isinstance(value, Mapping):
-        return {k: _thaw(v) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return [_thaw(v) for v in value]
-    return value
 
 
 #: no model has this many blocks; a larger stored layer index is a damaged file
@@ -96,7 +87,7 @@ class Direction:
             raise DirectionError(f"duplicate layers in {layers}")
         if not torch.isfinite(vectors).all():
             raise DirectionError("direction holds NaN or infinite values")
-        info = _thaw(_freeze(dict(meta or {})))
+        info = to_plain(_freeze(dict(meta or {})))
         info["d_model"] = vectors.shape[1]
         info["raw_norms"] = {str(layer): float(n) for layer, n in zip(layers, vectors.norm(dim=1))}
         info.setdefault("hook", "resid_post")
@@ -238,7 +229,7 @@ class Direction:
         path = Path(path)
         if path.suffix != ".safetensors":
             raise DirectionError(f"direction files end in .safetensors, got {path}")
-        return save_tensors(path, {"vectors": self._vectors}, {"layers": list(self.layers), **_thaw(self.meta)})
+        return save_tensors(path, {"vectors": self._vectors}, {"layers": list(self.layers), **to_plain(self.meta)})
 
     @classmethod
     def load(cls, path: str | Path) -> "Direction":

@@ -2,10 +2,11 @@
 
 File formats read here:
 
-* Project JSONL (``data/``), one JSON object per line:
-    - prompt sets (``data/roles/<role>.jsonl``, ``data/roles/baseline.jsonl``):
+* Project JSONL, shipped inside the package (``lens_roles/data/``, see :func:`data_dir`), one JSON
+  object per line:
+    - prompt sets (``roles/<role>.jsonl``, ``roles/baseline.jsonl``):
       ``{"instruction": str}``, optionally ``"system": str``;
-    - contrast pairs (``data/personas/*.jsonl``):
+    - contrast pairs (``personas/*.jsonl``):
       ``{"user": str, "positive": str, "negative": str}``, optionally ``"system": str``.
       The positive and negative strings are assistant replies to the same user turn.
 * Role-Vectors JSON (``../shared/data/role-vectors/splits/*.json``): a list of
@@ -27,14 +28,15 @@ reads), and the reply.
 
 from __future__ import annotations
 
-import hashlib
+import importlib.resources
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import ClassVar, Iterable, Sequence
 
 from lens_roles.errors import DataError
+from lens_roles.inputs.sets import ItemSet
 
 PLAIN_TEMPLATE = "[System: {system}\\n\\n]User: {user}\\n\\nAssistant:[ {reply}]"
 
@@ -52,30 +54,41 @@ class Prompt:
 
 
 @dataclass(frozen=True)
-class PromptSet:
-    """A named, ordered set of prompts (e.g. one role's instructions, or the baseline)."""
+class PromptSet(ItemSet):
+    """A named, ordered set of prompts (e.g. one role's instructions, or the baseline).
+
+    ``len``, iteration, ``head``, ``subset``, ``split``, ``halves`` and ``fingerprint`` are the
+    one set API of :mod:`lens_roles.inputs.sets`.
+    """
 
     name: str
     prompts: tuple[Prompt, ...]
     source: str = ""
+    items_field: ClassVar[str] = "prompts"
 
     def __post_init__(self):
         if not self.prompts:
             raise DataError(f"prompt set {self.name!r} ({self.source or 'in memory'}) is empty")
 
-    def __len__(self) -> int:
-        return len(self.prompts)
+    def item_key(self, item: Prompt) -> tuple:
+        return (item.system, item.user, item.reply)
 
-    def split(self, fraction: float = 0.75) -> tuple["PromptSet", "PromptSet"]:
-        """Deterministic train/held-out split: the first ``fraction`` and the rest."""
-        k = split_point(len(self), fraction, f"prompt set {self.name!r}")
-        return (
-            PromptSet(self.name, self.prompts[:k], self.source),
-            PromptSet(self.name, self.prompts[k:], self.source),
-        )
 
-    def fingerprint(self) -> str:
-        return fingerprint([(p.system, p.user, p.reply) for p in self.prompts])
+def as_prompts(prompts) -> list[Prompt]:
+    """Any way of giving prompts as a list of :class:`Prompt`: a :class:`PromptSet`, one
+    :class:`Prompt` or user string, or a sequence of them (strings become user turns).
+
+    Raises:
+        DataError: when no prompt is given.
+    """
+    if isinstance(prompts, PromptSet):
+        return list(prompts.prompts)
+    if isinstance(prompts, (str, Prompt)):
+        prompts = [prompts]
+    out = [Prompt(p) if isinstance(p, str) else p for p in prompts]
+    if not out:
+        raise DataError("no prompts given: pass a PromptSet, a Prompt, a string or a non-empty list of them")
+    return out
 
 
 @dataclass(frozen=True)
@@ -95,19 +108,20 @@ class ContrastPair:
 
 
 @dataclass(frozen=True)
-class PairSet:
-    """A named, ordered set of contrast pairs."""
+class PairSet(ItemSet):
+    """A named, ordered set of contrast pairs (the one set API of :mod:`lens_roles.inputs.sets`)."""
 
     name: str
     pairs: tuple[ContrastPair, ...]
     source: str = ""
+    items_field: ClassVar[str] = "pairs"
 
     def __post_init__(self):
         if not self.pairs:
             raise DataError(f"pair set {self.name!r} ({self.source or 'in memory'}) is empty")
 
-    def __len__(self) -> int:
-        return len(self.pairs)
+    def item_key(self, item: ContrastPair) -> tuple:
+        return (item.system, item.user, item.positive, item.negative)
 
     def positives(self) -> PromptSet:
         return PromptSet(f"{self.name}+", tuple(p.as_prompts()[0] for p in self.pairs), self.source)
@@ -115,52 +129,49 @@ class PairSet:
     def negatives(self) -> PromptSet:
         return PromptSet(f"{self.name}-", tuple(p.as_prompts()[1] for p in self.pairs), self.source)
 
-    def halves(self) -> tuple["PairSet", "PairSet"]:
-        """Two disjoint halves (even and odd items), for split-half agreement."""
-        if len(self) < 2:
-            raise DataError(f"pair set {self.name!r} has {len(self)} pair(s); cannot halve it")
-        return (
-            PairSet(f"{self.name}[even]", self.pairs[0::2], self.source),
-            PairSet(f"{self.name}[odd]", self.pairs[1::2], self.source),
-        )
-
-    def split(self, fraction: float = 0.75) -> tuple["PairSet", "PairSet"]:
-        k = split_point(len(self), fraction, f"pair set {self.name!r}")
-        return PairSet(self.name, self.pairs[:k], self.source), PairSet(self.name, self.pairs[k:], self.source)
-
-    def fingerprint(self) -> str:
-        return fingerprint([(p.system, p.user, p.positive, p.negative) for p in self.pairs])
-
-
-def split_point(n: int, fraction: float, what: str = "set") -> int:
-    """Items before the split when the first ``fraction`` of ``n`` builds and the rest is held out.
-
-    Both sides keep at least one item.
-    """
-    if not 0 < fraction < 1:
-        raise DataError(f"split fraction must be in (0, 1), got {fraction}")
-    if n < 2:
-        raise DataError(f"{what} has {n} item(s); cannot split it")
-    return max(1, min(n - 1, round(n * fraction)))
-
-
-def fingerprint(items) -> str:
-    """A short content hash of JSON-serialisable data (the 'dataset hash' of provenance)."""
-    blob = json.dumps(items, ensure_ascii=False, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------- loaders
 
 
 def data_dir() -> Path:
-    """The project's prompt data: ``$LENS_ROLES_DATA`` or the repository's ``data/``."""
+    """The shipped data (``personas/``, ``roles/``, ``saes/``): ``$LENS_ROLES_DATA`` when set, else the
+    package's own ``lens_roles/data``, found through ``importlib.resources`` so that an installed
+    wheel finds it as well as a source checkout."""
     env = os.environ.get("LENS_ROLES_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "data"
+    if env:
+        return Path(env)
+    root = importlib.resources.files("lens_roles") / "data"
+    if not isinstance(root, Path):
+        raise DataError(f"lens_roles is installed where its data are no plain files ({root}); "
+                        "install it unpacked, or point $LENS_ROLES_DATA at a copy of lens_roles/data")
+    return root
 
 
-def _read_records(path: str | Path) -> list[tuple[int, dict]]:
-    """Read a JSONL file, or a JSON list, as ``(line_or_index, record)`` pairs."""
+def shipped_or_path(spec: str | Path, folder: str) -> Path:
+    """``spec`` as a path, or, when it is a bare name that is no file (no folder, no suffix), the
+    shipped set of that name: ``shipped_or_path("librarian", "personas")`` is
+    ``data_dir() / "personas" / "librarian.jsonl"``. Lets the loaders and the CLI take
+    ``librarian`` or ``chemist`` as well as a path."""
+    path = Path(spec)
+    if len(path.parts) == 1 and not path.suffix and not path.exists():
+        shipped = data_dir() / folder / f"{path.name}.jsonl"
+        if shipped.is_file():
+            return shipped
+    return path
+
+
+def read_records(path: str | Path) -> list[tuple[int, dict]]:
+    """The one reader of the project's record files: a JSONL file, or a ``.json`` list, as
+    ``(location, record)`` pairs.
+
+    ``location`` is the 1-based line number in JSONL (blank lines skipped) or the 0-based item
+    index in a JSON list, so that every loader's errors can name the file and the record.
+
+    Raises:
+        DataError: naming the file (and line or item), for a missing file, malformed JSON, a JSON
+            file that is not a list, a record that is not a JSON object, or no records at all.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -202,10 +213,11 @@ def _field(path, loc, rec: dict, key: str, required: bool = True) -> str | None:
 
 
 def load_prompt_set(path: str | Path, name: str | None = None) -> PromptSet:
-    """Load prompts from project JSONL or Role-Vectors JSON (``instruction`` field)."""
-    path = Path(path)
+    """Load prompts from project JSONL or Role-Vectors JSON (``instruction`` field); a bare name
+    (``"chemist"``, ``"baseline"``) is the shipped set in ``roles/``."""
+    path = shipped_or_path(path, "roles")
     prompts = []
-    for loc, rec in _read_records(path):
+    for loc, rec in read_records(path):
         key = "instruction" if "instruction" in rec else "user" if "user" in rec else "instruction"
         prompts.append(Prompt(_field(path, loc, rec, key), _field(path, loc, rec, "system", False)))
     return PromptSet(name or path.stem, tuple(prompts), str(path))
@@ -226,10 +238,11 @@ def _split_caa(path, loc, positive: str, negative: str) -> ContrastPair:
 
 
 def load_pairs(path: str | Path, name: str | None = None) -> PairSet:
-    """Load contrast pairs from project JSONL (user/positive/negative) or CAA JSON."""
-    path = Path(path)
+    """Load contrast pairs from project JSONL (user/positive/negative) or CAA JSON; a bare name
+    (``"librarian"``) is the shipped set in ``personas/``."""
+    path = shipped_or_path(path, "personas")
     pairs = []
-    for loc, rec in _read_records(path):
+    for loc, rec in read_records(path):
         pos = _field(path, loc, rec, "positive")
         neg = _field(path, loc, rec, "negative")
         if "user" in rec:
@@ -243,13 +256,13 @@ def load_pairs(path: str | Path, name: str | None = None) -> PairSet:
 
 
 def available_roles(directory: str | Path | None = None) -> list[str]:
-    """Names of the role prompt sets in ``data/roles`` (every JSONL but the baseline)."""
+    """Names of the shipped role prompt sets in ``roles/`` (every JSONL but the baseline)."""
     directory = Path(directory) if directory else data_dir() / "roles"
     return sorted(p.stem for p in directory.glob("*.jsonl") if p.stem != "baseline")
 
 
 def load_role(role: str, directory: str | Path | None = None) -> PromptSet:
-    """Load one role's instructions by name (``"chemist"``) from ``data/roles``."""
+    """Load one role's instructions by name (``"chemist"``) from the shipped ``roles/``."""
     directory = Path(directory) if directory else data_dir() / "roles"
     path = directory / f"{role.replace(' ', '_')}.jsonl"
     if not path.is_file():

@@ -30,14 +30,14 @@ else every ``*.json``/``*.jsonl``) into ``{domain: QuestionSet}``.
 from __future__ import annotations
 
 import math
-import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 from lens_roles.errors import DataError
-from lens_roles.inputs.prompts import Prompt, _read_records, fingerprint
+from lens_roles.inputs.prompts import Prompt, read_records
+from lens_roles.inputs.sets import ItemSet
 
 DEFAULT_LETTERS = "ABCD"
 #: how ``processed`` / ``mmlu`` records are written as a user turn
@@ -72,55 +72,22 @@ class Question:
 
 
 @dataclass(frozen=True)
-class QuestionSet:
-    """A named, ordered set of questions (one domain)."""
+class QuestionSet(ItemSet):
+    """A named, ordered set of questions (one domain); the one set API of :mod:`lens_roles.inputs.sets`
+    (a part of it keeps ``source`` and ``skipped``)."""
 
     name: str
     questions: tuple[Question, ...]
     source: str = ""
     skipped: tuple[str, ...] = ()
+    items_field: ClassVar[str] = "questions"
 
     def __post_init__(self):
         if not self.questions:
             raise DataError(f"question set {self.name!r} ({self.source or 'in memory'}) is empty")
 
-    def __len__(self) -> int:
-        return len(self.questions)
-
-    def __iter__(self):
-        return iter(self.questions)
-
-    def fingerprint(self) -> str:
-        return fingerprint([(q.text, q.answer) for q in self.questions])
-
-    def split(self, validation: float = 0.25, seed: int = 0) -> tuple["QuestionSet", "QuestionSet"]:
-        """Disjoint ``(validation, test)`` sets from a seeded shuffle; test keeps the file order.
-
-        The validation side is where layer and α are chosen; the test side is only
-        ever scored with the choice made.
-        """
-        if not 0 < validation < 1:
-            raise DataError(f"validation fraction must be in (0, 1), got {validation}")
-        n = len(self)
-        if n < 2:
-            raise DataError(f"question set {self.name!r} has {n} question(s); cannot split it")
-        k = max(1, min(n - 1, round(n * validation)))
-        order = list(range(n))
-        random.Random(seed).shuffle(order)
-        val = sorted(order[:k])
-        test = sorted(order[k:])
-        return self.subset(val, f"{self.name}[val]"), self.subset(test, self.name)
-
-    def subset(self, indices: Sequence[int], name: str | None = None) -> "QuestionSet":
-        return QuestionSet(name or self.name, tuple(self.questions[i] for i in indices), self.source, self.skipped)
-
-    def head(self, n: int | None) -> "QuestionSet":
-        """The first ``n`` questions (all when ``n`` is None)."""
-        if n is None or n >= len(self):
-            return self
-        if n < 1:
-            raise DataError(f"cannot keep {n} questions of {self.name!r}")
-        return self.subset(range(n))
+    def item_key(self, item: Question) -> tuple:
+        return (item.text, item.answer)
 
     def answer_counts(self) -> dict[str, int]:
         counts = dict.fromkeys(self.questions[0].letters, 0)
@@ -234,7 +201,7 @@ def load_questions(path: str | Path, *, letters: str | Sequence[str] = DEFAULT_L
     if len(set(letters)) != len(letters) or len(letters) < 2:
         raise DataError(f"letters must be at least two distinct labels, got {letters}")
     questions, skipped = [], []
-    for loc, rec in _read_records(path):
+    for loc, rec in read_records(path):
         try:
             questions.append(_question(path, loc, rec, letters))
         except DataError as exc:

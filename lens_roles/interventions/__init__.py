@@ -2,15 +2,15 @@
 that never leave a hook behind."""
 
 from lens_roles.interventions.steering import (
-    steer,
     ablate,
-    clamp,
     ablate_then_add,
-    intervene,
-    steering_hooks,
     ablation_hooks,
-    residual_norms,
+    clamp,
+    intervene,
     projection,
+    residual_norms,
+    steer,
+    steering_hooks,
 )
 
 __all__ = [

@@ -34,6 +34,10 @@ from torch import Tensor
 
 from lens_roles.directions.direction import Direction
 from lens_roles.errors import DirectionError
+from lens_roles.inputs.positions import encode, select_positions
+from lens_roles.inputs.prompts import as_prompts
+from lens_roles.runtime.batching import token_batches
+from lens_roles.runtime.capture import capture
 from lens_roles.runtime.generation import _STATE
 from lens_roles.runtime.models import resid_hook, validate_layers
 
@@ -224,36 +228,29 @@ def ablate_then_add(model, direction: Direction, alpha, *, layers=None, position
 
 
 @torch.no_grad()
-def residual_norms(model, prompts, *, layers=None, positions="all", batch_size: int = 16) -> dict[int, float]:
+def residual_norms(model, prompts, *, layers=None, positions="all", batch_size: int = 16,
+                   progress: bool = False) -> dict[int, float]:
     """Typical residual norm per layer: mean over prompts of the mean ‖x‖ over their positions.
 
     The first token is left out: its residual norm is often tens of times the others'
-    (an attention sink) and would make "typical" meaningless.
+    (an attention sink) and would make "typical" meaningless. ``progress`` shows a bar.
     """
-    from lens_roles.inputs.positions import encode, select_positions
-    from lens_roles.runtime.activations import _as_prompts
-    from lens_roles.runtime.batching import pad_batch, pad_id
-
     layers = validate_layers(model, layers)
-    items = encode(model, _as_prompts(prompts))
+    items = encode(model, as_prompts(prompts))
     pos = select_positions(items, positions)
     totals = dict.fromkeys(layers, 0.0)
-    for start in range(0, len(items), batch_size):
-        chunk = list(range(start, min(start + batch_size, len(items))))
-        tokens, _ = pad_batch([items[i].tokens for i in chunk], pad_id(model))
-        weights = torch.zeros(tokens.shape)
-        for row, i in enumerate(chunk):
+
+    def add_norms(acts, weights, layer) -> None:  # Σ over rows of the mean ‖x‖ over the read positions
+        totals[layer] += float((acts.norm(dim=-1) * weights).sum())
+
+    for batch in token_batches(model, [it.tokens for it in items], batch_size, sort=False, progress=progress,
+                               desc="residual norms"):
+        weights = torch.zeros(batch.tokens.shape)
+        for row, i in enumerate(batch.index):
             read = [q for q in pos[i] if q > 0] or pos[i]
             weights[row, read] = 1.0 / len(read)
-
-        weights = weights.to(model.cfg.device)
-
-        def hook(acts, hook, _w=weights):
-            layer = int(hook.name.split(".")[1])
-            totals[layer] += float((acts.norm(dim=-1) * _w).sum())
-
-        with model.hooks(fwd_hooks=[(resid_hook(layer), hook) for layer in layers]):
-            model(tokens.to(model.cfg.device), stop_at_layer=max(layers) + 1)
+        with capture(model, layers, add_norms, weights=weights.to(model.cfg.device)) as cap:
+            batch.forward(model, stop_at_layer=cap.stop_at_layer)
     return {layer: totals[layer] / len(items) for layer in layers}
 
 

@@ -31,14 +31,17 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from lens_roles.config import Config
 from lens_roles.directions.direction import Direction
-from lens_roles.errors import DataError, DirectionError
+from lens_roles.errors import ConfigError, DataError, DirectionError
 from lens_roles.inputs.positions import Encoded, encode
 from lens_roles.inputs.prompts import Prompt, common_prefix_len
 from lens_roles.inputs.questions import Question, QuestionSet
 from lens_roles.interventions.steering import ablate, steer
 from lens_roles.runtime.batching import run_batches
-from lens_roles.runtime.readout import logprobs_at as _logprobs_at
+from lens_roles.runtime.capture import Capture, position_mean
+from lens_roles.runtime.progress import progress_bar
+from lens_roles.runtime.readout import logprobs_at
 
 CONDITIONS = ("none", "addition", "ablation", "prompting")
 #: the persona prompt of the prompting condition; ``{article}`` is "a" or "an"
@@ -87,47 +90,48 @@ def choice_items(model, questions: Sequence[Question] | QuestionSet, *, system: 
 
 @torch.no_grad()
 def choice_logprobs(model, items: Sequence[ChoiceItem], *, batch_size: int = 16,
-                    share_prefixes: bool = True) -> list[Float[Tensor, " choice"]]:
-    """Full-vocabulary log-probabilities of each item's choice tokens at its next position."""
+                    share_prefixes: bool = True, progress: bool = False) -> list[Float[Tensor, " choice"]]:
+    """Full-vocabulary log-probabilities of each item's choice tokens at its next position.
+
+    ``progress`` shows a bar counting questions.
+    """
     if not items:
         raise DataError("no questions to score")
-    n_layers = model.cfg.n_layers
+    last = model.cfg.n_layers - 1
     encoded = [Encoded(it.tokens, (0, 0), (0, 0), None) for it in items]
     positions = [[len(it.tokens) - 1] for it in items]
     finals: list[Tensor | None] = [None] * len(items)
+    cap = Capture([last], position_mean)  # the final residual at each row's one read position: [batch, d_model]
 
-    def hooks_for(weights: Tensor, members: list[int]):
-        def capture(acts, hook):
-            picked = (acts * weights[..., None].to(acts.dtype)).sum(1)  # one position per row
-            for row, i in enumerate(members):
-                finals[i] = picked[row]
+    def on_batch(members: list[int]) -> None:
+        for row, i in enumerate(members):
+            finals[i] = cap[last][row]
 
-        return [(f"blocks.{n_layers - 1}.hook_resid_post", capture)]
-
-    run_batches(model, encoded, positions, batch_size=batch_size, stop_at_layer=n_layers,
-                fwd_hooks_for=hooks_for, share_prefixes=share_prefixes)
+    with progress_bar(progress, len(items), "questions", unit="question") as bar:
+        run_batches(model, encoded, positions, batch_size=batch_size, stop_at_layer=cap.stop_at_layer,
+                    capture=cap, on_batch=on_batch, share_prefixes=share_prefixes, progress=bar.update)
     out = []
     for start in range(0, len(items), 64):  # unembed in chunks: the vocabulary can be large
         chunk = items[start : start + 64]
-        logp = _logprobs_at(model, torch.stack(finals[start : start + len(chunk)]))
+        logp = logprobs_at(model, torch.stack(finals[start : start + len(chunk)]))
         out += [logp[row, list(it.choice_ids)].cpu() for row, it in enumerate(chunk)]
     return out
 
 
 def score_questions(model, questions: QuestionSet | Sequence[Question], *, system: str | None = None,
-                    answer_format: str = "{letter}", batch_size: int = 16, template: str | None = None
-                    ) -> pd.DataFrame:
+                    answer_format: str = "{letter}", batch_size: int = 16, template: str | None = None,
+                    progress: bool = False) -> pd.DataFrame:
     """Score each question under whatever hooks are attached to ``model``.
 
     Returns one row per question: ``question, subject, answer, pred, correct,
     p_correct`` (softmax over the letter tokens), ``letter_mass`` (total
     full-vocabulary probability of the letter tokens: how much the model answers
-    with a letter at all).
+    with a letter at all). ``progress`` shows a bar counting questions.
     """
     qs = list(questions)
     items = choice_items(model, qs, system=system, answer_format=answer_format, template=template)
     rows = []
-    for q, it, logp in zip(qs, items, choice_logprobs(model, items, batch_size=batch_size)):
+    for q, it, logp in zip(qs, items, choice_logprobs(model, items, batch_size=batch_size, progress=progress)):
         probs = torch.softmax(logp.double(), -1)
         pred = int(probs.argmax())
         rows.append({"question": q.id, "subject": q.subject, "answer": q.answer, "pred": q.letters[pred],
@@ -144,7 +148,7 @@ def persona_prompt(role: str, template: str = SYSTEM_TEMPLATE) -> str:
 
 
 @dataclass(frozen=True)
-class Condition:
+class Condition(Config):
     """One evaluation condition.
 
     Attributes:
@@ -163,13 +167,13 @@ class Condition:
 
     def __post_init__(self):
         if self.kind not in CONDITIONS:
-            raise ValueError(f"unknown condition {self.kind!r}; use one of {', '.join(CONDITIONS)}")
+            raise ConfigError(f"Condition: unknown condition kind={self.kind!r}; use one of {', '.join(CONDITIONS)}")
         if self.kind in ("addition", "ablation") and self.layer is None:
-            raise ValueError(f"condition {self.kind!r} needs a layer")
+            raise ConfigError(f"Condition: condition {self.kind!r} needs a layer, got layer=None")
         if self.kind == "addition" and self.alpha is None:
-            raise ValueError("condition 'addition' needs alpha")
+            raise ConfigError("Condition: condition 'addition' needs alpha, got alpha=None")
         if self.kind == "prompting" and not self.system:
-            raise ValueError("condition 'prompting' needs a system prompt")
+            raise ConfigError(f"Condition: condition 'prompting' needs a system prompt, got system={self.system!r}")
 
     @contextmanager
     def applied(self, model, direction: Direction | None = None):

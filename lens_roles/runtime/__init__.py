@@ -1,16 +1,17 @@
 """Runtime: loading models, batching, capturing activations, reading out logits, generating."""
 
+from lens_roles.runtime.activations import Activations, collect, collect_sets, residual_rows
+from lens_roles.runtime.capture import Capture, capture
+from lens_roles.runtime.generation import Generation, generate
 from lens_roles.runtime.models import (
     DEFAULT_MODEL,
     EMBEDDED_MODELS,
-    load_model,
     load_hf_model,
+    load_model,
     resid_hook,
     validate_layers,
 )
-from lens_roles.runtime.activations import Activations, collect, collect_sets
-from lens_roles.runtime.generation import Generation, generate
-from lens_roles.runtime.readout import final_logits, logprobs_at
+from lens_roles.runtime.readout import final_logits, kl_divergence, logprobs_at
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -22,8 +23,12 @@ __all__ = [
     "Activations",
     "collect",
     "collect_sets",
+    "residual_rows",
+    "Capture",
+    "capture",
     "Generation",
     "generate",
     "final_logits",
     "logprobs_at",
+    "kl_divergence",
 ]

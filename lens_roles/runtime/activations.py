@@ -32,15 +32,19 @@ from typing import Sequence
 
 import torch
 from jaxtyping import Float
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from lens_roles._version import __version__
 from lens_roles.errors import CacheError, DataError
 from lens_roles.inputs.positions import Encoded, PositionRule, default_prepend_bos, encode, rule_name, select_positions
-from lens_roles.inputs.prompts import Prompt, PromptSet, template_name
+from lens_roles.inputs.prompts import Prompt, PromptSet, as_prompts, template_name
 from lens_roles.io import atomic_write
-from lens_roles.runtime.batching import run_batches
+from lens_roles.runtime.batching import run_batches, token_batches
+from lens_roles.runtime.capture import Capture, capture, position_mean
 from lens_roles.runtime.models import model_id, resid_hook, validate_layers
+from lens_roles.runtime.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -82,17 +86,6 @@ class Activations:
             raise DataError(f"layer {layer} was not collected (collected: {list(self.layers)})") from None
 
 
-def _as_prompts(prompts) -> list[Prompt]:
-    if isinstance(prompts, PromptSet):
-        return list(prompts.prompts)
-    if isinstance(prompts, (str, Prompt)):
-        prompts = [prompts]
-    out = [Prompt(p) if isinstance(p, str) else p for p in prompts]
-    if not out:
-        raise DataError("no prompts given")
-    return out
-
-
 def _cache_key(model, layers, items, positions, keep_per_prompt) -> str:
     h = hashlib.sha256()
     head = {
@@ -111,8 +104,6 @@ def _cache_key(model, layers, items, positions, keep_per_prompt) -> str:
 
 
 def _load_cached(path: Path, key: str) -> Activations:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(f.metadata()["meta"])
@@ -128,8 +119,6 @@ def _load_cached(path: Path, key: str) -> Activations:
 
 
 def _save_cached(path: Path, acts: Activations) -> None:
-    from safetensors.torch import save_file
-
     tensors = {"mean": acts.mean.contiguous()}
     if acts.per_prompt is not None:
         tensors["per_prompt"] = acts.per_prompt.contiguous()
@@ -200,7 +189,7 @@ def collect_sets(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
     layers = validate_layers(model, layers)
-    lists = [_as_prompts(prompts) for prompts in prompt_sets]
+    lists = [as_prompts(prompts) for prompts in prompt_sets]
     if not lists:
         raise DataError("no prompt sets given")
     template = template or template_name(model.tokenizer)
@@ -245,35 +234,24 @@ def collect_sets(
     d_model = model.cfg.d_model
     sums = torch.zeros(len(lists), len(layers), d_model, dtype=torch.float64)
     per_prompt = torch.zeros(len(items), len(layers), d_model) if keep_per_prompt else None
-    layer_pos = {layer: j for j, layer in enumerate(layers)}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    # per prompt, the mean over its read positions: [batch, d_model] float32 on the CPU
+    cap = Capture(layers, lambda acts, weights, layer: position_mean(acts, weights, layer).float().cpu())
 
-        bar = tqdm(total=len(run_items), desc="activations", unit="prompt")
-
-    def hooks_for(weights: Tensor, members: list[int]) -> list:
+    def on_batch(members: list[int]) -> None:
         # members index run_items; map them to prompts and to their sets
         index = torch.tensor([run_items[m] for m in members], dtype=torch.long)
         owner = torch.tensor([set_of[run_items[m]] for m in members], dtype=torch.long)
-
-        def reduce_hook(acts, hook):
-            # per-prompt mean over the read positions: [batch, d_model]
-            j = layer_pos[int(hook.name.split(".")[1])]
-            reduced = torch.einsum("bp,bpd->bd", weights, acts).float().cpu()
+        for j, layer in enumerate(layers):
+            reduced = cap[layer]
             sums[:, j].index_add_(0, owner, reduced.double())
             if per_prompt is not None:
                 per_prompt[index, j] = reduced
+        cap.values.clear()
 
-        return [(resid_hook(layer), reduce_hook) for layer in layers]
-
-    try:
+    with progress_bar(progress, len(run_items), "activations") as bar:
         run_batches(model, [items[i] for i in run_items], [pos[i] for i in run_items], batch_size=batch_size,
-                    stop_at_layer=max(layers) + 1, fwd_hooks_for=hooks_for, share_prefixes=share_prefixes,
-                    progress=bar.update if bar is not None else None)
-    finally:
-        if bar is not None:
-            bar.close()
+                    stop_at_layer=cap.stop_at_layer, capture=cap, on_batch=on_batch,
+                    share_prefixes=share_prefixes, progress=bar.update)
     for k in todo:
         n = len(spans[k])
         kept = per_prompt[bounds[k] : bounds[k + 1]].clone() if per_prompt is not None else None
@@ -281,6 +259,33 @@ def collect_sets(
         if paths[k] is not None:
             _save_cached(paths[k], results[k])
     return results
+
+
+@torch.no_grad()
+def residual_rows(model, rows: Sequence[Sequence[int]], layers, *, start: int = 0, batch_size: int = 8,
+                  progress: bool = False, desc: str = "residuals") -> list[Float[Tensor, "layer pos d_model"]]:
+    """Every real position's residual stream of each token row, kept whole (no reduction over positions).
+
+    Returns, in the order of ``rows``, float32 CPU tensors ``[layer, pos, d_model]``:
+    ``blocks.{l}.hook_resid_post`` for ``l`` in ``validate_layers(layers)`` (sorted),
+    at positions ``start .. len(row) - 1`` (``start=1`` leaves out the attention sink).
+    Rows run in length-sorted, right-padded batches with their attention masks
+    (:func:`~lens_roles.runtime.batching.token_batches`), and only the blocks up to
+    the deepest layer. Use :func:`collect` instead when a mean over positions or
+    prompts is all that is needed: it never holds more than a batch.
+    """
+    layers = validate_layers(model, layers)
+    out: list[Tensor | None] = [None] * len(rows)
+
+    def to_cpu(acts, weights, layer):
+        return acts.float().cpu()
+
+    for batch in token_batches(model, rows, batch_size, progress=progress, desc=desc):
+        with capture(model, layers, to_cpu) as cap:
+            batch.forward(model, stop_at_layer=cap.stop_at_layer)
+        for row, (i, n) in enumerate(zip(batch.index, batch.lengths)):
+            out[i] = torch.stack([cap[layer][row, start:n] for layer in layers])
+    return out
 
 
 def _fingerprint_items(items: Sequence[Encoded]) -> str:

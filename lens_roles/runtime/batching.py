@@ -16,23 +16,33 @@ through TransformerLens's ``TransformerLensKeyValueCache`` with explicit attenti
 masks (pads are masked; rotary positions count real tokens only). A prefix never
 covers a position that is read, nor a prompt's last token, so the read positions
 always lie in stage 3, where the hooks are. With no shared prefix this is a
-plain right-padded forward with no attention mask.
+plain right-padded forward with its attention mask.
 
 Groups are taken in chunks (up to ``batch_size`` groups, ``2 * batch_size``
 prompts) whose prefixes run in one pass; the chunk's prompts are then sorted by
 suffix length into suffix batches of up to ``batch_size``, to keep padding small.
+
+Every other batched forward goes through :func:`token_batches`: right-padded
+:class:`Batch` es (length-sorted unless the caller's order matters) whose
+:meth:`Batch.forward` always passes the attention mask. For a causal model right
+padding with a mask gives the same values at the real positions as without one
+(the pads come after every real token; tested bit for bit), and the mask keeps
+that true for any model, KV cache or positional scheme.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
+from lens_roles.errors import DataError
 from lens_roles.inputs.positions import Encoded
 from lens_roles.inputs.prompts import common_prefix_len
+from lens_roles.runtime.capture import Capture
+from lens_roles.runtime.progress import progress_bar
 
 #: shortest shared run (tokens) worth a group prefix of its own
 MIN_GROUP_PREFIX = 4
@@ -112,6 +122,59 @@ def pad_batch(rows: Sequence[Sequence[int]], pad: int, side: str = "right") -> t
     return tokens, mask
 
 
+@dataclass(frozen=True)
+class Batch:
+    """One right-padded batch of token rows, on the model's device.
+
+    Attributes:
+        index: each row's index in the caller's list of rows.
+        tokens: ``[batch, pos]`` token ids (long), padded with the pad token.
+        mask: ``[batch, pos]`` attention mask (1 at real tokens).
+        lengths: each row's number of real tokens.
+    """
+
+    index: list[int]
+    tokens: Tensor
+    mask: Tensor
+    lengths: list[int]
+
+    def forward(self, model, **kwargs):
+        """``model(tokens, attention_mask=mask, **kwargs)``: the one batched forward."""
+        return model(self.tokens, attention_mask=self.mask, **kwargs)
+
+    def repeat_rows(self, n: int) -> "Batch":
+        """Each row ``n`` times in a row (``[batch * n, pos]``), e.g. once per α of a sweep."""
+        return Batch([i for i in self.index for _ in range(n)], self.tokens.repeat_interleave(n, dim=0),
+                     self.mask.repeat_interleave(n, dim=0), [k for k in self.lengths for _ in range(n)])
+
+
+def padded(model, rows: Sequence[Sequence[int]], index: Sequence[int] | None = None) -> Batch:
+    """``rows`` right-padded into one :class:`Batch` on the model's device."""
+    tokens, mask = pad_batch(rows, pad_id(model))
+    device = model.cfg.device
+    return Batch(list(range(len(rows)) if index is None else index), tokens.to(device), mask.to(device),
+                 [len(r) for r in rows])
+
+
+def token_batches(model, rows: Sequence[Sequence[int]], batch_size: int, *, sort: bool = True,
+                  progress: bool = False, desc: str = "forward") -> Iterator[Batch]:
+    """Right-padded batches of up to ``batch_size`` rows (see :class:`Batch`).
+
+    With ``sort`` the rows are taken shortest first, so each batch pads little (use
+    it wherever the order of the batches does not matter: ``Batch.index`` says
+    which rows a batch holds); without it, in the given order. ``progress`` shows a
+    bar counting rows.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i])) if sort else list(range(len(rows)))
+    with progress_bar(progress, len(rows), desc) as bar:
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            yield padded(model, [rows[i] for i in index], index)
+            bar.update(len(index))
+
+
 def _new_cache(keys: list[Tensor], values: list[Tensor], mask: Tensor):
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
@@ -167,16 +230,19 @@ def run_batches(
     *,
     batch_size: int,
     stop_at_layer: int,
-    fwd_hooks_for: Callable[[Tensor, list[int]], list],
+    capture: Capture,
+    on_batch: Callable[[list[int]], None],
     share_prefixes: bool = True,
-    progress=None,
+    progress: Callable[[int], None] | None = None,
 ) -> None:
-    """Run every item once, calling hooks only on the stage that holds the read positions.
+    """Run every item once, with ``capture`` attached only on the stage that holds the read positions.
 
     Args:
-        fwd_hooks_for: ``(weights [batch, pos], item indices) -> fwd_hooks`` for one
-            suffix batch; ``weights[b, p]`` is ``1/len(positions)`` at the positions
-            read for row ``b`` (in the batch's own columns), else 0.
+        capture: recording hooks (:mod:`lens_roles.runtime.capture`); before each
+            suffix batch its ``weights`` ``[batch, pos]`` are set to ``1/len(positions)``
+            at the positions read for row ``b`` (in the batch's own columns), else 0.
+        on_batch: called after each suffix batch with the batch's item indices
+            (``capture.values`` then hold that batch's reductions).
         progress: an optional callable ``(n_prompts_done) -> None``.
     """
     device = model.cfg.device
@@ -213,13 +279,14 @@ def run_batches(
             weights = torch.zeros(tokens.shape, dtype=model.cfg.dtype)
             for row, (i, _, s) in enumerate(batch):
                 weights[row, [q - s for q in positions[i]]] = 1.0 / len(positions[i])
-            hooks = fwd_hooks_for(weights.to(device), [i for i, _, _ in batch])
-            with model.hooks(fwd_hooks=hooks):
+            capture.weights = weights.to(device)
+            with model.hooks(fwd_hooks=capture.fwd_hooks()):
                 if chunk_cache is None:
-                    model(tokens.to(device), stop_at_layer=stop_at_layer)
+                    model(tokens.to(device), attention_mask=mask.to(device), stop_at_layer=stop_at_layer)
                 else:
                     cache = _cache_rows(chunk_cache, torch.tensor([g for _, g, _ in batch], dtype=torch.long))
                     model(tokens.to(device), attention_mask=mask.to(device), past_kv_cache=cache,
                           stop_at_layer=stop_at_layer)
+            on_batch([i for i, _, _ in batch])
             if progress is not None:
                 progress(len(batch))

@@ -24,8 +24,9 @@ import torch
 
 from lens_roles.errors import DataError
 from lens_roles.inputs.positions import encode
-from lens_roles.runtime.activations import _as_prompts
+from lens_roles.inputs.prompts import as_prompts
 from lens_roles.runtime.batching import pad_batch, pad_id
+from lens_roles.runtime.progress import progress_bar
 
 
 @dataclass
@@ -74,6 +75,7 @@ def generate(
     use_kv_cache: bool = True,
     template: str | None = None,
     stop_at_eos: bool = True,
+    progress: bool = False,
 ) -> list[Generation]:
     """Continue each prompt (a :class:`~lens_roles.inputs.prompts.Prompt` or a user string).
 
@@ -82,6 +84,7 @@ def generate(
             with a ``torch.Generator`` seeded by ``seed``.
         use_kv_cache: feed one token per step through the KV cache.
         stop_at_eos: stop a row at the tokenizer's EOS token (the row is padded after).
+        progress: show a bar counting the decoding steps (new tokens).
     """
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
@@ -89,7 +92,7 @@ def generate(
         raise DataError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not (temperature >= 0 and temperature == temperature and temperature != float("inf")):
         raise DataError(f"temperature must be finite and >= 0, got {temperature}")
-    plist = _as_prompts(prompts)
+    plist = as_prompts(prompts)
     items = encode(model, plist, template=template)
     device = model.cfg.device
     tok = model.tokenizer
@@ -103,32 +106,34 @@ def generate(
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, batch) if use_kv_cache else None
 
-    for step in range(max_new_tokens):
-        if use_kv_cache:
-            if step == 0:
-                inputs, attn, offset = tokens, mask, 0
+    with progress_bar(progress, max_new_tokens, "generate", unit="token") as bar:
+        for step in range(max_new_tokens):
+            if use_kv_cache:
+                if step == 0:
+                    inputs, attn, offset = tokens, mask, 0
+                else:
+                    inputs, attn, offset = new[:, -1:], torch.ones((batch, 1), dtype=torch.long, device=device), \
+                        prompt_len + step - 1
+                with position_state(PositionState(offset=offset, prompt_len=prompt_len)):
+                    logits = model(inputs, attention_mask=attn, past_kv_cache=cache)[:, -1]
             else:
-                inputs, attn, offset = new[:, -1:], torch.ones((batch, 1), dtype=torch.long, device=device), \
-                    prompt_len + step - 1
-            with position_state(PositionState(offset=offset, prompt_len=prompt_len)):
-                logits = model(inputs, attention_mask=attn, past_kv_cache=cache)[:, -1]
-        else:
-            full = torch.cat([tokens, new], dim=1)
-            attn = torch.cat([mask, torch.ones_like(new)], dim=1)
-            with position_state(PositionState(offset=0, prompt_len=prompt_len)):
-                logits = model(full, attention_mask=attn)[:, -1]
-        logits = logits.float()
-        if temperature == 0:
-            nxt = logits.argmax(-1)
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1).cpu()
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(device)
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        new = torch.cat([new, nxt[:, None]], dim=1)
-        if eos is not None:
-            done |= nxt == eos
-            if bool(done.all()):
-                break
+                full = torch.cat([tokens, new], dim=1)
+                attn = torch.cat([mask, torch.ones_like(new)], dim=1)
+                with position_state(PositionState(offset=0, prompt_len=prompt_len)):
+                    logits = model(full, attention_mask=attn)[:, -1]
+            logits = logits.float()
+            if temperature == 0:
+                nxt = logits.argmax(-1)
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1).cpu()
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(device)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            new = torch.cat([new, nxt[:, None]], dim=1)
+            bar.update(1)
+            if eos is not None:
+                done |= nxt == eos
+                if bool(done.all()):
+                    break
     out = []
     for row in range(batch):
         ids = new[row].tolist()

@@ -1,4 +1,13 @@
-"""Reading the model's output from final-layer residual vectors at chosen positions only."""
+"""The one readout of the model's output from final-layer residual vectors, at chosen positions only.
+
+Every log-probability the package reads (sweeps, multiple-choice scoring, the PSR's
+KL objective, patching metrics) goes through :func:`final_logits` /
+:func:`logprobs_at`, which do exactly what the end of ``model(tokens)`` does —
+the final norm when the model has one, the unembedding, then the output logit
+soft-cap when the config enables one (``cfg.output_logits_soft_cap``, e.g. Gemma 2)
+— but only at the positions passed. :func:`kl_divergence` compares two such
+next-token distributions.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +17,14 @@ from torch import Tensor
 
 
 def final_logits(model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
-    """Logits from final-layer residual vectors, through ``ln_final`` and the unembedding.
+    """Logits from final-layer residual vectors, as ``model(tokens)`` computes them at those positions.
 
-    Only the vectors passed are unembedded, which for a small model with a large
-    vocabulary is much cheaper than the full forward's logits at every position.
+    ``ln_final`` (when ``cfg.normalization_type`` is not None), the unembedding, and
+    the output soft-cap (when enabled), in the model's dtype. Only the vectors
+    passed are unembedded, which for a small model with a large vocabulary is much
+    cheaper than the full forward's logits at every position.
     """
+    # deferred: importing transformer_lens is slow, and importing lens_roles does not need it
     from transformer_lens.utilities import apply_softcap
 
     flat = resid.reshape(1, -1, resid.shape[-1])
@@ -22,12 +34,19 @@ def final_logits(model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, ".
     return logits.reshape(*resid.shape[:-1], logits.shape[-1])
 
 
-def logprobs_at(model, resid: torch.Tensor) -> torch.Tensor:
-    """Next-token log-probabilities from final residual vectors ``[..., d_model]`` → ``[..., vocab]``.
+def logprobs_at(model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
+    """Next-token log-probabilities (float32) from final-layer residual vectors: log-softmax of :func:`final_logits`.
 
-    Only the positions passed go through the final norm and the unembedding, which
-    is most of the cost of a forward for a small model with a large vocabulary.
+    Equal to ``log_softmax(model(tokens).float(), -1)`` at the positions passed,
+    soft-capped models included.
     """
-    flat = resid.reshape(1, -1, resid.shape[-1])
-    logits = model.unembed(model.ln_final(flat))[0].float()
-    return torch.log_softmax(logits, dim=-1).reshape(*resid.shape[:-1], -1)
+    return torch.log_softmax(final_logits(model, resid).float(), dim=-1)
+
+
+def kl_divergence(logp: Float[Tensor, "... d_vocab"], logq: Float[Tensor, "... d_vocab"]) -> Float[Tensor, "..."]:
+    """``KL(p ‖ q) = Σ p (log p − log q)`` per position, from two next-token log-probability tensors.
+
+    ``p`` is the reference (the unsteered or prompted run), ``q`` the run compared
+    with it; the shapes broadcast.
+    """
+    return (logp.exp() * (logp - logq)).sum(-1)

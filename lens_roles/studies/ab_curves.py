@@ -22,13 +22,13 @@ rises with ``m``.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from lens_roles._version import __version__
 from lens_roles.directions.builders import diff_in_means
@@ -38,27 +38,11 @@ from lens_roles.inputs.positions import encode
 from lens_roles.inputs.prompts import PairSet, common_prefix_len
 from lens_roles.interventions.steering import steer
 from lens_roles.measures.multiple_choice import ChoiceItem, choice_logprobs
+from lens_roles.measures.statistics import bootstrap_indices, bootstrap_mean, pearson
 from lens_roles.runtime.activations import collect_sets
 from lens_roles.runtime.models import validate_layers
-from lens_roles.studies.role_study import bootstrap_mean
 
 DEFAULT_MULTIPLIERS = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
-
-
-def split_pairs(pairs: PairSet, *, n_train: int, n_test: int, seed: int = 0) -> tuple[PairSet, PairSet]:
-    """Disjoint training and test pairs from a seeded shuffle (at most ``n_train`` / ``n_test``)."""
-    if n_train < 1 or n_test < 1:
-        raise DataError(f"need at least one training and one test pair, got {n_train} and {n_test}")
-    if len(pairs) < 2:
-        raise DataError(f"pair set {pairs.name!r} has {len(pairs)} pair(s); cannot split it")
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    if n_train + n_test > len(pairs):
-        n_train = max(1, min(n_train, len(pairs) - min(n_test, len(pairs) // 2)))
-        n_test = len(pairs) - n_train
-    train = tuple(pairs.pairs[i] for i in sorted(order[:n_train]))
-    test = tuple(pairs.pairs[i] for i in sorted(order[n_train : n_train + n_test]))
-    return PairSet(f"{pairs.name}[train]", train, pairs.source), PairSet(f"{pairs.name}[test]", test, pairs.source)
 
 
 def ab_items(model, pairs: PairSet, *, template: str | None = None) -> tuple[list[ChoiceItem], list[int]]:
@@ -107,18 +91,21 @@ class ABCurve:
 @torch.no_grad()
 def ab_curve(model, pairs: PairSet, *, layer: int, multipliers: Sequence[float] = DEFAULT_MULTIPLIERS,
              n_train: int = 128, n_test: int = 64, seed: int = 0, n_boot: int = 2000, level: float = 0.95,
-             template: str | None = None, batch_size: int = 16) -> ABCurve:
-    """p(matching answer) against the multiplier of the behaviour's CAA vector at ``layer``."""
+             template: str | None = None, batch_size: int = 16, progress: bool = True) -> ABCurve:
+    """p(matching answer) against the multiplier of the behaviour's CAA vector at ``layer``.
+
+    With ``progress`` a tqdm bar on stderr counts the multipliers scored.
+    """
     (layer,) = validate_layers(model, [layer])
     mults = [float(m) for m in multipliers]
     if not mults or any(not np.isfinite(m) for m in mults):
         raise DataError(f"multipliers must be finite numbers, got {list(multipliers)}")
-    train, test = split_pairs(pairs, n_train=n_train, n_test=n_test, seed=seed)
+    train, test = pairs.split(n_train, seed=seed, rest=n_test, names=(f"{pairs.name}[train]", f"{pairs.name}[test]"))
     vector = ab_vector(model, train, [layer], template=template, batch_size=batch_size)
     items, _ = ab_items(model, test, template=template)
-    draws = np.random.default_rng(seed).integers(0, len(items), size=(n_boot, len(items)))
+    draws = bootstrap_indices(len(items), n_boot, seed)
     rows, scores = [], []
-    for m in mults:
+    for m in tqdm(mults, desc=f"A/B curve {pairs.name}", unit="multiplier", disable=not progress):
         with steer(model, vector, m, layers=[layer]):
             logps = choice_logprobs(model, items, batch_size=batch_size)
         p = np.array([float(torch.softmax(lp.double(), -1)[0]) for lp in logps])
@@ -142,7 +129,7 @@ def monotonicity(frame: pd.DataFrame) -> pd.DataFrame:
         p = grp.p_match.to_numpy(float)
         ranks_m = grp.multiplier.rank().to_numpy(float)
         ranks_p = grp.p_match.rank().to_numpy(float)
-        rho = float(np.corrcoef(ranks_m, ranks_p)[0, 1]) if len(p) > 1 and p.std() > 0 else float("nan")
+        rho = pearson(ranks_m, ranks_p) if len(p) > 1 and p.std() > 0 else float("nan")  # of the ranks
         rows.append({"behaviour": name, "spearman": rho, "monotone": bool(np.all(np.diff(p) >= 0)),
                      "p_at_min": float(p[0]), "p_at_max": float(p[-1]), "rises": bool(p[-1] > p[0])})
     return pd.DataFrame(rows)

@@ -1,7 +1,7 @@
 """The main job (``lens-roles demo``, ``make demo``).
 
 On one model: the librarian persona vector from the project's contrast pairs and
-a role vector for every role in ``data/roles`` against the baseline, each at every
+a role vector for every shipped role (``lens_roles/data/roles``) against the baseline, each at every
 layer. Each set is split deterministically (first 75 % to build, the rest held
 out); the held-out prompts measure how well each direction separates its two
 sides (AUC per layer), and the pairs' two halves measure the persona vector's
@@ -33,16 +33,27 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
+from tqdm.auto import tqdm
 
 from lens_roles._version import __version__
 from lens_roles.directions.builders import diff_in_means
-from lens_roles.directions.separation import separation_auc
-from lens_roles.inputs.prompts import available_roles, data_dir, load_baseline, load_pairs, load_role, split_point
+from lens_roles.directions.geometry import cosine_matrix, mean_offdiagonal_cosine, nearest_roles, role_map
+from lens_roles.directions.separation import separation_auc, split_half_agreement
+from lens_roles.inputs.prompts import PairSet, available_roles, data_dir, load_baseline, load_pairs, load_role
+from lens_roles.inputs.sets import split_indices
 from lens_roles.io import write_csv
-from lens_roles.runtime.activations import Activations, collect_sets
+from lens_roles.runtime.activations import collect_sets
 from lens_roles.runtime.models import parse_layers, validate_layers
-from lens_roles.viz.plots import direction_profile, layer_heatmap, line_by_layer, save_figure
+from lens_roles.studies.role_study import load_role_domains
+from lens_roles.studies.steering_report import run_steering_report
+from lens_roles.viz import (
+    direction_profile,
+    layer_heatmap,
+    line_by_layer,
+    role_cosine_heatmap,
+    save_figure,
+)
+from lens_roles.viz import role_map as role_map_figure
 
 TRAIN_FRACTION = 0.75
 #: α values of the demo's steering sweep, as multiples of the typical residual norm
@@ -54,15 +65,15 @@ def default_steer_layers(n_layers: int) -> list[int]:
     return sorted({round(n_layers * f) for f in (0.2, 0.4, 0.6)})
 
 
-def _split_indices(n: int) -> tuple[range, range]:
-    """The same deterministic split as ``PromptSet.split`` / ``PairSet.split``, as index ranges."""
-    k = split_point(n, TRAIN_FRACTION)
-    return range(k), range(k, n)
-
-
 def run_demo(model, *, out: Path, directions_out: Path, layers="all", roles="all", steer_layers=None,
-             **collect_kw) -> pd.DataFrame:
-    """Run the main job on ``model``; returns the summary frame (also written as CSV)."""
+             progress: bool = True, **collect_kw) -> pd.DataFrame:
+    """Run the main job on ``model``; returns the summary frame (also written as CSV).
+
+    With ``progress`` every phase a user waits on shows a tqdm bar on stderr, one
+    after another: the activations of the persona pairs and of the roles, the
+    held-out AUCs, the figures, the role geometry and the steering study (its
+    sweeps and generations). stdout gets the report alone.
+    """
     t_start = time.perf_counter()
     layers = validate_layers(model, parse_layers(layers) if isinstance(layers, str) else layers)
     rows: list[dict] = []
@@ -74,18 +85,14 @@ def run_demo(model, *, out: Path, directions_out: Path, layers="all", roles="all
     # -- the librarian persona, read over the reply tokens -----------------------------------
     pairs = load_pairs(data_dir() / "personas" / "librarian.jsonl", "librarian")
     pos, neg = collect_sets(model, [pairs.positives(), pairs.negatives()], layers=layers, positions="reply",
-                            keep_per_prompt=True, **collect_kw)
-    pair_train, pair_held = _split_indices(len(pairs))
+                            keep_per_prompt=True, progress=progress, **collect_kw)
+    pair_train, pair_held = split_indices(len(pairs), TRAIN_FRACTION)
     persona = diff_in_means(pos.subset(pair_train), neg.subset(pair_train), method="mean_diff", name="librarian",
                             dataset=pairs.fingerprint(), split=f"first {len(pair_train)} of {len(pairs)} pairs")
     persona.save(directions_out / "librarian.safetensors")
     add("librarian", "persona", persona.to_frame())
     add("librarian", "persona", separation_auc(persona, pos.subset(pair_held), neg.subset(pair_held)))
-    evens, odds = range(0, len(pairs), 2), range(1, len(pairs), 2)
-    half_a = diff_in_means(pos.subset(evens), neg.subset(evens))
-    half_b = diff_in_means(pos.subset(odds), neg.subset(odds))
-    add("librarian", "persona", pd.DataFrame(
-        [{"layer": layer, "metric": "split_half_cosine", "value": c} for layer, c in half_a.cosine(half_b).items()]))
+    add("librarian", "persona", split_half_agreement(model, pairs, activations=(pos, neg)))
 
     # -- every role against the baseline, read at the end-of-instruction tokens ----------------
     # the baseline and every role in one run (shared template prefix, full batches)
@@ -93,25 +100,23 @@ def run_demo(model, *, out: Path, directions_out: Path, layers="all", roles="all
     names = available_roles() if roles == "all" else list(roles)
     role_sets = [load_role(name) for name in names]
     base, *all_role_acts = collect_sets(model, [baseline, *role_sets], layers=layers, positions="eoi",
-                                        keep_per_prompt=True, **collect_kw)
-    base_train, base_held = _split_indices(len(baseline))
+                                        keep_per_prompt=True, progress=progress, **collect_kw)
+    base_train, base_held = split_indices(len(baseline), TRAIN_FRACTION)
     base_train_acts, base_held_acts = base.subset(base_train), base.subset(base_held)
     role_acts, vectors = {}, {}
     for name, role_set, acts in zip(names, role_sets, all_role_acts):
-        role_train, role_held = _split_indices(len(role_set))
+        role_train, role_held = split_indices(len(role_set), TRAIN_FRACTION)
         role_acts[name] = acts.subset(role_held)
         vectors[name] = diff_in_means(acts.subset(role_train), base_train_acts, method="role_vector", name=name,
                                       baseline="baseline", dataset=role_set.fingerprint(),
                                       split=f"first {len(role_train)} of {len(role_set)} instructions")
         vectors[name].save(directions_out / "roles" / f"{name}.safetensors")
-    for name, vector in vectors.items():
+    for name, vector in tqdm(vectors.items(), desc="held-out AUCs", unit="role", disable=not progress):
         add(name, "role", vector.to_frame())
         add(name, "role", separation_auc(vector, role_acts[name], base_held_acts))
-        if len(names) > 1:  # specificity: this role's held-out prompts against every other role's
+        if len(names) > 1:  # specificity: this role's held-out prompts against every other role's, pooled
             others = [role_acts[other] for other in names if other != name]
-            rest = Activations(others[0].layers, torch.zeros(0), sum(a.count for a in others),
-                               torch.cat([a.per_prompt for a in others]), {})
-            add(name, "role", separation_auc(vector, role_acts[name], rest).assign(metric="auc_vs_roles"))
+            add(name, "role", separation_auc(vector, role_acts[name], others).assign(metric="auc_vs_roles"))
 
     summary = pd.DataFrame(rows)
     meta = {
@@ -124,62 +129,66 @@ def run_demo(model, *, out: Path, directions_out: Path, layers="all", roles="all
         "split": f"first {TRAIN_FRACTION:.0%} build, rest held out",
         "lens_roles": __version__,
     }
-    write_outputs(summary, out, meta)
+    write_outputs(summary, out, meta, progress=progress)
     if len(vectors) > 1:
-        write_geometry(vectors, summary, out / "roles", meta)
+        write_geometry(vectors, summary, out / "roles", meta, progress=progress)
 
     # -- steering with the librarian vector, evaluated on the held-out pairs ---------------------
     if steer_layers:
-        from lens_roles.inputs.prompts import PairSet
-        from lens_roles.studies.steering_report import run_steering_report
-
         held_pairs = PairSet("librarian", tuple(pairs.pairs[i] for i in pair_held), pairs.source)
         print("steering the librarian persona (held-out pairs):")
         run_steering_report(model, persona, held_pairs, layers=[layer for layer in steer_layers if layer in layers],
                             alphas=STEER_ALPHAS, relative=True, out=out / "steering", n_generate=3,
-                            max_new_tokens=32)
+                            max_new_tokens=32, progress=progress)
     report(summary)
     print(f"demo finished in {time.perf_counter() - t_start:.1f} s; figures in {out}/, vectors in {directions_out}/")
     return summary
 
 
-def write_outputs(summary: pd.DataFrame, out: Path, meta: dict) -> None:
-    """Write the summary CSV and the three figures (see the module docs)."""
+def save_figures(figures: list, meta: dict, *, desc: str, progress: bool = False) -> None:
+    """Save each ``(figure, stem)`` with :func:`~lens_roles.viz.save_figure`, in order, under a tqdm bar.
+
+    Figures are built first and saved here, one by one: the PNG export (a
+    browser) is what takes seconds, and the bar shows it.
+    """
+    for fig, stem in tqdm(figures, desc=desc, unit="figure", disable=not progress):
+        save_figure(fig, stem, meta=meta)
+
+
+def write_outputs(summary: pd.DataFrame, out: Path, meta: dict, *, progress: bool = False) -> None:
+    """Write the summary CSV and the figures of directions by layer (see the module docs)."""
     out.mkdir(parents=True, exist_ok=True)
     write_csv(summary, out / "directions_summary.csv")
     sub = f"{meta['model']} · resid_post · persona: reply tokens, roles: end-of-instruction tokens"
-    save_figure(direction_profile(summary, title="Role and persona directions by layer", subtitle=sub),
-                out / "direction_profile", meta=meta)
+    figures = [(direction_profile(summary, title="Role and persona directions by layer", subtitle=sub),
+                out / "direction_profile")]
     roles_only = summary[summary.kind == "role"]
     role_sub = (f"{meta['model']} · resid_post · end-of-instruction tokens · "
                 "held-out prompts projected on each role vector")
-    save_figure(layer_heatmap(roles_only, metric="auc", zmin=0.5, zmax=1.0,
-                              title="Held-out separation of each role from the baseline (AUC)", subtitle=role_sub),
-                out / "role_auc_heatmap", meta=meta)
-    if (roles_only.metric == "auc_vs_roles").any():
-        save_figure(layer_heatmap(roles_only, metric="auc_vs_roles", zmin=0.0, zmax=1.0, zmid=0.5,
-                                  colorscale="RdBu_r", order="mean",
-                                  title="Role specificity: held-out role prompts vs all other roles' (AUC)",
+    figures.append((layer_heatmap(roles_only, metric="auc", zmin=0.5, zmax=1.0,
+                                  title="Held-out separation of each role from the baseline (AUC)",
                                   subtitle=role_sub),
-                    out / "role_specificity_heatmap", meta=meta)
+                    out / "role_auc_heatmap"))
+    if (roles_only.metric == "auc_vs_roles").any():
+        figures.append((layer_heatmap(roles_only, metric="auc_vs_roles", zmin=0.0, zmax=1.0, zmid=0.5,
+                                      colorscale="RdBu_r", order="mean",
+                                      title="Role specificity: held-out role prompts vs all other roles' (AUC)",
+                                      subtitle=role_sub),
+                        out / "role_specificity_heatmap"))
     split_half = summary[(summary.direction == "librarian") & (summary.metric == "split_half_cosine")]
-    save_figure(line_by_layer(split_half, title="Librarian persona vector: agreement of two disjoint halves",
-                              subtitle=f"{meta['model']} · resid_post · reply tokens · even vs odd pairs",
-                              y_title="cosine(half A, half B)"),
-                out / "librarian_split_half", meta=meta)
+    figures.append((line_by_layer(split_half, title="Librarian persona vector: agreement of two disjoint halves",
+                                  subtitle=f"{meta['model']} · resid_post · reply tokens · even vs odd pairs",
+                                  y_title="cosine(half A, half B)"),
+                    out / "librarian_split_half"))
+    save_figures(figures, meta, desc="figures", progress=progress)
 
 
-def write_geometry(vectors: dict, summary: pd.DataFrame, out: Path, meta: dict) -> None:
+def write_geometry(vectors: dict, summary: pd.DataFrame, out: Path, meta: dict, *, progress: bool = False) -> None:
     """Role geometry: cosine matrix per layer (slider), the 2-D map of roles, and how much they share.
 
     The map is drawn at the layer where the roles are most distinguishable from
     one another (highest mean held-out AUC against the other roles).
     """
-    from lens_roles.directions.geometry import cosine_matrix, mean_offdiagonal_cosine, nearest_roles, role_map
-    from lens_roles.studies.role_study import load_role_domains
-    from lens_roles.viz.plots import role_cosine_heatmap
-    from lens_roles.viz.plots import role_map as role_map_figure
-
     cos = cosine_matrix(vectors)
     spec = summary[summary.metric == "auc_vs_roles"].groupby("layer").value.mean()
     layer = int(spec.idxmax()) if len(spec) else int(cos.layer.median())
@@ -188,19 +197,22 @@ def write_geometry(vectors: dict, summary: pd.DataFrame, out: Path, meta: dict) 
     centred = cosine_matrix(vectors, centre=True)
     write_csv(nearest_roles(cos).merge(nearest_roles(centred), on=["role", "layer"], suffixes=("", "_centred")),
               out / "nearest_roles.csv")
-    save_figure(role_cosine_heatmap(centred, layer=layer, title="Cosine of role vectors, centred on the roles' mean",
-                                    subtitle=f"{meta['model']} · what roles share beyond the common expert direction"),
-                out / "role_cosine_centred", meta=meta)
     sub = f"{meta['model']} · role vectors at the end-of-instruction tokens"
-    save_figure(role_cosine_heatmap(cos, layer=layer, subtitle=sub), out / "role_cosine", meta=meta)
-    save_figure(role_map_figure(role_map(vectors, layer, groups=groups), subtitle=sub + " · centred on the roles' "
-                                "mean · colour: MMLU domain"), out / "role_map", meta=meta)
     shared = mean_offdiagonal_cosine(cos).assign(direction="mean cosine between distinct roles")
     if len(spec):
         shared = pd.concat([shared, pd.DataFrame({"layer": spec.index, "value": spec.values,
                                                   "direction": "mean held-out AUC vs other roles"})])
-    save_figure(line_by_layer(shared, title="How much the roles share, and how separable they are, by layer",
-                              subtitle=sub, y_title="value"), out / "role_sharing", meta=meta)
+    figures = [
+        (role_cosine_heatmap(centred, layer=layer, title="Cosine of role vectors, centred on the roles' mean",
+                             subtitle=f"{meta['model']} · what roles share beyond the common expert direction"),
+         out / "role_cosine_centred"),
+        (role_cosine_heatmap(cos, layer=layer, subtitle=sub), out / "role_cosine"),
+        (role_map_figure(role_map(vectors, layer, groups=groups), subtitle=sub + " · centred on the roles' "
+                         "mean · colour: MMLU domain"), out / "role_map"),
+        (line_by_layer(shared, title="How much the roles share, and how separable they are, by layer",
+                       subtitle=sub, y_title="value"), out / "role_sharing"),
+    ]
+    save_figures(figures, meta, desc="role geometry", progress=progress)
 
 
 def report(summary: pd.DataFrame, file=None) -> None:

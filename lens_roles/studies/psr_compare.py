@@ -4,33 +4,41 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from lens_roles._version import __version__
-from lens_roles.directions.direction import Direction, _thaw
-from lens_roles.errors import PSRError
+from lens_roles.config import Config
+from lens_roles.directions.direction import Direction
+from lens_roles.errors import ConfigError, PSRError
 from lens_roles.inputs.positions import encode
-from lens_roles.inputs.prompts import PairSet, Prompt, PromptSet, fingerprint
+from lens_roles.inputs.prompts import PairSet, Prompt, PromptSet, as_prompts
+from lens_roles.inputs.sets import fingerprint
 from lens_roles.interventions.psr.align import _check_direction
 from lens_roles.interventions.psr.evaluate import token_coefficients
 from lens_roles.interventions.psr.model import PSR
 from lens_roles.interventions.steering import steer
-from lens_roles.measures.sweeps import repetition_rate
-from lens_roles.runtime.activations import _as_prompts
-from lens_roles.runtime.batching import pad_batch, pad_id
+from lens_roles.io import to_plain
+from lens_roles.measures.behaviour import (
+    generation_coherence,
+    logprob_margin,
+    reply_logprob,
+    reply_logprobs,
+)
+from lens_roles.measures.multiple_choice import score_questions
+from lens_roles.runtime.batching import token_batches
 from lens_roles.runtime.generation import generate
-from lens_roles.runtime.readout import logprobs_at as _logprobs_at
 
 METHODS = ("none", "constant", "psr", "prompting")
 
 
 @dataclass(frozen=True)
-class CompareConfig:
+class CompareConfig(Config):
     """Settings of :func:`compare_at_matched_coherence`.
 
     Attributes:
@@ -51,15 +59,16 @@ class CompareConfig:
     def __post_init__(self):
         if self.target_perplexity is not None and not (self.target_perplexity > 1
                                                        and math.isfinite(self.target_perplexity)):
-            raise ValueError(f"target_perplexity must be finite and > 1, got {self.target_perplexity}")
+            raise ConfigError(f"CompareConfig: target_perplexity must be finite and > 1 (or None for "
+                              f"prompting's own), got {self.target_perplexity!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 2:
-            raise ValueError(f"max_new_tokens must be an integer >= 2, got {self.max_new_tokens!r}")
+            raise ConfigError(f"CompareConfig: max_new_tokens must be an integer >= 2, got {self.max_new_tokens!r}")
         if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+            raise ConfigError(f"CompareConfig: steps must be a positive integer, got {self.steps!r}")
         if not self.alpha_hi > 0:
-            raise ValueError(f"alpha_hi must be positive, got {self.alpha_hi}")
+            raise ConfigError(f"CompareConfig: alpha_hi must be positive, got {self.alpha_hi!r}")
         if not self.tolerance > 0:
-            raise ValueError(f"tolerance must be positive, got {self.tolerance}")
+            raise ConfigError(f"CompareConfig: tolerance must be positive, got {self.tolerance!r}")
 
 
 @dataclass(frozen=True)
@@ -84,25 +93,13 @@ def _context(model, method: str, direction: Direction, psr: PSR, alpha: float):
 
 def _coherence(model, ctx, prompts: list[Prompt], system: str | None, max_new_tokens: int
                ) -> tuple[float, float]:
-    """Mean perplexity (under the unsteered, unprompted model) and repetition of greedy generations."""
+    """Mean perplexity (under the unsteered, unprompted model) and repetition of greedy non-empty generations."""
     gen_prompts = [Prompt(p.user, system) for p in prompts]
-    with torch.no_grad():
-        with ctx:
-            outs = generate(model, gen_prompts, max_new_tokens=max_new_tokens)
-        items = encode(model, [Prompt(p.user) for p in prompts])
-        full = [list(it.tokens) + list(o.tokens) for it, o in zip(items, outs)]
-        tokens, _ = pad_batch(full, pad_id(model))
-        logp = torch.log_softmax(model(tokens.to(model.cfg.device)).float(), dim=-1).cpu()
-    ppl, rep = [], []
-    for r, (it, o) in enumerate(zip(items, outs)):
-        if not o.tokens:
-            continue
-        idx = torch.arange(len(it.tokens), len(it.tokens) + len(o.tokens))
-        ppl.append(float((-logp[r, idx - 1, tokens[r, idx]].mean()).exp()))
-        rep.append(repetition_rate(o.tokens))
-    if not ppl:
-        return float("nan"), float("nan")
-    return sum(ppl) / len(ppl), sum(rep) / len(rep)
+    with torch.no_grad(), ctx:
+        outs = generate(model, gen_prompts, max_new_tokens=max_new_tokens)
+    items = encode(model, [Prompt(p.user) for p in prompts])
+    ppl, rep = generation_coherence(model, [it.tokens for it in items], [o.tokens for o in outs]).nanmean(0)
+    return float(ppl), float(rep)
 
 
 def _margin(model, ctx, pairs: PairSet, system: str | None, batch_size: int = 8) -> float:
@@ -111,20 +108,17 @@ def _margin(model, ctx, pairs: PairSet, system: str | None, batch_size: int = 8)
     items = encode(model, prompts)
     lps = []
     with torch.no_grad(), ctx:
-        for s in range(0, len(items), batch_size):
-            chunk = items[s : s + batch_size]
-            tokens, _ = pad_batch([it.tokens for it in chunk], pad_id(model))
-            resid = model(tokens.to(model.cfg.device), stop_at_layer=model.cfg.n_layers)
-            for r, it in enumerate(chunk):
+        for batch in token_batches(model, [it.tokens for it in items], batch_size, sort=False):
+            resid = batch.forward(model, stop_at_layer=model.cfg.n_layers)
+            for r, it in enumerate(items[i] for i in batch.index):
                 a, b = it.reply
-                logp = _logprobs_at(model, resid[r, a - 1 : b - 1]).cpu()
-                lps.append(float(logp[torch.arange(b - a), torch.tensor(it.tokens[a:b])].mean()))
-    return sum(lps[0::2]) / len(pairs) - sum(lps[1::2]) / len(pairs)
+                lps.append(reply_logprob(reply_logprobs(model, resid[r], it.reply).cpu(), it.tokens[a:b]))
+    lp = torch.stack(lps).double()
+    return float(logprob_margin(lp[0::2], lp[1::2]).mean())
 
 
 def _mc(model, ctx, questions, system: str | None) -> tuple[float, float]:
-    from lens_roles.measures.multiple_choice import score_questions
-
+    """Multiple-choice accuracy and mean probability of the right letter under ``ctx``."""
     with ctx:
         frame = score_questions(model, questions, system=system)
     return float(frame.correct.mean()), float(frame.p_correct.mean())
@@ -132,7 +126,7 @@ def _mc(model, ctx, questions, system: str | None) -> tuple[float, float]:
 
 def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: PairSet | PromptSet, system: str,
                                  *, questions=None, config: CompareConfig = CompareConfig(),
-                                 progress: Callable[[str], None] | None = None) -> Comparison:
+                                 progress: bool = True) -> Comparison:
     """Constant steering, PSR and prompting at matched coherence (see the module docs).
 
     Coherence is measured on the pairs' user turns; behaviour on the pairs (held
@@ -146,6 +140,10 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
     With ``questions``, the matched points (and prompting, and no intervention)
     are also scored on them: ``accuracy`` and ``p_correct`` and their changes from
     no intervention (the multiple-choice effect).
+
+    With ``progress`` a tqdm bar on stderr counts the evaluated points (its postfix
+    shows the latest α, perplexity and margin). A steering method whose closest
+    point misses the target perplexity is reported by a ``UserWarning``.
     """
     _check_direction(model, direction)
     psr.check_model(model)
@@ -154,13 +152,12 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
                                      psr.vectors.cpu(), rtol=1e-4, atol=1e-6):
         raise PSRError(f"the PSR steers with a different direction (or layers {missing}) than the one compared "
                        "against")
-    say = progress or (lambda msg: None)
     has_pairs = isinstance(pairs, PairSet)
     if has_pairs:
         users = [Prompt(p.user) for p in pairs.pairs]
         lam_prompts = [Prompt(p.user, None, p.positive) for p in pairs.pairs]
     else:
-        plist = _as_prompts(pairs)
+        plist = as_prompts(pairs)
         if questions is None:
             raise PSRError("without contrast pairs there is no persona margin: pass questions (the multiple-choice "
                            "effect is then the behaviour)")
@@ -170,6 +167,10 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
             raise PSRError("no prompts to measure coherence on")
     t0 = time.perf_counter()
     points = []
+    # the points to evaluate: none, prompting, and per steering method one bracket and the bisection steps
+    # (each further bracket adds one), then each method on the questions
+    bar = tqdm(total=2 + 2 * (1 + config.steps) + (4 if questions is not None else 0), desc="matched coherence",
+               unit="point", disable=not progress)
 
     def evaluate(method: str, alpha: float) -> dict:
         system_ = system if method == "prompting" else None
@@ -179,7 +180,9 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
                   else float("nan"))
         row = {"method": method, "alpha": alpha, "perplexity": ppl, "repetition": rep, "margin": margin}
         points.append(row)
-        say(f"{method} α={alpha:.3g}: perplexity {ppl:.2f}" + (f", margin {margin:.3f}" if has_pairs else ""))
+        bar.set_postfix_str(f"{method} α={alpha:.3g}: perplexity {ppl:.2f}"
+                            + (f", margin {margin:.3f}" if has_pairs else ""), refresh=False)
+        bar.update()
         return row
 
     base = evaluate("none", 0.0)
@@ -199,6 +202,7 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
             if row["perplexity"] >= target:
                 break
             lo, hi = hi, 2 * hi
+            bar.total += 1
             row = evaluate(method, hi)
         tried = [row]
         for _ in range(config.steps):
@@ -219,9 +223,6 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
     table = pd.DataFrame(rows)
     # the closest point found is reported either way; say whether it is a matched one
     table["matched"] = [abs(math.log(p / target)) <= config.tolerance for p in table.perplexity]
-    for row in table[~table.matched & table.method.isin(["constant", "psr"])].itertuples():
-        say(f"warning: {row.method} did not reach the target perplexity {target:.3f} (closest: "
-            f"{row.perplexity:.3f} at α={row.alpha:.3g}); its row is not a matched-coherence point")
     table["mean_strength"] = table.alpha * table.method.map(strength)
     table["margin_gain"] = table.margin - base["margin"]
     if questions is not None:
@@ -230,10 +231,17 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
             system_ = system if method == "prompting" else None
             accs[method] = _mc(model, _context(model, method, direction, psr, matched[method]["alpha"]), questions,
                                system_)
-            say(f"{method}: multiple-choice accuracy {accs[method][0]:.3f}")
+            bar.set_postfix_str(f"{method}: multiple-choice accuracy {accs[method][0]:.3f}", refresh=False)
+            bar.update()
         table["mc_accuracy"] = table.method.map(lambda m: accs[m][0])
         table["mc_p_correct"] = table.method.map(lambda m: accs[m][1])
         table["mc_effect"] = table.mc_p_correct - accs["none"][1]
+    bar.close()
+    for row in table[~table.matched & table.method.isin(["constant", "psr"])].itertuples():
+        warnings.warn(f"{row.method} did not reach the target perplexity {target:.3f} (closest: "
+                      f"{row.perplexity:.3f} at α={row.alpha:.3g}); its row is not a matched-coherence point. More "
+                      "bisection steps (CompareConfig.steps) bring it closer; a target out of reach needs a lower "
+                      "target_perplexity", stacklevel=2)
     curve = pd.DataFrame(points)
     curve["mean_strength"] = curve.alpha * curve.method.map(strength)
     meta = {"model": model.cfg.model_name, "layers": list(psr.layers), "system": system,
@@ -241,7 +249,7 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
             "pairs_hash": pairs.fingerprint() if hasattr(pairs, "fingerprint") else fingerprint(
                 [(p.system, p.user, p.reply) for p in plist]), "n_pairs": len(users), "target_perplexity": target,
             "max_new_tokens": config.max_new_tokens, "bisection_steps": config.steps, "psr_mean_lambda": mean_lambda,
-            "psr": dict(psr.meta, alpha=float(psr.alpha)), "direction": _thaw(direction.meta),
+            "psr": dict(psr.meta, alpha=float(psr.alpha)), "direction": to_plain(direction.meta),
             "questions": None if questions is None else getattr(questions, "name", "questions"),
             "n_questions": None if questions is None else len(list(questions)), "lens_roles": __version__,
             "seconds": time.perf_counter() - t0}

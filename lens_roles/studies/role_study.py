@@ -30,27 +30,31 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from lens_roles._version import __version__
+from lens_roles.config import Config
 from lens_roles.directions.direction import Direction
-from lens_roles.errors import DataError
+from lens_roles.errors import ConfigError, DataError
 from lens_roles.inputs.prompts import data_dir
 from lens_roles.inputs.questions import QuestionSet
 from lens_roles.io import atomic_write, write_csv
 from lens_roles.measures.multiple_choice import SYSTEM_TEMPLATE, Condition, evaluate_condition, persona_prompt
+from lens_roles.measures.statistics import bootstrap_indices, bootstrap_mean, percentile_interval
+from lens_roles.viz import in_off_domain_bars, role_domain_heatmap, save_figure, selection_heatmap
 
 #: metric name → the per-question column it averages
 METRICS = {"accuracy": "correct", "p_correct": "p_correct"}
 
 
 def load_role_domains(path: str | Path | None = None) -> dict[str, str]:
-    """Role → domain map from ``data/roles/domains.json`` (``{domain: [roles]}``)."""
+    """Role → domain map from the shipped ``roles/domains.json`` (``{domain: [roles]}``)."""
     path = Path(path) if path else data_dir() / "roles" / "domains.json"
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -70,7 +74,7 @@ def load_role_domains(path: str | Path | None = None) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class StudyConfig:
+class StudyConfig(Config):
     """Settings of :func:`run_role_study` (validated on creation).
 
     Attributes:
@@ -102,19 +106,21 @@ class StudyConfig:
     def __post_init__(self):
         bad = [c for c in self.conditions if c not in ("addition", "ablation", "prompting")]
         if bad:
-            raise ValueError(f"unknown condition(s) {bad}; use addition, ablation, prompting")
+            raise ConfigError(f"StudyConfig: unknown condition(s) {bad} in conditions; "
+                              "use addition, ablation, prompting")
         if ("addition" in self.conditions or "ablation" in self.conditions) and not self.alphas:
-            raise ValueError("alphas must not be empty")
+            raise ConfigError(f"StudyConfig: alphas must not be empty when conditions include addition or "
+                              f"ablation, got alphas={self.alphas!r}")
         if any(not np.isfinite(a) for a in self.alphas):
-            raise ValueError(f"alphas must be finite, got {self.alphas}")
+            raise ConfigError(f"StudyConfig: alphas must be finite, got {self.alphas!r}")
         if not 0 < self.level < 1:
-            raise ValueError(f"level must be in (0, 1), got {self.level}")
+            raise ConfigError(f"StudyConfig: level must be in (0, 1), got {self.level!r}")
         if self.n_boot < 100:
-            raise ValueError(f"n_boot must be at least 100, got {self.n_boot}")
+            raise ConfigError(f"StudyConfig: n_boot must be at least 100, got {self.n_boot!r}")
         for name in ("max_val", "max_test"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be positive or None, got {value}")
+                raise ConfigError(f"StudyConfig: {name} must be positive or None, got {value!r}")
 
 
 def default_selection_layers(n_layers: int) -> tuple[int, ...]:
@@ -181,26 +187,20 @@ def select_addition(model, direction: Direction, val: QuestionSet, *, layers: Se
 
 
 def _boot_indices(domains: Mapping[str, int], n_boot: int, seed: int) -> dict[str, np.ndarray]:
+    """Bootstrap resamples ``[draw, n]`` of each domain's test questions, drawn in turn from one seeded stream."""
     rng = np.random.default_rng(seed)
-    return {d: rng.integers(0, n, size=(n_boot, n)) for d, n in domains.items()}
-
-
-def _interval(draws: np.ndarray, level: float) -> tuple[float, float]:
-    tail = (1 - level) / 2 * 100
-    lo, hi = np.percentile(draws, [tail, 100 - tail])
-    return float(lo), float(hi)
-
-
-def bootstrap_mean(values: np.ndarray, indices: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
-    """Mean of ``values`` and its percentile-bootstrap interval over the resamples ``indices [draw, n]``."""
-    values = np.asarray(values, dtype=float)
-    return float(values.mean()), *_interval(values[indices].mean(1), level)
+    return {d: bootstrap_indices(n, n_boot, rng) for d, n in domains.items()}
 
 
 def run_role_study(model, roles: Mapping[str, Direction], domains: Mapping[str, QuestionSet], *,
                    role_domains: Mapping[str, str] | None = None, config: StudyConfig | None = None,
-                   progress: Callable[[str], None] | None = None) -> RoleStudy:
-    """Run the roles × domains evaluation (see the module docs for the protocol)."""
+                   progress: bool = True) -> RoleStudy:
+    """Run the roles × domains evaluation (see the module docs for the protocol).
+
+    With ``progress`` a tqdm bar on stderr counts the evaluations (no
+    intervention per domain, each role's layer/α selection, each role × condition ×
+    domain); its postfix names the one under way.
+    """
     config = config or StudyConfig()
     if not roles:
         raise DataError("no role vectors to evaluate")
@@ -208,31 +208,36 @@ def run_role_study(model, roles: Mapping[str, Direction], domains: Mapping[str, 
         raise DataError("no question sets to evaluate on")
     role_domains = dict(role_domains or {})
     layers = config.layers or default_selection_layers(model.cfg.n_layers)
-    say = progress or (lambda _msg: None)
     t0 = time.perf_counter()
 
     val, test = {}, {}
     for name, qs in domains.items():
-        v, t = qs.split(config.validation, config.seed)
+        v, t = qs.split(config.validation, seed=config.seed, names=(f"{qs.name}[val]", None))
         val[name], test[name] = v.head(config.max_val), t.head(config.max_test)
     kw = dict(answer_format=config.answer_format, batch_size=config.batch_size)
+    needs_layer = "addition" in config.conditions or "ablation" in config.conditions
+    n_conditions = sum(c in config.conditions for c in ("addition", "ablation", "prompting"))
+    bar = tqdm(total=len(test) + len(roles) * (needs_layer + n_conditions * len(test)), desc="role study",
+               unit="eval", disable=not progress)
 
     frames = []
     for name, qs in test.items():
-        say(f"none · {name} ({len(qs)} questions)")
+        bar.set_postfix_str(f"none · {name} ({len(qs)} questions)")
         frames.append(evaluate_condition(model, qs, Condition("none"), **kw).assign(role="", domain=name))
+        bar.update()
 
     grids, chosen = [], {}
-    needs_layer = "addition" in config.conditions or "ablation" in config.conditions
     for role, direction in roles.items():
         if not needs_layer:
             break
         home = role_domains.get(role)
         sel = val[home] if home in val else _pooled_validation(val, config.max_val)
-        say(f"select · {role} on {sel.name} ({len(sel)} questions × {len(layers) * len(config.alphas)} settings)")
+        bar.set_postfix_str(f"select · {role} on {sel.name} ({len(sel)} questions × "
+                            f"{len(layers) * len(config.alphas)} settings)")
         cond, grid = select_addition(model, direction, sel, layers=layers, alphas=config.alphas, **kw)
         chosen[role] = cond
         grids.append(grid.assign(role=role, selected_on=sel.name))
+        bar.update()
     t_select = time.perf_counter() - t0
 
     for role, direction in roles.items():
@@ -245,15 +250,17 @@ def run_role_study(model, roles: Mapping[str, Direction], domains: Mapping[str, 
             conds.append(Condition("prompting", system=persona_prompt(role, config.system_template)))
         for cond in conds:
             for name, qs in test.items():
-                say(f"{cond.kind} · {role} · {name}")
+                bar.set_postfix_str(f"{cond.kind} · {role} · {name}")
                 frames.append(evaluate_condition(model, qs, cond, direction, **kw).assign(role=role, domain=name))
+                bar.update()
+    bar.close()
     scores = pd.concat(frames, ignore_index=True).assign(split="test")
     selection = pd.concat(grids, ignore_index=True) if grids else pd.DataFrame()
 
     table, summary, baseline = _tables(scores, test, list(roles), role_domains, config)
     meta = {
         "model": model.cfg.model_name, "n_layers": model.cfg.n_layers, "lens_roles": __version__,
-        "config": asdict(config), "selection_layers": list(layers),
+        "config": config.to_dict(), "selection_layers": list(layers),
         "roles": {r: {"domain": role_domains.get(r), "dataset": d.meta.get("dataset"), "method": d.method,
                       "positions": d.meta.get("positions")} for r, d in roles.items()},
         "domains": {d: {"source": qs.source, "fingerprint": qs.fingerprint(), "n_val": len(val[d]),
@@ -294,7 +301,7 @@ def _tables(scores: pd.DataFrame, test: Mapping[str, QuestionSet], roles: list[s
                     v, v0 = cell[column].to_numpy(float), b[column].to_numpy(float)
                     value, lo, hi = bootstrap_mean(v, boot[d], config.level)
                     delta_draws = (v - v0)[boot[d]].mean(1)
-                    dlo, dhi = _interval(delta_draws, config.level)
+                    dlo, dhi = percentile_interval(delta_draws, config.level)
                     in_domain = role_domains.get(role) == d
                     cell_draws.setdefault((cond, in_domain, metric), []).append(delta_draws)
                     rows.append({"role": role, "domain": d, "in_domain": in_domain, "condition": cond,
@@ -306,7 +313,7 @@ def _tables(scores: pd.DataFrame, test: Mapping[str, QuestionSet], roles: list[s
     for (cond, in_domain, metric), draws in sorted(cell_draws.items(), key=lambda kv: (kv[0][0], not kv[0][1],
                                                                                           kv[0][2])):
         cells = table[(table.condition == cond) & (table.in_domain == in_domain) & (table.metric == metric)]
-        lo, hi = _interval(np.mean(draws, axis=0), config.level)
+        lo, hi = percentile_interval(np.mean(draws, axis=0), config.level)
         summary_rows.append({"condition": cond, "in_domain": in_domain, "metric": metric, "cells": len(draws),
                              "delta": float(cells.delta.mean()), "lo": lo, "hi": hi})
     return table, pd.DataFrame(summary_rows), pd.DataFrame(base_rows)
@@ -314,8 +321,6 @@ def _tables(scores: pd.DataFrame, test: Mapping[str, QuestionSet], roles: list[s
 
 def write_role_study(study: RoleStudy, out: str | Path, *, png: bool = True) -> list[Path]:
     """Write the study's frames as CSV, its provenance as JSON, and its figures, into ``out``."""
-    from lens_roles.viz.plots import in_off_domain_bars, role_domain_heatmap, save_figure, selection_heatmap
-
     out = Path(out)
     written = [write_csv(getattr(study, name), out / f"{name}.csv")
                for name in ("scores", "selection", "table", "summary", "baseline")]

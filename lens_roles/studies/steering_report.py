@@ -26,25 +26,30 @@ from lens_roles.interventions.steering import residual_norms
 from lens_roles.io import write_csv
 from lens_roles.measures.sweeps import adherence_sweep, cosine_sweep, generation_sweep
 from lens_roles.runtime.models import validate_layers
-from lens_roles.viz.plots import behaviour_vs_alpha, cosine_vs_alpha, save_figure
+from lens_roles.viz import behaviour_vs_alpha, cosine_vs_alpha, save_figure
 
 
 def run_steering_report(model, direction: Direction, pairs: PairSet, *, layers, alphas, relative: bool = True,
                         out: Path, n_generate: int = 3, max_new_tokens: int = 32, batch_size: int = 4,
-                        file=None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Run the sweeps on ``pairs`` (held out from the direction's data) and write the outputs."""
+                        progress: bool = True, file=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Run the sweeps on ``pairs`` (held out from the direction's data) and write the outputs.
+
+    With ``progress`` each step (residual norms, the cosine and adherence sweeps,
+    the generations) shows a tqdm bar on stderr; the report goes to ``file``
+    (default stdout).
+    """
     layers = list(validate_layers(model, layers))
     users = [p.user for p in pairs.pairs]
-    norms = residual_norms(model, users, layers=layers) if relative else None
+    norms = residual_norms(model, users, layers=layers, progress=progress) if relative else None
     frames = [
-        cosine_sweep(model, direction, users, steer_layers=layers, alphas=alphas, relative=norms),
+        cosine_sweep(model, direction, users, steer_layers=layers, alphas=alphas, relative=norms, progress=progress),
         adherence_sweep(model, direction, pairs, steer_layers=layers, alphas=alphas, relative=norms,
-                        batch_size=batch_size),
+                        batch_size=batch_size, progress=progress),
     ]
     texts = pd.DataFrame(columns=["layer", "alpha", "prompt", "text"])
     if n_generate > 0:
         metrics, texts = generation_sweep(model, direction, users[:n_generate], steer_layers=layers, alphas=alphas,
-                                          relative=norms, max_new_tokens=max_new_tokens)
+                                          relative=norms, max_new_tokens=max_new_tokens, progress=progress)
         frames.append(metrics)
     sweep = pd.concat(frames, ignore_index=True)[["layer", "alpha", "metric", "value", "read_layer", "alpha_mode"]]
 

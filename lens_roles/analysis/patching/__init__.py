@@ -52,8 +52,8 @@ which downstream components carry the change in the metric.
 """
 
 from lens_roles.analysis.patching.grids import GRIDS, Grid, get_grid
-from lens_roles.analysis.patching.metrics import Metric, DirectionProjection, LogitDiff, LogprobMargin
 from lens_roles.analysis.patching.inputs import align_prompts
+from lens_roles.analysis.patching.metrics import DirectionProjection, LogitDiff, LogprobMargin, Metric
 from lens_roles.analysis.patching.result import PatchResult, patch_agreement
 from lens_roles.analysis.patching.runs import PatchSetup, activation_patch, attribution_patch, steering_setup
 

@@ -5,12 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lens_roles.directions.direction import Direction, _thaw
+from lens_roles.directions.direction import Direction
 from lens_roles.errors import DirectionError, PatchingError
+from lens_roles.io import to_plain
+from lens_roles.measures.behaviour import (
+    direction_projection,
+    logprob_margin,
+    projection_label,
+    reply_logprob,
+    reply_logprobs,
+)
 from lens_roles.runtime.models import validate_layers
 from lens_roles.runtime.readout import final_logits
 
@@ -107,17 +114,16 @@ class DirectionProjection(Metric):
 
     @property
     def label(self) -> str:
-        return f"projection on {self.name} after layer {self.layer}"
+        return projection_label(self.direction, self.layer)
 
     def describe(self) -> dict:
         meta = self.direction.meta
         return {"kind": self.kind, "label": self.label, "direction": self.name, "layer": self.layer,
                 "position": self.position, "direction_model": meta.get("model"),
-                "direction_method": meta.get("method"), "direction_dataset": _thaw(meta.get("dataset"))}
+                "direction_method": meta.get("method"), "direction_dataset": to_plain(meta.get("dataset"))}
 
     def __call__(self, model, resid, n_prompt):
-        u = self.direction.unit(self.layer).to(resid.device, resid.dtype)
-        return resid[:, self.read_position(n_prompt)] @ u
+        return direction_projection(resid[:, self.read_position(n_prompt)], self.direction, self.layer)
 
 
 @dataclass(frozen=True)
@@ -201,14 +207,7 @@ class LogprobMargin(Metric):
 
     def __call__(self, model, resid, n_prompt):
         conts = self.continuations(model)
-        rows = len(conts)
-        scores = []
-        for r, ids in enumerate(conts):
-            k = len(ids)
-            # positions n_prompt-1 .. n_prompt+k-2 predict the continuation's k tokens
-            x = resid[r::rows, n_prompt - 1 : n_prompt - 1 + k]  # [batch, k, d_model]
-            logp = torch.log_softmax(final_logits(model, x).float(), dim=-1)
-            target = torch.tensor(ids, device=logp.device).expand(x.shape[0], k)
-            lp = logp.gather(-1, target[..., None])[..., 0]  # [batch, k]
-            scores.append(lp.mean(-1) if self.reduce == "mean" else lp.sum(-1))
-        return scores[0] - scores[1]
+        scores = [reply_logprob(reply_logprobs(model, resid[r :: len(conts)], (n_prompt, n_prompt + len(ids))), ids,
+                                reduce=self.reduce)  # [batch]
+                  for r, ids in enumerate(conts)]
+        return logprob_margin(scores[0], scores[1])

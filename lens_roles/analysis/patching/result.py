@@ -12,6 +12,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lens_roles.errors import PatchingError
+from lens_roles.measures.statistics import pearson
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,13 +86,6 @@ class PatchResult:
                 f"clean {self.clean_value:.4g}, corrupt {self.corrupt_value:.4g})")
 
 
-def _pearson(x: Tensor, y: Tensor) -> float:
-    x, y = x.double().flatten(), y.double().flatten()
-    x, y = x - x.mean(), y - y.mean()
-    denom = float(x.norm() * y.norm())
-    return float((x @ y) / denom) if denom > 0 else float("nan")
-
-
 def patch_agreement(activation: PatchResult | Sequence[PatchResult],
                     attribution: PatchResult | Sequence[PatchResult]) -> pd.DataFrame:
     """How well attribution patching matches activation patching, per grid.
@@ -110,6 +104,6 @@ def patch_agreement(activation: PatchResult | Sequence[PatchResult],
             raise PatchingError(f"grid {act.grid!r}: activation and attribution results cover different cells "
                                 "or metrics; compute both from the same PatchSetup and arguments")
         rows.append({"grid": act.grid, "metric": act.metric, "cells": act.values.numel(),
-                     "pearson": _pearson(act.values, att.values),
+                     "pearson": pearson(act.values, att.values),
                      "max_abs_diff": float((act.values - att.values).abs().max())})
     return pd.DataFrame(rows)

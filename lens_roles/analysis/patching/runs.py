@@ -18,7 +18,7 @@ from lens_roles.analysis.patching.metrics import Metric
 from lens_roles.analysis.patching.result import PatchResult
 from lens_roles.directions.direction import Direction
 from lens_roles.errors import PatchingError
-from lens_roles.inputs.prompts import fingerprint
+from lens_roles.inputs.sets import fingerprint
 from lens_roles.interventions.steering import steer
 from lens_roles.runtime.batching import pad_batch, pad_id
 from lens_roles.runtime.models import model_id, validate_layers

@@ -27,11 +27,12 @@ from typing import Mapping, Sequence
 
 import torch
 
-from lens_roles.analysis.sae.core import batches, check_sae, decoder_directions, padded_batch
+from lens_roles.analysis.sae.core import check_sae, decoder_directions
 from lens_roles.directions.direction import Direction
 from lens_roles.errors import SAEError
 from lens_roles.io import atomic_write
-from lens_roles.runtime.models import resid_hook
+from lens_roles.runtime.batching import token_batches
+from lens_roles.runtime.capture import capture
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,12 @@ class Card:
 @torch.no_grad()
 def feature_cards(model, sae, features: Sequence[int], sequences: Sequence[Sequence[int]], *,
                   directions: Mapping[str, Direction] | None = None, n_contexts: int = 6, window: int = 12,
-                  n_tokens: int = 10, batch_size: int = 16, notes: Mapping[int, str] | None = None) -> list[Card]:
-    """Cards for ``features`` of ``sae`` over the corpus ``sequences`` (token ids, BOS first)."""
+                  n_tokens: int = 10, batch_size: int = 16, notes: Mapping[int, str] | None = None,
+                  progress: bool = False) -> list[Card]:
+    """Cards for ``features`` of ``sae`` over the corpus ``sequences`` (token ids, BOS first).
+
+    ``progress`` shows a bar over the corpus pass.
+    """
     layer = check_sae(sae, model)
     feats = torch.as_tensor([int(f) for f in features], dtype=torch.long)
     if len(feats) and (feats.min() < 0 or feats.max() >= sae.cfg.d_sae):
@@ -69,18 +74,16 @@ def feature_cards(model, sae, features: Sequence[int], sequences: Sequence[Seque
     per_seq: dict[int, torch.Tensor] = {}
     fired = torch.zeros(len(feats))
     n_tok = 0
-    store = {}
 
-    def grab(x, hook):
-        store["x"] = x
+    def feature_acts(x, weights, at):  # the chosen features' activations at positions 1..: [batch, pos - 1, feature]
+        return sae.encode(x[:, 1:].to(sae.dtype))[..., feats.to(sae.device)].float().cpu()
 
-    for _, batch in batches(sequences, batch_size):
-        tokens, mask = padded_batch(model, [s for _, s in batch])
-        with model.hooks(fwd_hooks=[(resid_hook(layer), grab)]):
-            model(tokens, attention_mask=mask, stop_at_layer=layer + 1)
-        acts = sae.encode(store.pop("x")[:, 1:].to(sae.dtype))[..., feats.to(sae.device)].float().cpu()
-        for row, (i, seq) in enumerate(batch):
-            a = acts[row, : len(seq) - 1]  # positions 1..len-1
+    for batch in token_batches(model, sequences, batch_size, progress=progress, desc="feature cards"):
+        with capture(model, [layer], feature_acts) as cap:
+            batch.forward(model, stop_at_layer=cap.stop_at_layer)
+        acts = cap[layer]
+        for row, (i, n) in enumerate(zip(batch.index, batch.lengths)):
+            a = acts[row, : n - 1]  # positions 1..len-1
             per_seq[i] = a
             fired += (a > 0).sum(0)
             n_tok += len(a)

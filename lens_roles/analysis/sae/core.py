@@ -13,6 +13,10 @@ from ``sae_lens``'s registry and one trained here go through the same analysis
 * :func:`harvest` — residual activations of a :class:`~lens_roles.analysis.sae.corpus.Corpus` at
   some layers, ``[token, d_model]`` per layer (position 0, the BOS attention sink
   whose norm is tens of times the others', is left out).
+
+Every forward over a corpus goes through :func:`lens_roles.runtime.batching.token_batches`
+(length-sorted, right-padded, with the attention mask) and reads activations through
+:func:`lens_roles.runtime.capture.capture`.
 * :func:`train_sae` — a TopK (``k``) or L1 (``l1``) SAE trained with
   ``sae_lens``'s ``SAETrainer`` on harvested activations; decoder rows are
   unit-norm in the result.
@@ -28,7 +32,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 from jaxtyping import Float
@@ -37,7 +41,7 @@ from torch import Tensor
 
 from lens_roles.errors import DataError, SAEError
 from lens_roles.io import parse_json, read_text
-from lens_roles.runtime.batching import pad_batch, pad_id
+from lens_roles.runtime.activations import residual_rows
 from lens_roles.runtime.models import resid_hook, validate_layers
 
 # --------------------------------------------------------------------------- loading
@@ -152,46 +156,19 @@ def decoder_directions(sae) -> Float[Tensor, "d_sae d_model"]:
 # --------------------------------------------------------------------------- activations
 
 
-def padded_batch(model, sequences: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
-    """Right-padded ``[batch, pos]`` token ids and attention mask on the model's device."""
-    tokens, mask = pad_batch(sequences, pad_id(model), side="right")
-    return tokens.to(model.cfg.device), mask.to(model.cfg.device)
-
-
-def batches(sequences: Sequence[Sequence[int]], batch_size: int) -> Iterator[tuple[int, list]]:
-    """Length-sorted batches: ``(index of the first, list of (index, sequence))``."""
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    for start in range(0, len(order), batch_size):
-        yield start, [(i, sequences[i]) for i in order[start:start + batch_size]]
-
-
 @torch.no_grad()
 def harvest(model, sequences: Sequence[Sequence[int]], layers: Sequence[int], *, batch_size: int = 16,
             progress: bool = False) -> dict[int, Float[Tensor, "token d_model"]]:
     """Residual activations after each of ``layers`` at every real token but the first.
 
     Returns float32 CPU tensors ``[token, d_model]`` per layer; tokens come in the
-    order of ``sequences`` (then positions). Only the blocks up to the deepest layer run.
+    order of ``sequences`` (then positions). Only the blocks up to the deepest layer
+    run (:func:`~lens_roles.runtime.activations.residual_rows`); ``progress`` shows a bar.
     """
     layers = validate_layers(model, list(layers))
-    per_seq: dict[int, dict[int, Tensor]] = {layer: {} for layer in layers}
-    n_batches = -(-len(sequences) // batch_size)
-    store: dict[int, Tensor] = {}
-
-    def keep(x, hook, layer):
-        store[layer] = x.detach().float().cpu()
-
-    fwd = [(resid_hook(layer), lambda x, hook, layer=layer: keep(x, hook, layer)) for layer in layers]
-    for b, (_, batch) in enumerate(batches(sequences, batch_size)):
-        tokens, mask = padded_batch(model, [s for _, s in batch])
-        with model.hooks(fwd_hooks=fwd):
-            model(tokens, attention_mask=mask, stop_at_layer=max(layers) + 1)
-        for row, (i, seq) in enumerate(batch):
-            for layer in layers:
-                per_seq[layer][i] = store[layer][row, 1:len(seq)].clone()
-        if progress and (b + 1) % 20 == 0:
-            print(f"  harvest: batch {b + 1}/{n_batches}", flush=True)
-    return {layer: torch.cat([per_seq[layer][i] for i in range(len(sequences))]) for layer in layers}
+    rows = residual_rows(model, sequences, layers, start=1, batch_size=batch_size, progress=progress,
+                         desc="harvest")  # per sequence [layer, pos - 1, d_model]
+    return {layer: torch.cat([r[j] for r in rows]) for j, layer in enumerate(layers)}
 
 
 # --------------------------------------------------------------------------- splice

@@ -4,9 +4,9 @@ No pretrained SAE exists for the embedded models and nothing may be downloaded a
 run time, so the SAEs are trained on text that any user can rebuild offline from
 the repository alone:
 
-1. **Prompts** — every instruction of the project's prompt sets (``data/roles/*.jsonl``,
+1. **Prompts** — every instruction of the project's prompt sets (``lens_roles/data/roles/*.jsonl``,
    the baseline included) and every user turn of the persona pairs
-   (``data/personas/*.jsonl``), rendered with the model's chat template. Each gets a
+   (``lens_roles/data/personas/*.jsonl``), rendered with the model's chat template. Each gets a
    system prompt drawn by a seeded RNG: none (half of them), "You are a <role>." for
    a project role, or a persona system prompt — so the template tokens, role words
    and persona talk the analyses read all occur.
@@ -32,11 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from lens_roles.errors import DataError
 from lens_roles.io import parse_json, read_text
 from lens_roles.inputs.positions import encode
 from lens_roles.inputs.prompts import Prompt, available_roles, data_dir, load_baseline, load_pairs, load_role
+from lens_roles.inputs.sets import split_indices
+from lens_roles.io import atomic_write
+from lens_roles.runtime.generation import generate
 
 PERSONA_SYSTEMS = (
     "You are a helpful librarian.",
@@ -68,20 +72,15 @@ class Corpus:
         return sum(len(s) for s in self.sequences)
 
     def split(self, eval_fraction: float = 0.1, seed: int = 0) -> tuple["Corpus", "Corpus"]:
-        """A seeded split into (train, eval) by sequence."""
-        if not 0 < eval_fraction < 1:
-            raise DataError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
-        order = list(range(len(self)))
-        random.Random(seed).shuffle(order)
-        n_eval = max(1, round(len(self) * eval_fraction))
+        """A seeded split into (train, eval) by sequence: the eval part is the *first* part of the one
+        split rule (:func:`lens_roles.inputs.sets.split_indices` with this seed), the train part the rest."""
+        eval_idx, train_idx = split_indices(len(self), eval_fraction, seed=seed, what="corpus")
         pick = lambda idx, part: Corpus(tuple(self.sequences[i] for i in idx),  # noqa: E731
                                         tuple(self.kinds[i] for i in idx), dict(self.meta, part=part))
-        return pick(sorted(order[n_eval:]), "train"), pick(sorted(order[:n_eval]), "eval")
+        return pick(train_idx, "train"), pick(eval_idx, "eval")
 
     def save(self, path: str | Path) -> Path:
         """Write the corpus as JSON (token ids, kinds, meta), atomically."""
-        from lens_roles.io import atomic_write
-
         data = {"meta": self.meta, "kinds": list(self.kinds), "sequences": [list(s) for s in self.sequences]}
         return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data)))
 
@@ -154,8 +153,6 @@ def build_corpus(model, *, max_new_tokens: int = 96, temperature: float = 1.0, s
         max_prompts: continue only the first prompts of the (shuffled) mix; the others
             enter the corpus as prompts alone (kind ``"prompt"``). None: continue all.
     """
-    from lens_roles.runtime.generation import generate
-
     if temperature <= 0:
         raise DataError(f"the corpus needs sampling: temperature must be > 0, got {temperature}")
     mix = corpus_prompts(seed)
@@ -165,7 +162,8 @@ def build_corpus(model, *, max_new_tokens: int = 96, temperature: float = 1.0, s
     kinds: list[str] = []
     # length-sorted batches pad less; the order is fixed by the data, so still reproducible
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i].user), i))
-    for b, start in enumerate(range(0, len(order), batch_size)):
+    for b, start in enumerate(tqdm(range(0, len(order), batch_size), desc="corpus generation", unit="batch",
+                                   disable=not progress)):
         batch = [prompts[i] for i in order[start:start + batch_size]]
         heads = encode(model, batch)
         outs = generate(model, batch, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -173,8 +171,6 @@ def build_corpus(model, *, max_new_tokens: int = 96, temperature: float = 1.0, s
         for head, out in zip(heads, outs):
             sequences.append(tuple(head.tokens) + tuple(out.tokens))
             kinds.append("generation")
-        if progress:
-            print(f"  corpus: batch {b + 1}/{-(-len(order) // batch_size)}", flush=True)
     for kind, extra in (("prompt", rest), ("written", written)):
         for item in encode(model, extra):
             sequences.append(tuple(item.tokens))

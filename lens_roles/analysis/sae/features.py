@@ -26,20 +26,23 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
+from scipy.optimize import nnls
 from torch import Tensor
 
 from lens_roles.analysis.sae.core import (
     SpliceRecord,
-    batches,
     check_sae,
     decoder_directions,
-    padded_batch,
     sae_layer,
     spliced,
 )
 from lens_roles.directions.direction import Direction
 from lens_roles.errors import DirectionError, SAEError
 from lens_roles.inputs.positions import encode
+from lens_roles.measures.behaviour import direction_projection, projection_label
+from lens_roles.measures.statistics import pearson
+from lens_roles.runtime.batching import token_batches
+from lens_roles.runtime.capture import capture
 from lens_roles.runtime.models import resid_hook
 
 
@@ -113,10 +116,8 @@ def decompose(sae, direction: Direction | Tensor, *, max_features: int = 16, tol
     ``max_features`` rows, when no row has a positive inner product with the residual,
     or when the relative residual is below ``tol``.
     """
-    from scipy.optimize import nnls
-
     if max_features < 1:
-        raise ValueError(f"max_features must be >= 1, got {max_features}")
+        raise SAEError(f"decompose: max_features must be >= 1, got {max_features!r}")
     v = _direction_at(direction, sae).double()
     rows = decoder_directions(sae).double()
     chosen: list[int] = []
@@ -150,7 +151,14 @@ def decompose(sae, direction: Direction | Tensor, *, max_features: int = 16, tol
 
 @dataclass(frozen=True)
 class ProjectionMetric:
-    """Projection of the residual stream after block ``layer`` at each prompt's last token on ``v̂_layer``."""
+    """Projection of the residual stream after block ``layer`` at each prompt's last token on ``v̂_layer``.
+
+    The SAE attribution's target, read at every prompt's own last token in a padded
+    batch of prompts of different lengths (the patching metric
+    :class:`~lens_roles.analysis.patching.DirectionProjection` reads one position of
+    two equal-length runs instead); both compute
+    :func:`~lens_roles.measures.behaviour.direction_projection`.
+    """
 
     direction: Direction
     layer: int
@@ -160,41 +168,38 @@ class ProjectionMetric:
 
     @property
     def label(self) -> str:
-        return f"projection on {self.direction.meta.get('name', 'direction')} after layer {self.layer}"
+        return projection_label(self.direction, self.layer)
+
+    def __call__(self, resid: Float[Tensor, "batch d_model"]) -> Float[Tensor, " batch"]:
+        """The projection of each prompt's residual vector after block ``layer`` (at its last token)."""
+        return direction_projection(resid, self.direction, self.layer)
 
 
 def _metric_run(model, sae, prompts, metric: ProjectionMetric, *, batch_size: int, template=None,
-                edit=None, grad: bool = False):
-    """Yield, per batch, ``(indices, per-prompt metric [batch], SpliceRecord)`` with the SAE spliced in
-    (error term kept, so without ``edit`` the values are the clean model's)."""
+                edit=None, grad: bool = False, progress: bool = False, desc: str = "SAE metric"):
+    """Yield, per batch, ``(indices, per-prompt metric [batch], SpliceRecord, attention mask [batch, pos])``
+    with the SAE spliced in (error term kept, so without ``edit`` the values are the clean model's)."""
     at = check_sae(sae, model)
     if metric.layer < at:
         raise SAEError(f"the metric reads layer {metric.layer}, before the SAE's layer {at}: "
                        "the features cannot change it")
     items = encode(model, prompts, template=template)
     seqs = [it.tokens for it in items]
-    u = metric.direction.unit(metric.layer).to(model.cfg.device)
-    read: dict[str, Tensor] = {}
-    for _, batch in batches(seqs, batch_size):
-        idx = [i for i, _ in batch]
-        tokens, mask = padded_batch(model, [s for _, s in batch])
-        last = torch.tensor([len(s) - 1 for _, s in batch], device=tokens.device)
+    for batch in token_batches(model, seqs, batch_size, progress=progress, desc=desc):
+        idx = batch.index
+        last = torch.tensor([n - 1 for n in batch.lengths], device=batch.tokens.device)
         record = SpliceRecord([])
-
-        def grab(x, hook):
-            read["x"] = x
-            return x
-
+        # the capture sits inside the splice: it reads the stream the SAE's features wrote (with the graph if grad)
         with spliced(model, sae, error_term=True, edit=edit, grad=grad, record=record), \
-                model.hooks(fwd_hooks=[(resid_hook(metric.layer), grab)]), torch.set_grad_enabled(grad):
-            model(tokens, attention_mask=mask, stop_at_layer=metric.layer + 1)
-        x = read.pop("x")
-        values = x[torch.arange(len(idx), device=x.device), last] @ u.to(x.dtype)
-        yield idx, values, record, mask
+                capture(model, [metric.layer], grad=grad) as cap, torch.set_grad_enabled(grad):
+            batch.forward(model, stop_at_layer=cap.stop_at_layer)
+        x = cap[metric.layer]
+        values = metric(x[torch.arange(len(idx), device=x.device), last])
+        yield idx, values, record, batch.mask
 
 
 def attribute_features(model, sae, prompts, metric: ProjectionMetric, *, batch_size: int = 16,
-                       template: str | None = None) -> pd.DataFrame:
+                       template: str | None = None, progress: bool = False) -> pd.DataFrame:
     """Gradient × activation attribution of ``metric`` to every SAE feature, averaged over prompts.
 
     For prompt ``p``, ``attribution_i = Σ_t ∂metric/∂a_{t,i} · a_{t,i}`` over the
@@ -202,6 +207,7 @@ def attribute_features(model, sae, prompts, metric: ProjectionMetric, *, batch_s
     the clean run). Returns ``feature, attribution, mean_activation`` (per token),
     ``frac_prompts_active`` (prompts where it fires anywhere)
     sorted by ``|attribution|``, and ``.attrs["metric"]``: the mean metric value.
+    ``progress`` shows a bar counting prompts.
     """
     n_feat = sae.cfg.d_sae
     total = torch.zeros(n_feat, dtype=torch.float64)
@@ -210,7 +216,8 @@ def attribute_features(model, sae, prompts, metric: ProjectionMetric, *, batch_s
     metric_sum = n_tokens = 0.0
     n = 0
     for idx, values, record, mask in _metric_run(model, sae, prompts, metric, batch_size=batch_size,
-                                                 template=template, grad=True):
+                                                 template=template, grad=True, progress=progress,
+                                                 desc="attribution"):
         leaf = record.acts[0]
         (grads,) = torch.autograd.grad(values.sum(), leaf)
         acts = leaf.detach()
@@ -266,7 +273,7 @@ def ablation_check(model, sae, prompts, metric: ProjectionMetric, attribution: p
                               batch_size=batch_size, template=template).mean()
         rows.append({"feature": int(feature), "predicted": -float(attr), "actual": float(after - base)})
     frame = pd.DataFrame(rows)
-    r = float(np.corrcoef(frame["predicted"], frame["actual"])[0, 1]) if len(frame) > 2 else float("nan")
+    r = pearson(frame["predicted"], frame["actual"]) if len(frame) > 2 else float("nan")
     frame.attrs.update(pearson=r, metric=float(base), label=metric.label)
     return frame
 

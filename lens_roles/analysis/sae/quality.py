@@ -8,7 +8,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from lens_roles.analysis.sae.core import batches, check_sae, harvest, padded_batch, spliced
+from lens_roles.analysis.sae.core import check_sae, harvest, spliced
+from lens_roles.runtime.batching import token_batches
 from lens_roles.runtime.models import resid_hook
 
 
@@ -27,7 +28,7 @@ def _next_token_loss(logits: Tensor, tokens: Tensor, mask: Tensor) -> tuple[floa
 
 @torch.no_grad()
 def sae_quality(model, sae, sequences: Sequence[Sequence[int]], *, batch_size: int = 16,
-                acts: Tensor | None = None) -> dict:
+                acts: Tensor | None = None, progress: bool = False) -> dict:
     """Reconstruction and downstream quality of ``sae`` on held-out ``sequences``.
 
     Returns ``explained_variance`` (``1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²``), ``l0`` (mean
@@ -35,11 +36,12 @@ def sae_quality(model, sae, sequences: Sequence[Sequence[int]], *, batch_size: i
     tokens), ``ce_clean``, ``ce_sae`` (reconstruction spliced in, no error term),
     ``ce_zero`` (the residual stream zeroed at that layer) — mean next-token
     cross-entropy in nats — and ``loss_recovered`` ``(ce_zero − ce_sae)/(ce_zero − ce_clean)``.
-    ``acts`` (from :func:`harvest`) saves recomputing the activations.
+    ``acts`` (from :func:`harvest`) saves recomputing the activations. ``progress``
+    shows bars (harvest, then the three scored runs).
     """
     layer = check_sae(sae, model)
     if acts is None:
-        acts = harvest(model, sequences, [layer], batch_size=batch_size)[layer]
+        acts = harvest(model, sequences, [layer], batch_size=batch_size, progress=progress)[layer]
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
     sse = l0 = 0.0
     for chunk in acts.split(4096):
@@ -51,18 +53,17 @@ def sae_quality(model, sae, sequences: Sequence[Sequence[int]], *, batch_size: i
     total_var = float(((acts - acts.mean(0)) ** 2).sum())
     losses = {"clean": [0.0, 0], "sae": [0.0, 0], "zero": [0.0, 0]}
     zero_hook = [(resid_hook(layer), lambda x, hook: torch.cat([x[:, :1], torch.zeros_like(x[:, 1:])], 1))]
-    for _, batch in batches(sequences, batch_size):
-        tokens, mask = padded_batch(model, [s for _, s in batch])
+    for batch in token_batches(model, sequences, batch_size, progress=progress, desc="SAE loss recovered"):
         for name in losses:
             if name == "clean":
-                logits = model(tokens, attention_mask=mask)
+                logits = batch.forward(model)
             elif name == "sae":
                 with spliced(model, sae):
-                    logits = model(tokens, attention_mask=mask)
+                    logits = batch.forward(model)
             else:
                 with model.hooks(fwd_hooks=zero_hook):
-                    logits = model(tokens, attention_mask=mask)
-            s, n = _next_token_loss(logits, tokens, mask)
+                    logits = batch.forward(model)
+            s, n = _next_token_loss(logits, batch.tokens, batch.mask)
             losses[name][0] += s
             losses[name][1] += n
     ce = {name: s / max(n, 1) for name, (s, n) in losses.items()}

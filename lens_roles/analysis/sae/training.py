@@ -6,21 +6,23 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from jaxtyping import Float
+from safetensors.torch import save_file
 from torch import Tensor
 
 from lens_roles._version import __version__
-from lens_roles.errors import SAEError
+from lens_roles.config import Config
+from lens_roles.errors import ConfigError, SAEError
 from lens_roles.runtime.models import resid_hook
 
 
 @dataclass(frozen=True)
-class SAETrainConfig:
+class SAETrainConfig(Config):
     """How an SAE is trained (``k`` for TopK, ``l1`` for a ReLU SAE with an L1 penalty).
 
     ``samples`` activations are drawn, in seeded shuffled epochs over the harvested tokens.
@@ -36,16 +38,17 @@ class SAETrainConfig:
 
     def __post_init__(self):
         if (self.k is None) == (self.l1 is None):
-            raise ValueError("give exactly one of k (TopK SAE) and l1 (L1-penalised ReLU SAE)")
+            raise ConfigError(f"SAETrainConfig: give exactly one of k (TopK SAE) and l1 (L1-penalised ReLU SAE), "
+                              f"got k={self.k!r} and l1={self.l1!r}")
         if self.k is not None and not 0 < self.k < self.d_sae:
-            raise ValueError(f"k must be in 1..d_sae-1, got k={self.k} with d_sae={self.d_sae}")
+            raise ConfigError(f"SAETrainConfig: k must be in 1..d_sae-1, got k={self.k!r} with d_sae={self.d_sae!r}")
         if self.l1 is not None and not self.l1 > 0:
-            raise ValueError(f"l1 must be > 0, got {self.l1}")
+            raise ConfigError(f"SAETrainConfig: l1 must be > 0, got {self.l1!r}")
         for name in ("d_sae", "samples", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"SAETrainConfig: {name} must be >= 1, got {getattr(self, name)!r}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise ConfigError(f"SAETrainConfig: lr must be > 0, got {self.lr!r}")
 
 
 def _shuffled_batches(acts: Tensor, batch_size: int, seed: int) -> Iterator[Tensor]:
@@ -79,7 +82,7 @@ def train_sae(acts: Float[Tensor, "token d_model"], *, layer: int, model_name: s
     torch.manual_seed(config.seed)
     metadata = SAEMetadata(model_name=model_name, hook_name=resid_hook(layer), hook_head_index=None,
                            prepend_bos=True, context_size=None, lens_roles_version=__version__,
-                           lens_roles_training=dict(asdict(config), **(provenance or {})))
+                           lens_roles_training=dict(config.to_dict(), **(provenance or {})))
     common = dict(d_in=acts.shape[1], d_sae=config.d_sae, normalize_activations="expected_average_only_in",
                   metadata=metadata)
     if config.k is not None:
@@ -114,8 +117,6 @@ def save_sae(sae, path: str | Path, *, dtype: torch.dtype = torch.float16, extra
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-sae-", dir=path.parent))
     try:
         state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in sae.state_dict().items()}
-        from safetensors.torch import save_file
-
         save_file(state, str(tmp / "sae_weights.safetensors"))
         cfg = sae.cfg.to_dict()
         cfg["dtype"] = str(dtype).removeprefix("torch.")

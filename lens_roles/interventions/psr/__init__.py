@@ -56,18 +56,18 @@ it matches the prompt's behaviour. This module measures that and replaces it:
 """
 
 from lens_roles.interventions.psr.align import Aligned, align, prompt_pairs, prompt_steering
+from lens_roles.interventions.psr.evaluate import activation_distance, mean_strength, token_coefficients
 from lens_roles.interventions.psr.model import PSR, SINK_COS, apply_psr
 from lens_roles.interventions.psr.train import (
     TrainConfig,
     TrainingData,
-    prepare,
-    train_psr,
-    psr_loss,
     make_psr,
     matched_alpha,
+    prepare,
+    psr_loss,
     sink_residuals,
+    train_psr,
 )
-from lens_roles.interventions.psr.evaluate import mean_strength, activation_distance, token_coefficients
 
 __all__ = [
     "Aligned",

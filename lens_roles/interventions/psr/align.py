@@ -7,15 +7,13 @@ from typing import Sequence
 
 import pandas as pd
 import torch
-from torch import Tensor
 
 from lens_roles.directions.direction import Direction
 from lens_roles.errors import DirectionError, PSRError
 from lens_roles.inputs.positions import Encoded, encode
-from lens_roles.inputs.prompts import Prompt, common_prefix_len
-from lens_roles.runtime.activations import _as_prompts
-from lens_roles.runtime.batching import pad_batch, pad_id
-from lens_roles.runtime.models import resid_hook, validate_layers
+from lens_roles.inputs.prompts import Prompt, as_prompts, common_prefix_len
+from lens_roles.runtime.activations import residual_rows
+from lens_roles.runtime.models import validate_layers
 
 
 @dataclass(frozen=True)
@@ -68,7 +66,7 @@ def prompt_pairs(prompts, system: str) -> tuple[list[Prompt], list[Prompt]]:
     """``(prompted, unprompted)``: each prompt with ``system`` as its system prompt, and without one."""
     if not isinstance(system, str) or not system.strip():
         raise PSRError(f"the system prompt must be a non-empty string, got {system!r}: it would change nothing")
-    plist = _as_prompts(prompts)
+    plist = as_prompts(prompts)
     return [Prompt(p.user, system, p.reply) for p in plist], [Prompt(p.user, None, p.reply) for p in plist]
 
 
@@ -81,7 +79,7 @@ def align(model, prompted: Sequence[Prompt], unprompted: Sequence[Prompt], *,
             differ, or whose tokens from the user turn on differ; or a pair whose
             two runs are token for token the same (the system prompt changes nothing).
     """
-    prompted, unprompted = _as_prompts(prompted), _as_prompts(unprompted)
+    prompted, unprompted = as_prompts(prompted), as_prompts(unprompted)
     if len(prompted) != len(unprompted):
         raise PSRError(f"mismatched prompt sets: {len(prompted)} prompted and {len(unprompted)} unprompted prompts")
     for i, (p, u) in enumerate(zip(prompted, unprompted)):
@@ -108,27 +106,6 @@ def align(model, prompted: Sequence[Prompt], unprompted: Sequence[Prompt], *,
     return out
 
 
-@torch.no_grad()
-def _resid_rows(model, rows: Sequence[Sequence[int]], layers: Sequence[int], batch_size: int = 8
-                ) -> list[Tensor]:
-    """Residuals ``[layer, pos, d_model]`` (CPU float32) of each token row at ``layers``."""
-    out: list[Tensor] = []
-    pad = pad_id(model)
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        tokens, _ = pad_batch(chunk, pad)
-        store: dict[int, Tensor] = {}
-
-        def capture(acts, hook, _store=store):
-            _store[int(hook.name.split(".")[1])] = acts.detach().float().cpu()
-
-        with model.hooks(fwd_hooks=[(resid_hook(layer), capture) for layer in layers]):
-            model(tokens.to(model.cfg.device), stop_at_layer=max(layers) + 1)
-        for r, row in enumerate(chunk):
-            out.append(torch.stack([store[layer][r, : len(row)] for layer in layers]))
-    return out
-
-
 def _check_direction(model, direction: Direction) -> None:
     owner = direction.meta.get("model")
     if owner is not None and owner != model.cfg.model_name:
@@ -139,19 +116,21 @@ def _check_direction(model, direction: Direction) -> None:
                        f"{model.cfg.d_model}")
 
 
-def _token_text(model, token: int) -> str:
+def token_text(model, token: int) -> str:
+    """One token id as the text the tokenizer decodes it to."""
     return model.tokenizer.decode([token])
 
 
 def prompt_steering(model, direction: Direction, prompts, system: str, *, layers=None,
-                    template: str | None = None, batch_size: int = 8) -> pd.DataFrame:
+                    template: str | None = None, batch_size: int = 8, progress: bool = False) -> pd.DataFrame:
     """How strongly, and on which tokens, ``system`` steers the residual stream.
 
     Returns one row per prompt × aligned token × layer: ``prompt, position``
     (aligned index from the start of the user turn), ``token, part`` (``user``,
     ``template`` or ``reply``), ``layer, projection`` (``Δ·v̂_l``), ``norm``
     (``‖Δ‖``) and ``strength`` (``Δ·v̂_l / ‖v_l‖``: the α of constant steering
-    with the raw vector that would give the same projection).
+    with the raw vector that would give the same projection). ``progress`` shows a
+    bar over the two runs' forwards.
 
     Raises:
         PSRError: mismatched runs, a foreign direction, or a system prompt that
@@ -164,8 +143,10 @@ def prompt_steering(model, direction: Direction, prompts, system: str, *, layers
         raise DirectionError(f"direction has no vector for layer(s) {missing} (it has {list(direction.layers)})")
     prompted, unprompted = prompt_pairs(prompts, system)
     runs = align(model, prompted, unprompted, template=template)
-    acts_p = _resid_rows(model, [r.prompted.tokens for r in runs], layers, batch_size)
-    acts_u = _resid_rows(model, [r.unprompted.tokens for r in runs], layers, batch_size)
+    acts_p = residual_rows(model, [r.prompted.tokens for r in runs], layers, batch_size=batch_size,
+                           progress=progress, desc="prompted runs")
+    acts_u = residual_rows(model, [r.unprompted.tokens for r in runs], layers, batch_size=batch_size,
+                           progress=progress, desc="unprompted runs")
     units = torch.stack([direction.unit(layer) for layer in layers])  # [layer, d_model]
     norms = torch.tensor([direction.norms()[layer] for layer in layers])
     rows, changed = [], False
@@ -178,7 +159,7 @@ def prompt_steering(model, direction: Direction, prompts, system: str, *, layers
         for k in range(run.length):
             pos = run.u_start + k
             part = "reply" if run.reply is not None and k >= run.reply else "user" if pos < eu.user[1] else "template"
-            token = _token_text(model, eu.tokens[pos])
+            token = token_text(model, eu.tokens[pos])
             for j, layer in enumerate(layers):
                 rows.append({"prompt": i, "position": k, "token": token, "part": part, "layer": layer,
                              "projection": float(proj[j, k]), "norm": float(dnorm[j, k]),

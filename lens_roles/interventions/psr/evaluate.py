@@ -6,10 +6,10 @@ import pandas as pd
 import torch
 
 from lens_roles.inputs.positions import encode
-from lens_roles.interventions.psr.align import _token_text
+from lens_roles.inputs.prompts import as_prompts
+from lens_roles.interventions.psr.align import token_text
 from lens_roles.interventions.psr.model import PSR
 from lens_roles.interventions.psr.train import TrainingData, _forward
-from lens_roles.runtime.activations import _as_prompts
 
 
 def mean_strength(model, psr: PSR, data: TrainingData) -> float:
@@ -20,7 +20,8 @@ def mean_strength(model, psr: PSR, data: TrainingData) -> float:
         for batch in data.batches:
             record.clear()
             with psr.applied(model, record=record):
-                model(batch.tokens.to(model.cfg.device), stop_at_layer=max(psr.layers) + 1)
+                model(batch.tokens.to(model.cfg.device), attention_mask=batch.mask.to(model.cfg.device),
+                      stop_at_layer=max(psr.layers) + 1)
             for _, lam in record:
                 for r, pos in enumerate(batch.positions):
                     vals.append(lam[r, pos].float().cpu())
@@ -65,7 +66,7 @@ def activation_distance(model, psr: PSR, data: TrainingData) -> pd.DataFrame:
 
 def token_coefficients(model, psr: PSR, prompts, *, template: str | None = None) -> pd.DataFrame:
     """λ per token of each prompt: ``prompt, position, token, part, layer, lam, strength`` (λ·α)."""
-    plist = _as_prompts(prompts)
+    plist = as_prompts(prompts)
     items = encode(model, plist, template=template)
     rows = []
     with torch.no_grad():
@@ -77,7 +78,7 @@ def token_coefficients(model, psr: PSR, prompts, *, template: str | None = None)
                 for pos, tok in enumerate(item.tokens):
                     part = ("reply" if item.reply and pos >= item.reply[0] else
                             "user" if item.user[0] <= pos < item.user[1] else "template")
-                    rows.append({"prompt": i, "position": pos, "token": _token_text(model, tok), "part": part,
+                    rows.append({"prompt": i, "position": pos, "token": token_text(model, tok), "part": part,
                                  "layer": layer, "lam": float(lam[0, pos]),
                                  "strength": float(lam[0, pos]) * float(psr.alpha)})
     return pd.DataFrame(rows)

@@ -12,9 +12,9 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from lens_roles._version import __version__
-from lens_roles.directions.direction import Direction, _thaw, layer_indices
+from lens_roles.directions.direction import Direction, layer_indices
 from lens_roles.errors import DirectionError, LensRolesError, PSRError
-from lens_roles.io import read_tensors, save_tensors
+from lens_roles.io import read_tensors, save_tensors, to_plain
 from lens_roles.runtime.models import resid_hook, validate_layers
 
 #: a token whose residual has at least this cosine with the sequence-start token's is the attention sink
@@ -153,7 +153,7 @@ class PSR(nn.Module):
         if path.suffix != ".safetensors":
             raise PSRError(f"PSR files end in .safetensors, got {path}")
         info = {"kind": "psr", "layers": list(self.layers), "alpha": float(self.alpha), "constant": self.constant,
-                "model": self.model_name, "direction": _thaw(self.direction.meta), "lens_roles": __version__,
+                "model": self.model_name, "direction": to_plain(self.direction.meta), "lens_roles": __version__,
                 **self.meta, "sink": self.has_sink}
         tensors = {"w": self.w, "b": self.b, "vectors": self.vectors}
         if self.has_sink:

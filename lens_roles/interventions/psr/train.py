@@ -6,36 +6,39 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from lens_roles.config import Config
 from lens_roles.directions.direction import Direction
-from lens_roles.errors import PSRError
+from lens_roles.errors import ConfigError, PSRError
 from lens_roles.inputs.positions import encode
-from lens_roles.inputs.prompts import fingerprint
+from lens_roles.inputs.prompts import as_prompts
+from lens_roles.inputs.sets import fingerprint
 from lens_roles.interventions.psr.align import (
     Aligned,
     _check_direction,
-    _resid_rows,
     align,
     prompt_pairs,
     prompt_steering,
 )
 from lens_roles.interventions.psr.model import PSR
-from lens_roles.runtime.activations import _as_prompts
-from lens_roles.runtime.batching import pad_batch, pad_id
-from lens_roles.runtime.models import resid_hook, validate_layers
-from lens_roles.runtime.readout import logprobs_at as _logprobs_at
+from lens_roles.runtime.activations import residual_rows
+from lens_roles.runtime.batching import padded
+from lens_roles.runtime.capture import capture
+from lens_roles.runtime.models import validate_layers
+from lens_roles.runtime.readout import kl_divergence, logprobs_at
 
 OBJECTIVES = ("mse", "kl")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Config):
     """How a PSR is trained.
 
     Attributes:
@@ -54,18 +57,19 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {self.objective!r}; use one of {OBJECTIVES}")
+            raise ConfigError(f"TrainConfig: unknown objective {self.objective!r}; use one of {', '.join(OBJECTIVES)}")
         if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}")
+            raise ConfigError(f"TrainConfig: epochs must be a positive integer, got {self.epochs!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be positive and finite, got {self.lr}")
+            raise ConfigError(f"TrainConfig: lr must be positive and finite, got {self.lr!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+            raise ConfigError(f"TrainConfig: batch_size must be a positive integer, got {self.batch_size!r}")
 
 
 @dataclass
 class _Batch:
     tokens: Tensor  # [batch, pos] unprompted, right-padded
+    mask: Tensor  # [batch, pos] attention mask of tokens
     start: Tensor  # [batch, pos, d_model] unprompted residual at the first steered layer (unsteered)
     rows: list[int]  # item index per row
     positions: list[list[int]]  # compared unprompted positions per row (MSE): shared prefix + aligned tail
@@ -109,9 +113,9 @@ def prepare(model, psr: PSR, prompts, system: str, *, read_layers: Sequence[int]
         raise PSRError(f"read layers {list(read)} include layers before the first steered layer {start}, which "
                        "steering cannot change")
     layers_needed = sorted(set(read) | {last})
-    acts_p = _resid_rows(model, [r.prompted.tokens for r in runs], layers_needed, batch_size)
-    acts_u = _resid_rows(model, [r.unprompted.tokens for r in runs], sorted(set(layers_needed) | {start}),
-                         batch_size)
+    acts_p = residual_rows(model, [r.prompted.tokens for r in runs], layers_needed, batch_size=batch_size)
+    acts_u = residual_rows(model, [r.unprompted.tokens for r in runs], sorted(set(layers_needed) | {start}),
+                           batch_size=batch_size)
     u_layers = sorted(set(layers_needed) | {start})
     targets = {layer: [] for layer in read}
     base = {layer: [] for layer in read}
@@ -130,17 +134,16 @@ def prepare(model, psr: PSR, prompts, system: str, *, read_layers: Sequence[int]
                        "nothing to mimic")
     scale = {layer: float(torch.cat([(t - b).pow(2).sum(-1) for t, b in zip(targets[layer], base[layer])]).mean())
              for layer in read}
-    pad = pad_id(model)
     batches = []
     for s in range(0, len(runs), batch_size):
         idx = list(range(s, min(s + batch_size, len(runs))))
-        tokens, _ = pad_batch([runs[i].unprompted.tokens for i in idx], pad)
-        width = tokens.shape[1]
+        unprompted_rows = padded(model, [runs[i].unprompted.tokens for i in idx], idx)
+        width = unprompted_rows.tokens.shape[1]
         st = torch.zeros(len(idx), width, model.cfg.d_model)
         for r, i in enumerate(idx):
             st[r, : starts[i].shape[0]] = starts[i]
-        batches.append(_Batch(tokens, st.to(model.cfg.dtype), idx, [runs[i].compared()[0] for i in idx],
-                              [runs[i].compared_kl()[0] for i in idx]))
+        batches.append(_Batch(unprompted_rows.tokens.cpu(), unprompted_rows.mask.cpu(), st.to(model.cfg.dtype), idx,
+                              [runs[i].compared()[0] for i in idx], [runs[i].compared_kl()[0] for i in idx]))
     fp = fingerprint([system, [(p.user, p.reply) for p in prompted]])
     return TrainingData(runs, start, read, targets, base, final_p, scale, batches, fp)
 
@@ -162,15 +165,13 @@ def _forward(model, psr: PSR, batch: _Batch, data: TrainingData, *, alpha: Tenso
     x = psr.add(x, k0, alpha)
     hooks = psr.hooks(model, skip=(start,), alpha=None if alpha is None else float(alpha))
     store: dict[int, Tensor] = {start: x}
-
-    def capture(acts, hook):
-        store[int(hook.name.split(".")[1])] = acts
-
     wanted = sorted((set(data.read_layers) | {last}) - {start})
-    hooks += [(resid_hook(layer), capture) for layer in wanted]  # after the steering hooks of the same layer
     if start < last:
-        with model.hooks(fwd_hooks=hooks):
-            model(x, start_at_layer=start + 1, stop_at_layer=model.cfg.n_layers)
+        # the capture (with the graph, for training) sits inside the PSR's hooks: it reads the steered stream
+        with model.hooks(fwd_hooks=hooks), capture(model, wanted, grad=True) as cap:
+            model(x, attention_mask=batch.mask.to(device), start_at_layer=start + 1,
+                  stop_at_layer=model.cfg.n_layers)
+        store.update(cap.values)
     return store, store[last]
 
 
@@ -188,11 +189,11 @@ def _losses(model, data: TrainingData, batch: _Batch, store: dict[int, Tensor], 
     if not rows:
         raise PSRError("the KL objective needs prompts with replies (it compares the distributions over reply "
                        "tokens)")
-    logq = _logprobs_at(model, torch.cat([final[r, batch.reply_pos[r]] for r in rows]))
+    logq = logprobs_at(model, torch.cat([final[r, batch.reply_pos[r]] for r in rows]))
     with torch.no_grad():
-        logp = _logprobs_at(model, torch.cat([data.final_p[batch.rows[r]] for r in rows]).to(final.device,
+        logp = logprobs_at(model, torch.cat([data.final_p[batch.rows[r]] for r in rows]).to(final.device,
                                                                                                final.dtype))
-    return (logp.exp() * (logp - logq)).sum(-1).mean()
+    return kl_divergence(logp, logq).mean()
 
 
 @contextmanager
@@ -222,13 +223,14 @@ def psr_loss(model, psr: PSR, data: TrainingData, objective: str = "mse", *,
 
 
 def train_psr(model, psr: PSR, prompts, system: str, config: TrainConfig = TrainConfig(), *,
-              data: TrainingData | None = None, progress: Callable[[str], None] | None = None
-              ) -> pd.DataFrame:
+              data: TrainingData | None = None, progress: bool = False) -> pd.DataFrame:
     """Train ``psr`` in place to mimic the ``system``-prompted run; returns the loss history.
 
     The model's parameters are frozen for the duration (and restored after);
     only ``psr.w`` and ``psr.b`` are optimised. History rows: ``epoch, step,
-    objective, loss, seconds`` (epoch 0 is the loss before training).
+    objective, loss, seconds`` (epoch 0 is the loss before training). With
+    ``progress`` a tqdm bar on stderr counts the optimiser steps and shows the
+    epoch and its running mean loss.
     """
     if psr.constant:
         raise PSRError("a constant PSR (λ ≡ 1) has nothing to train")
@@ -241,7 +243,8 @@ def train_psr(model, psr: PSR, prompts, system: str, config: TrainConfig = Train
                                                                                         config.objective),
                 "seconds": 0.0}]
     step = 0
-    with _frozen(model):
+    bar = tqdm(total=config.epochs * len(data.batches), desc="PSR training", unit="step", disable=not progress)
+    with _frozen(model), bar:
         for epoch in range(1, config.epochs + 1):
             t0 = time.perf_counter()
             total, n = 0.0, 0
@@ -255,11 +258,10 @@ def train_psr(model, psr: PSR, prompts, system: str, config: TrainConfig = Train
                 step += 1
                 total += float(loss.detach()) * len(batch.rows)
                 n += len(batch.rows)
+                bar.set_postfix_str(f"epoch {epoch}: {config.objective} loss {total / n:.4f}", refresh=False)
+                bar.update()
             history.append({"epoch": epoch, "step": step, "objective": config.objective, "loss": total / n,
                             "seconds": time.perf_counter() - t0})
-            if progress:
-                progress(f"epoch {epoch}: {config.objective} loss {total / n:.4f} "
-                         f"({time.perf_counter() - t0:.1f} s)")
     psr.meta.update({"objective": config.objective, "epochs": config.epochs, "lr": config.lr,
                      "system": system, "train_prompts": len(data.runs), "train_data": data.fingerprint,
                      "read_layers": list(data.read_layers), "final_loss": history[-1]["loss"]})
@@ -280,15 +282,7 @@ def sink_residuals(model, layers: Sequence[int], token: int) -> Float[Tensor, "l
     (it sees only itself; padding is masked and a lone key's attention weight is 1
     whatever its position), so :class:`PSR` recognises the sink by it.
     """
-    layers = validate_layers(model, list(layers))
-    store: dict[int, Tensor] = {}
-
-    def capture(acts, hook):
-        store[int(hook.name.split(".")[1])] = acts[0, 0].detach().float().cpu()
-
-    with model.hooks(fwd_hooks=[(resid_hook(layer), capture) for layer in layers]):
-        model(torch.tensor([[int(token)]], device=model.cfg.device), stop_at_layer=max(layers) + 1)
-    return torch.stack([store[layer] for layer in layers])
+    return residual_rows(model, [[int(token)]], layers, batch_size=1)[0][:, 0]
 
 
 def make_psr(model, direction: Direction, prompts, system: str, *, layers: str | Sequence[int] = "one",
@@ -319,7 +313,7 @@ def make_psr(model, direction: Direction, prompts, system: str, *, layers: str |
                            f"{probe} (mean strength {alpha:.3g}); negate the direction or pass alpha")
     sink = None
     if skip_sink:
-        first = encode(model, _as_prompts(prompts)[:1], template=template)[0].tokens[0]
+        first = encode(model, as_prompts(prompts)[:1], template=template)[0].tokens[0]
         sink = sink_residuals(model, chosen, first)
     return PSR(direction, chosen, alpha, bias=1.0 if len(chosen) == 1 else 1.0 / len(chosen), sink=sink,
                meta={"system": system, "variant": "S-PSR" if len(chosen) == 1 else "A-PSR"})

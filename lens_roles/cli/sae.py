@@ -1,0 +1,252 @@
+"""``train-sae``, ``sae-align`` and ``sae-attribute``: sparse autoencoders and the features of a direction."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from lens_roles.analysis.sae.core import check_sae, load_sae, sae_layer
+from lens_roles.analysis.sae.corpus import Corpus
+from lens_roles.analysis.sae.features import ProjectionMetric
+from lens_roles.analysis.sae.training import SAETrainConfig
+from lens_roles.cli.options import (
+    ModelLoader,
+    add_command,
+    add_input,
+    add_model_options,
+    add_output,
+    check_model_match,
+    finite_float,
+    fraction,
+    int_at_least,
+    layer_spec,
+    load_pairs_or_prompts,
+    open_model,
+)
+from lens_roles.directions.direction import Direction
+from lens_roles.errors import SAEError, UsageError
+from lens_roles.inputs.prompts import PairSet, Prompt
+from lens_roles.studies.sae_report import run_alignment_report, run_attribution_report, write_direction_cards
+from lens_roles.studies.sae_suite import corpus_for, train_sae_suite
+
+
+def run_train_sae(args: argparse.Namespace, load_model: ModelLoader) -> int:
+    """``lens-roles train-sae``: one SAE per ``--layer`` on the model's generations, and their quality table."""
+    try:
+        k = None if args.l1 is not None else (32 if args.k is None else args.k)
+        config = SAETrainConfig(d_sae=args.d_sae, k=k, l1=args.l1, samples=args.tokens, lr=args.lr, seed=args.seed)
+    except ValueError as exc:  # SAETrainConfig's own checks: a bad argument, found before the model loads
+        raise UsageError(str(exc)) from None
+    out = Path(args.out)
+    model = open_model(args, load_model)
+    layers = args.layer.resolve(model)
+    corpus = corpus_for(
+        model,
+        Path(args.corpus) if args.corpus else out / "corpus.json",
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        max_prompts=args.max_prompts or None,
+    )
+    train_sae_suite(
+        model,
+        layers,
+        out,
+        config=config,
+        corpus=corpus,
+        eval_fraction=args.eval_fraction,
+        batch_size=args.batch_size,
+        dtype=getattr(torch, args.dtype_out),
+    )
+    print(f"wrote {out}/quality.csv")
+    return 0
+
+
+def load_sae_for(args: argparse.Namespace, direction: Direction):
+    """``(sae, layer)``: ``--sae`` (``--sae-id``) checked against the direction before any model loads.
+
+    Raises:
+        SAEError: the SAE's width is not the direction's, or it reads a layer the direction lacks.
+    """
+    sae = load_sae(args.sae, args.sae_id, device=args.device)
+    layer = sae_layer(sae)
+    if direction.d_model != sae.cfg.d_in:
+        raise SAEError(
+            f"{args.vector} is {direction.d_model}-wide, but the SAE {args.sae} reads {sae.cfg.d_in}-wide activations"
+        )
+    if layer not in direction:
+        raise SAEError(
+            f"the SAE {args.sae} reads layer {layer}, but {args.vector} has no vector there "
+            f"(its layers: {list(direction.layers)})"
+        )
+    return sae, layer
+
+
+def sae_meta(args: argparse.Namespace, direction: Direction, layer: int) -> dict:
+    """The provenance of an SAE analysis of a direction (written beside its figures)."""
+    return {
+        "vector": str(args.vector),
+        "direction": direction.meta.get("name"),
+        "direction_model": direction.meta.get("model"),
+        "sae": str(args.sae),
+        "sae_id": args.sae_id,
+        "sae_layer": layer,
+    }
+
+
+def run_sae_align(args: argparse.Namespace, load_model: ModelLoader) -> int:
+    """``lens-roles sae-align``: alignment, decomposition and cards of one direction against one SAE."""
+    direction = Direction.load(args.vector)
+    sae, layer = load_sae_for(args, direction)
+    name = str(direction.meta.get("name", Path(args.vector).stem))
+    corpus_path = Path(args.corpus) if args.corpus else Path(args.sae).parent / "corpus.json"
+    if args.cards == "yes" and not corpus_path.is_file():
+        raise UsageError(f"--cards yes needs a corpus: no {corpus_path} (pass --corpus)")
+    meta = sae_meta(args, direction, layer)
+    report = run_alignment_report(
+        sae, direction, layer=layer, name=name, out=Path(args.out), top=args.top, max_features=args.decompose,
+        meta=meta,
+    )
+    dec = report.decomposition
+    print(f"top {args.top} features by cosine with {name} at layer {layer}:")
+    print(report.top.round(3).to_string(index=False))
+    print(f"decomposition: {len(dec.features)} features, relative residual {dec.relative_residual:.3f}")
+    print(dec.to_frame().round(3).to_string(index=False))
+    if args.cards == "yes" or (args.cards == "auto" and corpus_path.is_file()):
+        model = open_model(args, load_model)
+        check_model_match(direction, model)
+        check_sae(sae, model, layer)
+        corpus = Corpus.load(corpus_path)
+        roles = {name: direction}
+        if args.roles:
+            for path in sorted(Path(args.roles).glob("*.safetensors")):
+                roles[path.stem] = Direction.load(path)
+        cards = write_direction_cards(
+            model, sae, report, corpus, name=name, layer=layer, directions=roles, out=Path(args.out),
+            corpus_label=str(corpus_path), batch_size=args.batch_size, meta=meta,
+        )
+        print(f"wrote {args.out}/cards.html ({len(cards)} cards)")
+    print(f"wrote {args.out}/alignment.csv, decomposition.csv and figures")
+    return 0
+
+
+def run_sae_attribute(args: argparse.Namespace, load_model: ModelLoader) -> int:
+    """``lens-roles sae-attribute``: attribution of the projection metric to features, checked by ablation."""
+    direction = Direction.load(args.vector)
+    sae, layer = load_sae_for(args, direction)
+    read = max(direction.layers) if args.read_layer is None else args.read_layer
+    metric = ProjectionMetric(direction, read)  # a layer the vector lacks is a DirectionError
+    items = load_pairs_or_prompts(args.prompts)
+    if isinstance(items, PairSet):  # contrast pairs: both replies
+        items = [q for pair in items.pairs for q in pair.as_prompts()]
+    else:
+        items = list(items.prompts)
+    prompts = [Prompt(q.user, args.system_prompt or q.system, q.reply) for q in items]
+    prompts = prompts[: args.max_prompts or None]
+    model = open_model(args, load_model)
+    check_model_match(direction, model)
+    check_sae(sae, model, layer)
+    meta = dict(
+        sae_meta(args, direction, layer),
+        read_layer=read,
+        prompts=str(args.prompts),
+        n_prompts=len(prompts),
+        system_prompt=args.system_prompt,
+    )
+    report = run_attribution_report(
+        model, sae, prompts, metric, layer=layer, out=Path(args.out), check=args.check, batch_size=args.batch_size,
+        meta=meta,
+    )
+    frame, check = report.frame, report.check
+    print(
+        f"{metric.label}: mean {frame.attrs['metric']:.3f} over {len(prompts)} prompts; "
+        f"attribution in {report.seconds:.1f} s"
+    )
+    print(frame.head(args.top).round(4).to_string(index=False))
+    if check is not None:
+        print(check.round(4).to_string(index=False))
+        print(f"attribution vs ablation over the top {len(check)} features: Pearson r = {check.attrs['pearson']:.3f}")
+    print(f"wrote {args.out}/attribution.csv")
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``train-sae``, ``sae-align`` and ``sae-attribute`` to the ``lens-roles`` subparsers ``sub``."""
+    p = add_command(sub, "train-sae", run_train_sae,
+                    help="train residual-stream SAEs (sae_lens) on the model's own seeded generations")
+    p.add_argument("--layer", required=True, type=layer_spec("--layer", allow_all=False, why_not_all=(
+        "would train one SAE per layer; name the layers, e.g. 6,12,24")), help="layer(s): 12, 6,12,24 or 10-12")
+    p.add_argument("--d-sae", type=int_at_least("--d-sae", 1), default=2304,
+                   help="number of features (default 2304 = 4 x d_model of SmolLM2)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--k", type=int_at_least("--k", 1), default=None,
+                      help="TopK SAE with k active features (default: 32)")
+    kind.add_argument("--l1", type=finite_float("--l1", above=0), default=None,
+                      help="ReLU SAE with this L1 coefficient instead of TopK")
+    p.add_argument("--tokens", type=int_at_least("--tokens", 1), default=600_000,
+                   help="training activations drawn (epochs over the corpus)")
+    p.add_argument("--lr", type=finite_float("--lr", above=0), default=5e-4, help="Adam learning rate")
+    p.add_argument(
+        "--corpus",
+        default=None,
+        help="corpus JSON: read it if it exists, else generate it and write it there "
+        "(default: generate into OUT/corpus.json)",
+    )
+    p.add_argument("--max-new-tokens", type=int_at_least("--max-new-tokens", 1), default=48,
+                   help="generated tokens per continued prompt")
+    p.add_argument(
+        "--max-prompts",
+        type=int_at_least("--max-prompts", 0, note=" (0: all)"),
+        default=384,
+        help="corpus prompts the model continues (0: all); the others enter as prompts alone",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-fraction", type=fraction("--eval-fraction"), default=0.1,
+                   help="held-out sequences for the quality table")
+    p.add_argument("--dtype-out", default="float16", choices=["float16", "float32"], help="weights on disk")
+    add_output(p, "--out", required=True, help="folder: layer_<L>/ (sae_lens format), quality.csv, corpus.json")
+    add_model_options(p, batch="read")
+
+    p = add_command(sub, "sae-align", run_sae_align,
+                    help="SAE features aligned with a direction, its sparse decomposition, feature cards")
+    add_input(p, "--vector", required=True, help="direction .safetensors (from extract or roles)")
+    p.add_argument("--sae", required=True, help="SAE folder (sae_lens format), or a registry release with --sae-id")
+    p.add_argument("--sae-id", default=None, help="sae_id within the registry release given as --sae")
+    p.add_argument("--top", type=int_at_least("--top", 1), default=10, help="aligned features listed and carded")
+    p.add_argument("--decompose", type=int_at_least("--decompose", 1), default=16,
+                   help="most features in the decomposition")
+    p.add_argument(
+        "--cards",
+        default="auto",
+        choices=["auto", "yes", "no"],
+        help="feature cards (need the model and a corpus; auto: when a corpus is found)",
+    )
+    add_input(p, "--corpus", default=None, help="corpus JSON for the cards (default: corpus.json beside the SAE)")
+    add_input(p, "--roles", kind="folder", default=None,
+              help="folder of role vectors (from 'lens-roles roles') for the cards' alignment table")
+    add_output(p, "--out", required=True, help="folder: alignment.csv, decomposition.csv, figures, cards.html")
+    add_model_options(p, batch="read")
+
+    p = add_command(sub, "sae-attribute", run_sae_attribute,
+                    help="gradient x activation attribution of a direction's projection to SAE features, "
+                    "checked by ablation")
+    add_input(p, "--vector", required=True, help="direction .safetensors; the metric is the projection on it")
+    p.add_argument("--sae", required=True, help="SAE folder, or a registry release with --sae-id")
+    p.add_argument("--sae-id", default=None)
+    add_input(p, "--prompts", required=True,
+              help="prompt set JSONL/JSON, or contrast pairs (both replies are used)")
+    p.add_argument("--system-prompt", default=None, help="system prompt added to every prompt")
+    p.add_argument(
+        "--read-layer",
+        type=int,
+        default=None,
+        help="layer whose residual stream is projected (default: the direction's deepest layer)",
+    )
+    p.add_argument("--max-prompts", type=int_at_least("--max-prompts", 0, note=" (0: all)"), default=128,
+                   help="prompts used (0: all)")
+    p.add_argument("--top", type=int_at_least("--top", 1), default=20, help="features listed")
+    p.add_argument("--check", type=int_at_least("--check", 0, note=" (0: none)"), default=16,
+                   help="top features ablated one by one to check (0: none)")
+    add_output(p, "--out", required=True, help="folder: attribution.csv, check.csv, figure")
+    add_model_options(p, batch="read")
