@@ -240,3 +240,72 @@ def test_prompts_are_checked_before_the_tokenizer_and_the_model(tiny_model):
     for prompts, message in cases:
         with pytest.raises(DataError, match=message):
             lr.collect(tiny_model, prompts, layers=[0])
+
+
+def test_the_activation_cache_checks_its_entries_and_its_folder(tiny_model, tmp_path):
+    import lens_roles as lr
+    from lens_roles.errors import CacheError
+
+    prompts = ["Where are the maps?", "Find me a book on birds."]
+    first = lr.collect(tiny_model, prompts, layers=[0, 1], cache_dir=tmp_path / "cache")
+    (entry,) = (tmp_path / "cache").glob("*.safetensors")
+    tensors, meta = {"mean": first.mean}, dict(first.meta)
+    cases = [
+        ({"mean": torch.full_like(first.mean, float("nan"))}, meta, "not finite"),
+        ({"mean": first.mean[:1]}, meta, "mean shape"),
+        (tensors, dict(meta, layers=[0, 2]), "layers"),
+        (tensors, dict(meta, count="two"), "count"),
+        (tensors, None, "cache_key"),
+    ]
+    for tens, info, message in cases:
+        save_file(tens, str(entry), metadata=None if info is None else {"meta": json.dumps(info)})
+        with pytest.raises(CacheError, match=message) as err:
+            lr.collect(tiny_model, prompts, layers=[0, 1], cache_dir=tmp_path / "cache")
+        assert str(entry) in str(err.value)
+    for bad in (tmp_path / "file", READ_ONLY):
+        (tmp_path / "file").write_text("x")
+        with pytest.raises(OutputError, match="activation cache folder"):
+            lr.collect(tiny_model, prompts, layers=[0], cache_dir=bad)
+
+
+def test_generation_must_fit_the_context(tiny_model):
+    from lens_roles.runtime.generation import generate
+
+    with pytest.raises(DataError, match="plus 250 tokens to generate"):
+        generate(tiny_model, ["word " * 10], max_new_tokens=250)
+
+
+def test_a_bad_device_or_model_folder_is_a_model_error(tmp_path):
+    import lens_roles as lr
+    from lens_roles.errors import ModelError
+
+    with pytest.raises(ModelError, match="unknown device 'foo'"):
+        lr.load_model(str(tmp_path), device="foo")
+    (tmp_path / "config.json").write_text("{ not json")
+    with pytest.raises(ModelError, match=str(tmp_path)):
+        lr.load_model(str(tmp_path))
+
+
+def test_study_settings_and_role_folders_fail_early(tmp_path):
+    from lens_roles.errors import ConfigError
+    from lens_roles.inputs.prompts import available_roles
+    from lens_roles.studies.role_study import StudyConfig
+
+    for template in ("You are {bogus}.", "You are {0}.", "You are {role"):
+        with pytest.raises(ConfigError, match="system_template"):
+            StudyConfig(system_template=template)
+    with pytest.raises(DataError, match="no such folder"):
+        available_roles(tmp_path / "missing")
+
+
+def test_train_sae_reads_its_corpus_before_the_model(tmp_path):
+    from lens_roles.cli import main
+
+    def loader(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    (tmp_path / "corpus.json").write_text('{"sequences": [[1, 2]], "kinds": []}')
+    for corpus in (tmp_path / "corpus.json", tmp_path, f"{READ_ONLY}/corpus.json"):
+        assert main(["train-sae", "--layer", "1", "--corpus", str(corpus), "--out", str(tmp_path / "saes")],
+                    load_model=loader) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.json"]
