@@ -35,11 +35,10 @@ import torch
 from tqdm.auto import tqdm
 
 from lens_roles.errors import DataError
-from lens_roles.io import parse_json, read_text
 from lens_roles.inputs.positions import encode
 from lens_roles.inputs.prompts import Prompt, available_roles, data_dir, load_baseline, load_pairs, load_role
 from lens_roles.inputs.sets import split_indices
-from lens_roles.io import atomic_write
+from lens_roles.io import atomic_write, parse_json, read_text
 from lens_roles.runtime.generation import generate
 
 PERSONA_SYSTEMS = (
