@@ -16,7 +16,7 @@ from lens_roles.inputs.prompts import Prompt
 from lens_roles.interventions.psr.align import align, prompt_pairs, prompt_steering
 from lens_roles.interventions.psr.evaluate import activation_distance, token_coefficients
 from lens_roles.interventions.psr.model import PSR
-from lens_roles.interventions.psr.train import TrainConfig, _forward, make_psr, prepare, psr_loss, train_psr
+from lens_roles.interventions.psr.train import TrainConfig, forward_batch, make_psr, prepare, psr_loss, train_psr
 from lens_roles.interventions.steering import steer
 from lens_roles.runtime.batching import pad_batch, pad_id
 from lens_roles.studies.psr_compare import CompareConfig, compare_at_matched_coherence
@@ -153,7 +153,7 @@ def test_start_at_layer_forward_matches_hooked_run(tiny_model, direction, prompt
     data = prepare(tiny_model, psr, prompts[:3], SYSTEM, batch_size=3)
     batch = data.batches[0]
     with torch.no_grad():
-        _, final = _forward(tiny_model, psr, batch, data)
+        _, final = forward_batch(tiny_model, psr, batch, data)
         with psr.applied(tiny_model):
             ref = tiny_model(batch.tokens, stop_at_layer=tiny_model.cfg.n_layers)
     for r, run in enumerate(data.runs):  # real tokens only: padding differs and cannot matter

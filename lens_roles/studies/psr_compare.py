@@ -19,7 +19,7 @@ from lens_roles.errors import ConfigError, PSRError
 from lens_roles.inputs.positions import encode
 from lens_roles.inputs.prompts import PairSet, Prompt, PromptSet, as_prompts
 from lens_roles.inputs.sets import fingerprint
-from lens_roles.interventions.psr.align import _check_direction
+from lens_roles.interventions.psr.align import check_direction
 from lens_roles.interventions.psr.evaluate import token_coefficients
 from lens_roles.interventions.psr.model import PSR
 from lens_roles.interventions.steering import steer
@@ -145,7 +145,7 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
     shows the latest α, perplexity and margin). A steering method whose closest
     point misses the target perplexity is reported by a ``UserWarning``.
     """
-    _check_direction(model, direction)
+    check_direction(model, direction)
     psr.check_model(model)
     missing = [layer for layer in psr.layers if layer not in direction]
     if missing or not torch.allclose(torch.stack([direction[layer] for layer in psr.layers]),
