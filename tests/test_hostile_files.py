@@ -309,3 +309,14 @@ def test_train_sae_reads_its_corpus_before_the_model(tmp_path):
         assert main(["train-sae", "--layer", "1", "--corpus", str(corpus), "--out", str(tmp_path / "saes")],
                     load_model=loader) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.json"]
+
+
+def test_an_sae_folder_is_written_whole_or_reports_where_it_cannot(tmp_path):
+    from lens_roles.analysis.sae import identity_sae, save_sae
+
+    sae = identity_sae(D, layer=1)
+    (tmp_path / "file").write_text("x")
+    for target in (tmp_path / "file", tmp_path / "file" / "sae", f"{READ_ONLY}/sae"):
+        with pytest.raises(OutputError, match="SAE folder"):
+            save_sae(sae, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

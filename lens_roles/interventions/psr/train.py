@@ -22,8 +22,8 @@ from lens_roles.inputs.prompts import as_prompts
 from lens_roles.inputs.sets import fingerprint
 from lens_roles.interventions.psr.align import (
     Aligned,
-    check_direction,
     align,
+    check_direction,
     prompt_pairs,
     prompt_steering,
 )
