@@ -449,3 +449,19 @@ def test_compare_warns_when_a_method_misses_the_target(tiny_model, direction, pa
     out, err = capsys.readouterr()
     n = len(result.curve)
     assert out == "" and "matched coherence: 100%|" in err and f"{n}/{n}" in err
+
+
+def test_bisection_brackets_then_returns_the_closest_point():
+    from lens_roles.studies.psr_compare import bisect_to_target
+
+    calls = []
+
+    def evaluate(alpha):  # perplexity grows linearly: 1 + alpha
+        calls.append(alpha)
+        return {"alpha": alpha, "perplexity": 1.0 + alpha}
+
+    best = bisect_to_target(evaluate, hi=1.0, target=5.0, steps=6)
+    assert calls[:4] == [1.0, 2.0, 4.0, 3.0]  # doubled until 1 + hi >= 5, then bisected on [2, 4]
+    assert abs(best["perplexity"] - 5.0) <= 4.0 / 2 ** 6  # within one bisection step of the target
+    out_of_reach = bisect_to_target(lambda a: {"perplexity": 2.0}, hi=1.0, target=5.0, steps=2, max_brackets=3)
+    assert out_of_reach["perplexity"] == 2.0
