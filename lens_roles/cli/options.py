@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +26,9 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from lens_roles.errors import DataError, DirectionError, ModelError, UsageError
+from lens_roles.errors import DataError, DirectionError, ModelError, OutputError, UsageError
 from lens_roles.inputs.prompts import PairSet, PromptSet, load_pairs, load_prompt_set, shipped_or_path
+from lens_roles.io import check_writable
 from lens_roles.runtime.models import validate_layers
 
 #: ``--dtype`` names and the weight dtypes they load.
@@ -387,19 +386,10 @@ def check_output(path: str | Path, option: str, kind: str = "folder", suffix: st
         raise UsageError(f"{option} must end in {suffix}, got {path}")
     if path.exists() and path.is_dir() != want_folder:
         raise UsageError(f"{option} {path}: is a {'file' if want_folder else 'folder'}, not a {kind}")
-    existing = path if want_folder and path.is_dir() else path.parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"{option} {path}: {existing} is a file, so nothing can be written under it")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".lens-roles-write-check-", dir=existing)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as exc:
-        raise UsageError(
-            f"{option} {path}: cannot write in {existing} ({exc.strerror or exc}); choose another location"
-        ) from None
+        check_writable(path, option)
+    except OutputError as exc:
+        raise UsageError(f"{exc}; choose another location") from None
     return path
 
 

@@ -28,6 +28,7 @@ from lens_roles.cli.options import (
 from lens_roles.directions.direction import Direction
 from lens_roles.errors import SAEError, UsageError
 from lens_roles.inputs.prompts import PairSet, Prompt
+from lens_roles.io import check_writable
 from lens_roles.studies.sae_report import run_alignment_report, run_attribution_report, write_direction_cards
 from lens_roles.studies.sae_suite import corpus_for, train_sae_suite
 
@@ -40,11 +41,17 @@ def run_train_sae(args: argparse.Namespace, load_model: ModelLoader) -> int:
     except ValueError as exc:  # SAETrainConfig's own checks: a bad argument, found before the model loads
         raise UsageError(str(exc)) from None
     out = Path(args.out)
+    corpus_path = Path(args.corpus) if args.corpus else out / "corpus.json"
+    # an existing corpus is read now, so that a damaged one fails before the model loads; a new one must be writable
+    loaded = Corpus.load(corpus_path) if corpus_path.exists() else None
+    if loaded is None:
+        check_writable(corpus_path, "corpus")
     model = open_model(args, load_model)
     layers = args.layer.resolve(model)
     corpus = corpus_for(
         model,
-        Path(args.corpus) if args.corpus else out / "corpus.json",
+        corpus_path,
+        loaded=loaded,
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         max_prompts=args.max_prompts or None,

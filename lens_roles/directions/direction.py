@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
+import numbers
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 from jaxtyping import Float
@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lens_roles._version import __version__
 from lens_roles.errors import DirectionError
-from lens_roles.io import save_tensors, to_plain
+from lens_roles.io import parse_json, read_tensors, read_text, save_tensors, to_plain
 
 #: provenance keys that must agree for two directions to be combined
 _COMPATIBLE_KEYS = ("model", "hook", "d_model")
@@ -29,6 +29,31 @@ def _freeze(value):
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
+
+
+#: no model has this many blocks; a larger stored layer index is a damaged file
+MAX_LAYERS = 4096
+
+
+def layer_indices(layers) -> tuple[int, ...]:
+    """``layers`` as a tuple of block indices: integers (not booleans, not fractions) in
+    ``0 .. MAX_LAYERS - 1``, at least one.
+
+    Raises:
+        DirectionError: naming the offending entry.
+    """
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise DirectionError(f"layers must be a list of block indices, got {layers!r}")
+    out = []
+    for layer in layers:
+        if isinstance(layer, (bool, torch.Tensor)) or not isinstance(layer, numbers.Integral):
+            raise DirectionError(f"layer {layer!r} is not an integer block index")
+        if not 0 <= int(layer) < MAX_LAYERS:
+            raise DirectionError(f"layer {layer} is not a block index (0..{MAX_LAYERS - 1})")
+        out.append(int(layer))
+    if not out:
+        raise DirectionError("a direction needs at least one layer")
+    return tuple(out)
 
 
 class Direction:
@@ -48,11 +73,15 @@ class Direction:
     __slots__ = ("_layers", "_vectors", "_meta")
 
     def __init__(self, layers, vectors, meta: Mapping | None = None):
-        vectors = torch.as_tensor(vectors).detach().to("cpu", torch.float32).clone()
-        layers = tuple(int(layer) for layer in layers)
-        if vectors.ndim != 2 or vectors.shape[0] != len(layers):
+        vectors = torch.as_tensor(vectors).detach()
+        if not (vectors.is_floating_point() or vectors.dtype in (torch.int32, torch.int64)):
+            raise DirectionError(f"vectors must hold floats, got {vectors.dtype}")
+        vectors = vectors.to("cpu", torch.float32).clone()
+        layers = layer_indices(layers)
+        if vectors.ndim != 2 or vectors.shape[0] != len(layers) or vectors.shape[1] == 0:
             raise DirectionError(
-                f"vectors must be [layer, d_model] with {len(layers)} rows, got {tuple(vectors.shape)}"
+                f"vectors must be [layer, d_model] with {len(layers)} rows and d_model >= 1, "
+                f"got {tuple(vectors.shape)}"
             )
         if len(set(layers)) != len(layers):
             raise DirectionError(f"duplicate layers in {layers}")
@@ -204,22 +233,37 @@ class Direction:
 
     @classmethod
     def load(cls, path: str | Path) -> "Direction":
-        """Read a direction written by :meth:`save` (the sidecar is optional)."""
-        from safetensors import safe_open
+        """Read a direction written by :meth:`save`.
 
+        The stored metadata is checked like any input (a list of block indices as
+        long as the ``[layer, d_model]`` float tensor, finite values); the JSON
+        sidecar is optional, but when present it must agree with the file.
+
+        Raises:
+            DirectionError: naming the file and what is wrong with it.
+        """
         path = Path(path)
-        if not path.is_file():
-            raise DirectionError(f"{path}: no such direction file")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                info = json.loads((f.metadata() or {}).get("meta", "{}"))
-                vectors = f.get_tensor("vectors")
-        except Exception as exc:
-            raise DirectionError(f"{path} is not a readable direction file ({exc})") from None
+        tensors, info = read_tensors(path, "direction file", DirectionError, required=("vectors",))
+        vectors = tensors["vectors"]
         layers = info.pop("layers", None)
-        if layers is None or len(layers) != vectors.shape[0]:
-            raise DirectionError(f"{path}: layer list does not match the {vectors.shape[0]} stored vectors")
-        return cls(tuple(layers), vectors, info)
+        if not isinstance(layers, list):
+            raise DirectionError(f"{path}: its metadata has no layer list (got {layers!r}); it was not written by "
+                                 "Direction.save")
+        if vectors.ndim != 2 or vectors.shape[0] != len(layers):
+            raise DirectionError(f"{path}: {len(layers)} layers listed but the stored vectors have shape "
+                                 f"{tuple(vectors.shape)} (expected [{len(layers)}, d_model])")
+        sidecar = path.with_suffix(".json")
+        if sidecar.exists():
+            side = parse_json(read_text(sidecar, "direction sidecar"), str(sidecar))
+            if not isinstance(side, dict) or side.get("layers") != layers or any(
+                    side.get(k) != info.get(k) for k in ("model", "hook", "d_model", "method", "dataset")):
+                raise DirectionError(f"{sidecar} does not describe {path.name} (its layers, model, hook, width, "
+                                     "method or dataset differ): one of the two was replaced; save the direction "
+                                     "again or delete the stale sidecar")
+        try:
+            return cls(layers, vectors, info)
+        except DirectionError as exc:
+            raise DirectionError(f"{path}: {exc}") from None
 
     def to_frame(self):
         """Tidy per-layer summary: ``layer, metric, value`` with the norm of each vector."""

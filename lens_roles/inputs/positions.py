@@ -99,6 +99,8 @@ def encode(
     template = template or template_name(tokenizer)
     if prepend_bos is None:
         prepend_bos = default_prepend_bos(model, template)
+    for i, prompt in enumerate(prompts):
+        check_prompt(prompt, i)
     rendered: list[Rendered] = [render(tokenizer, p, template) for p in prompts]
     batch = tokenizer(
         [r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True
@@ -117,7 +119,47 @@ def encode(
         user, eoi = (user[0] + shift, user[1] + shift), (eoi[0] + shift, eoi[1] + shift)
         reply = (reply[0] + shift, reply[1] + shift) if reply else None
         out.append(Encoded(tuple(ids), user, eoi, reply))
+    check_context(model, out, prompts)
     return out
+
+
+def check_prompt(prompt, index: int) -> None:
+    """Refuse anything that is not a :class:`Prompt` of text before it reaches the tokenizer.
+
+    Raises:
+        DataError: naming the prompt's index: not a Prompt, a user turn that is not a
+            non-empty string, a system prompt or reply that is not a string, or text with
+            a lone surrogate (not encodable as UTF-8).
+    """
+    if not isinstance(prompt, Prompt):
+        raise DataError(f"prompt {index} is {type(prompt).__name__} {prompt!r:.40}, not text or a Prompt")
+    fields = {"user": prompt.user, "system": prompt.system, "reply": prompt.reply}
+    for name, value in fields.items():
+        if value is None and name != "user":
+            continue
+        if not isinstance(value, str) or (name == "user" and not value):
+            raise DataError(f"prompt {index}: {name} must be a non-empty string, got {value!r:.40}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"prompt {index}: its {name} holds a lone surrogate, which is not text") from None
+
+
+def check_context(model, items: Sequence[Encoded], prompts: Sequence[Prompt], extra: int = 0) -> None:
+    """Refuse a prompt whose tokens (plus ``extra`` to be generated) exceed the model's context.
+
+    Raises:
+        DataError: naming the prompt (index and start of its user text), its length
+            and the model's context size — before anything runs.
+    """
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if not n_ctx:
+        return
+    for i, (item, prompt) in enumerate(zip(items, prompts)):
+        if len(item) + extra > n_ctx:
+            more = f" plus {extra} tokens to generate" if extra else ""
+            raise DataError(f"prompt {i} ({prompt.user[:40]!r}…) is {len(item)} tokens{more}, more than "
+                            f"{model.cfg.model_name}'s context of {n_ctx} tokens; shorten it")
 
 
 def select_positions(items: Sequence[Encoded], rule: PositionRule) -> list[list[int]]:

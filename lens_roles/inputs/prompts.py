@@ -29,7 +29,6 @@ reads), and the reply.
 from __future__ import annotations
 
 import importlib.resources
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import ClassVar, Iterable, Sequence
 
 from lens_roles.errors import DataError
 from lens_roles.inputs.sets import ItemSet
+from lens_roles.io import parse_json, parse_jsonl, read_text
 
 PLAIN_TEMPLATE = "[System: {system}\\n\\n]User: {user}\\n\\nAssistant:[ {reply}]"
 
@@ -168,32 +168,25 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     ``location`` is the 1-based line number in JSONL (blank lines skipped) or the 0-based item
     index in a JSON list, so that every loader's errors can name the file and the record.
 
+    The text is read by :func:`lens_roles.io.read_text` and parsed by
+    :func:`~lens_roles.io.parse_json` / :func:`~lens_roles.io.parse_jsonl` (lines split on
+    ``\\n`` only), so hostile files fail the same way everywhere.
+
     Raises:
-        DataError: naming the file (and line or item), for a missing file, malformed JSON, a JSON
-            file that is not a list, a record that is not a JSON object, or no records at all.
+        DataError: naming the file (and line or item), for a missing or unreadable file, text
+            that is not UTF-8, malformed or too deeply nested JSON, a JSON file that is not a
+            list, a record that is not a JSON object, or no records at all.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        data = parse_json(text, str(path))
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
         records = list(enumerate(data))
         where = "item"
     else:
-        records = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+        records = parse_jsonl(text, str(path))
         where = "line"
     for loc, rec in records:
         if not isinstance(rec, dict):
@@ -258,6 +251,8 @@ def load_pairs(path: str | Path, name: str | None = None) -> PairSet:
 def available_roles(directory: str | Path | None = None) -> list[str]:
     """Names of the shipped role prompt sets in ``roles/`` (every JSONL but the baseline)."""
     directory = Path(directory) if directory else data_dir() / "roles"
+    if not directory.is_dir():
+        raise DataError(f"{directory}: no such folder of role prompt sets (<role>.jsonl files)")
     return sorted(p.stem for p in directory.glob("*.jsonl") if p.stem != "baseline")
 
 

@@ -79,7 +79,12 @@ def _check_positions(positions) -> None:
 
 
 def _check_alpha(alpha) -> Tensor:
-    a = torch.as_tensor(alpha, dtype=torch.float32)
+    if isinstance(alpha, (str, bytes, bool)):
+        raise DirectionError(f"alpha must be a number or a 1-D tensor of numbers, got {alpha!r}")
+    try:
+        a = torch.as_tensor(alpha, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        raise DirectionError(f"alpha must be a number or a 1-D tensor of numbers, got {alpha!r}") from None
     if a.ndim > 1:
         raise DirectionError(f"alpha must be a number or a 1-D tensor (one per batch row), got shape {tuple(a.shape)}")
     if not torch.isfinite(a).all():
@@ -122,6 +127,12 @@ def steering_hooks(model, direction: Direction, alpha, *, layers=None, positions
         missing = [layer for layer in vectors if layer not in relative]
         if missing:
             raise DirectionError(f"relative α needs residual norms for layer(s) {missing}")
+        bad = {layer: relative[layer] for layer in vectors
+               if isinstance(relative[layer], bool) or not isinstance(relative[layer], (int, float))
+               or not math.isfinite(relative[layer]) or relative[layer] <= 0}
+        if bad:
+            raise DirectionError(f"relative α needs positive, finite residual norms; got {bad} "
+                                 "(use residual_norms(model, prompts) to measure them)")
         vectors = {layer: v * float(relative[layer]) for layer, v in vectors.items()}
 
     def make(vector: Tensor):

@@ -32,7 +32,6 @@ from typing import Sequence
 
 import torch
 from jaxtyping import Float
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -40,7 +39,7 @@ from lens_roles._version import __version__
 from lens_roles.errors import CacheError, DataError
 from lens_roles.inputs.positions import Encoded, PositionRule, default_prepend_bos, encode, rule_name, select_positions
 from lens_roles.inputs.prompts import Prompt, PromptSet, as_prompts, template_name
-from lens_roles.io import atomic_write
+from lens_roles.io import atomic_write, check_writable, read_tensors
 from lens_roles.runtime.batching import run_batches, token_batches
 from lens_roles.runtime.capture import Capture, capture, position_mean
 from lens_roles.runtime.models import model_id, resid_hook, validate_layers
@@ -103,19 +102,30 @@ def _cache_key(model, layers, items, positions, keep_per_prompt) -> str:
     return h.hexdigest()[:32]
 
 
-def _load_cached(path: Path, key: str) -> Activations:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["meta"])
-            mean = f.get_tensor("mean")
-            per_prompt = f.get_tensor("per_prompt") if "per_prompt" in f.keys() else None
-    except Exception as exc:  # safetensors raises several types for a damaged file
-        raise CacheError(
-            f"activation cache file {path} is corrupt ({exc}); delete it to recompute"
-        ) from None
-    if meta.get("cache_key") != key or mean.shape[0] != len(meta.get("layers", [])):
-        raise CacheError(f"activation cache file {path} does not match its key; delete it to recompute")
-    return Activations(tuple(meta["layers"]), mean, int(meta["count"]), per_prompt, meta)
+def _load_cached(path: Path, key: str, layers: tuple[int, ...], d_model: int, count: int,
+                 keep_per_prompt: bool) -> Activations:
+    """Read a cache entry, checking everything in it against what was asked for.
+
+    Raises:
+        CacheError: naming the file, for a damaged or unreadable file, or an entry whose
+            key, layers, count, shapes or values (NaN, infinite) are not the ones asked for.
+    """
+    tensors, meta = read_tensors(path, "activation cache file", CacheError, required=("mean",))
+    mean, per_prompt = tensors["mean"], tensors.get("per_prompt")
+    expected = {"cache_key": key, "layers": list(layers), "count": count}
+    wrong = [k for k, v in expected.items() if meta.get(k) != v]
+    if not wrong and tuple(mean.shape) != (len(layers), d_model):
+        wrong.append(f"mean shape {tuple(mean.shape)}")
+    rows_shape = (count, len(layers), d_model)
+    if not wrong and keep_per_prompt and (per_prompt is None or tuple(per_prompt.shape) != rows_shape):
+        wrong.append("per_prompt")
+    if not wrong and any(not (x.is_floating_point() and torch.isfinite(x).all())
+                         for x in (mean, per_prompt) if x is not None):
+        wrong.append("values (not finite floats)")
+    if wrong:
+        raise CacheError(f"activation cache file {path} does not hold what was asked for ({', '.join(wrong)}); "
+                         "delete it to recompute")
+    return Activations(layers, mean.double(), count, per_prompt if keep_per_prompt else None, meta)
 
 
 def _save_cached(path: Path, acts: Activations) -> None:
@@ -189,6 +199,8 @@ def collect_sets(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
     layers = validate_layers(model, layers)
+    if cache_dir is not None:  # a cache that cannot be written fails now, not after the computation
+        check_writable(Path(cache_dir) / "entry.safetensors", "activation cache folder")
     lists = [as_prompts(prompts) for prompts in prompt_sets]
     if not lists:
         raise DataError("no prompt sets given")
@@ -221,7 +233,7 @@ def collect_sets(
             key = _cache_key(model, layers, set_items, set_pos, keep_per_prompt)
             path = Path(cache_dir) / f"{key}.safetensors"
             if path.exists():
-                results[k] = _load_cached(path, key)
+                results[k] = _load_cached(path, key, layers, model.cfg.d_model, len(set_items), keep_per_prompt)
             meta["cache_key"] = key
         metas.append(meta)
         paths.append(path)

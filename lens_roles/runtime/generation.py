@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from lens_roles.errors import DataError
-from lens_roles.inputs.positions import encode
+from lens_roles.inputs.positions import check_context, encode
 from lens_roles.inputs.prompts import as_prompts
 from lens_roles.runtime.batching import pad_batch, pad_id
 from lens_roles.runtime.progress import progress_bar
@@ -94,6 +94,7 @@ def generate(
         raise DataError(f"temperature must be finite and >= 0, got {temperature}")
     plist = as_prompts(prompts)
     items = encode(model, plist, template=template)
+    check_context(model, items, plist, extra=max_new_tokens)
     device = model.cfg.device
     tok = model.tokenizer
     pad = pad_id(model)

@@ -192,7 +192,10 @@ def load_model(
     """
     from transformer_lens import HookedTransformer
 
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"device {device} asked for, but torch sees no CUDA device here")
     key = DEFAULT_MODEL if name is None else name
@@ -212,7 +215,11 @@ def load_model(
             )
         model = HookedTransformer.from_pretrained(key, **kwargs)
     else:
-        hf_model, tokenizer = load_hf_model(str(folder), dtype=torch.float32)
+        try:
+            hf_model, tokenizer = load_hf_model(str(folder), dtype=torch.float32)
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # a damaged config.json, weights or tokenizer
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelError(f"cannot load the Hugging Face model in {folder}: {first[:300]}") from None
         embedded = EMBEDDED_MODELS.get(key.lower())
         if embedded and embedded.tl_name:
             model = HookedTransformer.from_pretrained(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from typing import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from lens_roles.errors import ConfigError, PSRError
 from lens_roles.inputs.positions import encode
 from lens_roles.inputs.prompts import PairSet, Prompt, PromptSet, as_prompts
 from lens_roles.inputs.sets import fingerprint
-from lens_roles.interventions.psr.align import _check_direction
+from lens_roles.interventions.psr.align import check_direction
 from lens_roles.interventions.psr.evaluate import token_coefficients
 from lens_roles.interventions.psr.model import PSR
 from lens_roles.interventions.steering import steer
@@ -124,6 +125,37 @@ def _mc(model, ctx, questions, system: str | None) -> tuple[float, float]:
     return float(frame.correct.mean()), float(frame.p_correct.mean())
 
 
+def bisect_to_target(evaluate: Callable[[float], dict], hi: float, target: float, steps: int, *,
+                     max_brackets: int = 8, on_bracket: Callable[[], None] | None = None) -> dict:
+    """The evaluated point whose perplexity is closest to ``target`` along α ≥ 0.
+
+    ``evaluate(alpha)`` returns a row with a ``"perplexity"``. First ``hi`` is doubled
+    (at most ``max_brackets`` times, calling ``on_bracket`` each time) until its
+    perplexity reaches the target; then ``[lo, hi]`` is bisected ``steps`` times.
+    Perplexity is assumed to grow with α; the closest point is returned either way
+    (in log-ratio), so a target out of reach yields the nearest point tried.
+    """
+    lo = 0.0
+    row = evaluate(hi)
+    for _ in range(max_brackets):  # bracket: grow hi until the perplexity passes the target
+        if row["perplexity"] >= target:
+            break
+        lo, hi = hi, 2 * hi
+        if on_bracket is not None:
+            on_bracket()
+        row = evaluate(hi)
+    tried = [row]
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        row = evaluate(mid)
+        tried.append(row)
+        if row["perplexity"] >= target:
+            hi = mid
+        else:
+            lo = mid
+    return min(tried, key=lambda r: abs(math.log(r["perplexity"] / target)))
+
+
 def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: PairSet | PromptSet, system: str,
                                  *, questions=None, config: CompareConfig = CompareConfig(),
                                  progress: bool = True) -> Comparison:
@@ -145,7 +177,7 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
     shows the latest α, perplexity and margin). A steering method whose closest
     point misses the target perplexity is reported by a ``UserWarning``.
     """
-    _check_direction(model, direction)
+    check_direction(model, direction)
     psr.check_model(model)
     missing = [layer for layer in psr.layers if layer not in direction]
     if missing or not torch.allclose(torch.stack([direction[layer] for layer in psr.layers]),
@@ -196,25 +228,9 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
         raise PSRError("the PSR's λ is 0 on every token of these prompts: it does not steer at all")
     strength = {"none": 0.0, "prompting": float("nan"), "constant": 1.0, "psr": mean_lambda}
     for method in ("constant", "psr"):
-        lo, hi = 0.0, config.alpha_hi * float(psr.alpha) / strength[method]
-        row = evaluate(method, hi)
-        for _ in range(8):  # bracket: grow hi until the perplexity passes the target
-            if row["perplexity"] >= target:
-                break
-            lo, hi = hi, 2 * hi
-            bar.total += 1
-            row = evaluate(method, hi)
-        tried = [row]
-        for _ in range(config.steps):
-            mid = (lo + hi) / 2
-            row = evaluate(method, mid)
-            tried.append(row)
-            if row["perplexity"] >= target:
-                hi = mid
-            else:
-                lo = mid
-        best = min(tried, key=lambda r: abs(math.log(r["perplexity"] / target)))
-        matched[method] = best
+        first_hi = config.alpha_hi * float(psr.alpha) / strength[method]
+        matched[method] = bisect_to_target(lambda alpha, m=method: evaluate(m, alpha), first_hi, target,
+                                           config.steps, on_bracket=lambda: setattr(bar, "total", bar.total + 1))
     rows = []
     for method in ("none", "prompting", "constant", "psr"):
         m = matched[method]

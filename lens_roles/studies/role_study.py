@@ -44,7 +44,7 @@ from lens_roles.directions.direction import Direction
 from lens_roles.errors import ConfigError, DataError
 from lens_roles.inputs.prompts import data_dir
 from lens_roles.inputs.questions import QuestionSet
-from lens_roles.io import atomic_write, write_csv
+from lens_roles.io import atomic_write, parse_json, read_text, write_csv
 from lens_roles.measures.multiple_choice import SYSTEM_TEMPLATE, Condition, evaluate_condition, persona_prompt
 from lens_roles.measures.statistics import bootstrap_indices, bootstrap_mean, percentile_interval
 from lens_roles.viz import in_off_domain_bars, role_domain_heatmap, save_figure, selection_heatmap
@@ -56,13 +56,9 @@ METRICS = {"accuracy": "correct", "p_correct": "p_correct"}
 def load_role_domains(path: str | Path | None = None) -> dict[str, str]:
     """Role → domain map from the shipped ``roles/domains.json`` (``{domain: [roles]}``)."""
     path = Path(path) if path else data_dir() / "roles" / "domains.json"
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
+    raw = parse_json(read_text(path, "role-domains file"), str(path))
+    if not isinstance(raw, dict) or not all(isinstance(v, list) and all(isinstance(r, str) for r in v)
+                                            for v in raw.values()):
         raise DataError(f"{path}: expected {{domain: [role, ...]}}")
     out = {}
     for domain, roles in raw.items():
@@ -121,6 +117,12 @@ class StudyConfig(Config):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"StudyConfig: {name} must be positive or None, got {value!r}")
+        try:
+            persona_prompt("chemist", self.system_template)
+        except (KeyError, IndexError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"StudyConfig: system_template {self.system_template!r} cannot be filled in "
+                              f"({type(exc).__name__}: {exc}); use the fields {{article}} and {{role}}, e.g. "
+                              "'You are {article} {role}.'") from None
 
 
 def default_selection_layers(n_layers: int) -> tuple[int, ...]:

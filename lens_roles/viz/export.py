@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import warnings
 from pathlib import Path
 
@@ -43,7 +44,6 @@ def save_figure(fig: go.Figure, stem: str | Path, *, meta: dict | None = None, p
     """
     global _png_warned
     stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     written = []
 
     def _atomic(path: Path, write) -> None:
@@ -79,14 +79,19 @@ PNG_TIMEOUT = float(os.environ.get("LENS_ROLES_PNG_TIMEOUT", "120"))
 
 
 def _write_png(fig: go.Figure, path: str, scale: float) -> None:
-    """``fig.write_image`` in a worker thread, abandoned with an error after ``PNG_TIMEOUT`` seconds."""
-    import threading
+    """Render ``fig`` as PNG in a worker thread and write it to ``path``, or raise after ``PNG_TIMEOUT`` s.
 
+    The worker only renders to memory; the bytes are written here, by the caller's
+    thread, and only if the worker finished in time. An abandoned export (a browser
+    hanging on a loaded machine) can therefore never write a file after the
+    deadline, when its temporary file has already been cleaned up.
+    """
+    result: list[bytes] = []
     errors: list[BaseException] = []
 
     def work():
         try:
-            fig.write_image(path, format="png", scale=scale)
+            result.append(fig.to_image(format="png", scale=scale))
         except BaseException as exc:  # handed to the caller
             errors.append(exc)
 
@@ -97,6 +102,7 @@ def _write_png(fig: go.Figure, path: str, scale: float) -> None:
         raise TimeoutError(f"the browser did not finish within {PNG_TIMEOUT:g} s")
     if errors:
         raise errors[0]
+    Path(path).write_bytes(result[0])
 
 
 def _shared_plotlyjs(folder: Path) -> str:

@@ -36,9 +36,11 @@ from typing import Callable, Sequence
 
 import torch
 from jaxtyping import Float
+from safetensors import safe_open
 from torch import Tensor
 
-from lens_roles.errors import SAEError
+from lens_roles.errors import DataError, SAEError
+from lens_roles.io import parse_json, read_text
 from lens_roles.runtime.activations import residual_rows
 from lens_roles.runtime.models import resid_hook, validate_layers
 
@@ -61,14 +63,45 @@ def load_sae(source: str | Path, sae_id: str | None = None, *, device: str = "cp
                            "sae_weights.safetensors; for sae_lens's registry pass a release and an sae_id)")
         if not (path / "cfg.json").is_file():
             raise SAEError(f"{path} has no cfg.json, so it is not an SAE folder written by sae_lens")
+        check_sae_folder(path)
         try:
             return SAE.load_from_disk(str(path), device=device, dtype="float32")
         except Exception as exc:  # sae_lens raises many kinds on a damaged folder
-            raise SAEError(f"cannot load the SAE in {path}: {exc}") from exc
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SAEError(f"cannot load the SAE in {path}: {first[:300]}") from None
     try:
         return SAE.from_pretrained(str(source), sae_id, device=device, dtype="float32")
     except Exception as exc:
         raise SAEError(f"cannot load SAE {sae_id!r} of release {source!r} from sae_lens's registry: {exc}") from exc
+
+
+def check_sae_folder(path: Path) -> None:
+    """Check an SAE folder's ``cfg.json`` against the shapes in ``sae_weights.safetensors``, before loading.
+
+    Raises:
+        SAEError: naming the folder, for a ``cfg.json`` that is not an object with
+            positive integer ``d_in`` and ``d_sae``, a missing or unreadable weights
+            file, or an encoder/decoder whose shape disagrees with ``cfg.json``.
+    """
+    try:
+        cfg = parse_json(read_text(path / "cfg.json", "SAE config"), str(path / "cfg.json"))
+    except DataError as exc:
+        raise SAEError(str(exc)) from None
+    dims = {k: cfg.get(k) if isinstance(cfg, dict) else None for k in ("d_in", "d_sae")}
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in dims.values()):
+        raise SAEError(f"{path / 'cfg.json'}: d_in and d_sae must be positive integers, got {dims}")
+    weights = path / "sae_weights.safetensors"
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:  # missing or damaged file
+        raise SAEError(f"{weights} is not a readable SAE weights file ({type(exc).__name__})") from None
+    expected = {"W_enc": (dims["d_in"], dims["d_sae"]), "W_dec": (dims["d_sae"], dims["d_in"])}
+    for key, shape in expected.items():
+        if key in shapes and shapes[key] != shape:
+            raise SAEError(f"{weights}: {key} has shape {shapes[key]}, but cfg.json says d_in {dims['d_in']} and "
+                           f"d_sae {dims['d_sae']} (expected {shape}); the weights and cfg.json do not belong "
+                           "together")
 
 
 def sae_hook_name(sae) -> str | None:
@@ -160,8 +193,12 @@ def spliced(model, sae, *, error_term: bool = False, edit: Callable[[Tensor], Te
     ``[batch, pos, d_sae]``). With ``grad`` the activations are a leaf that requires
     grad (appended to ``record.acts``), for gradients of a metric with respect to
     the features. Hooks are removed when the block ends, also on error.
+
+    Raises:
+        SAEError: an SAE that does not fit the model (width, hook, layer), before
+            any hook is attached (:func:`check_sae`).
     """
-    hook = resid_hook(sae_layer(sae))
+    hook = resid_hook(check_sae(sae, model))
 
     def fn(x, hook):
         head, rest = x[:, :1], x[:, 1:]

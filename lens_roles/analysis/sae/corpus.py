@@ -38,7 +38,7 @@ from lens_roles.errors import DataError
 from lens_roles.inputs.positions import encode
 from lens_roles.inputs.prompts import Prompt, available_roles, data_dir, load_baseline, load_pairs, load_role
 from lens_roles.inputs.sets import split_indices
-from lens_roles.io import atomic_write
+from lens_roles.io import atomic_write, parse_json, read_text
 from lens_roles.runtime.generation import generate
 
 PERSONA_SYSTEMS = (
@@ -85,15 +85,33 @@ class Corpus:
 
     @classmethod
     def load(cls, path: str | Path) -> "Corpus":
+        """Read a corpus written by :meth:`save`, checking its schema.
+
+        Raises:
+            DataError: naming the file: unreadable or not JSON, or not an object with
+                ``sequences`` (non-empty lists of token ids ≥ 0), ``kinds`` (one string
+                per sequence) and ``meta`` (an object).
+        """
         path = Path(path)
-        if not path.is_file():
-            raise DataError(f"no corpus file at {path}")
-        try:
-            data = json.loads(path.read_text())
-            return cls(tuple(tuple(int(t) for t in s) for s in data["sequences"]), tuple(data["kinds"]),
-                       dict(data["meta"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise DataError(f"{path} is not a corpus file written by Corpus.save ({exc})") from None
+        data = parse_json(read_text(path, "corpus file"), str(path))
+
+        def bad(what: str) -> DataError:
+            return DataError(f"{path} is not a corpus file written by Corpus.save: {what}")
+
+        if not isinstance(data, dict):
+            raise bad(f"it holds a JSON {type(data).__name__}, not an object")
+        sequences, kinds, meta = data.get("sequences"), data.get("kinds"), data.get("meta", {})
+        if not isinstance(sequences, list) or not isinstance(kinds, list) or not isinstance(meta, dict):
+            raise bad("it needs a list 'sequences', a list 'kinds' and an object 'meta'")
+        if len(sequences) != len(kinds):
+            raise bad(f"{len(sequences)} sequences but {len(kinds)} kinds")
+        for i, (seq, kind) in enumerate(zip(sequences, kinds)):
+            if not isinstance(seq, list) or not seq or any(
+                    isinstance(tok, bool) or not isinstance(tok, int) or tok < 0 for tok in seq):
+                raise bad(f"sequence {i} is not a non-empty list of token ids")
+            if not isinstance(kind, str):
+                raise bad(f"kind {i} is {kind!r}, not a string")
+        return cls(tuple(tuple(s) for s in sequences), tuple(kinds), meta)
 
 
 def corpus_prompts(seed: int = 0, roles_dir: str | Path | None = None) -> list[Prompt]:

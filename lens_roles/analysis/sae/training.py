@@ -17,7 +17,7 @@ from torch import Tensor
 
 from lens_roles._version import __version__
 from lens_roles.config import Config
-from lens_roles.errors import ConfigError, SAEError
+from lens_roles.errors import ConfigError, OutputError, SAEError
 from lens_roles.runtime.models import resid_hook
 
 
@@ -113,8 +113,14 @@ def save_sae(sae, path: str | Path, *, dtype: torch.dtype = torch.float16, extra
     """Write ``sae`` in ``sae_lens``'s folder format (``cfg.json``, ``sae_weights.safetensors``)
     with weights in ``dtype``, plus ``extra`` as ``lens_roles.json``; the folder appears whole or not at all."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-sae-", dir=path.parent))
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"cannot write the SAE folder {path}: a file of that name is in the way")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-sae-", dir=path.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write the SAE folder {path} ({exc.strerror or exc})") from None
+    old = None
     try:
         state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in sae.state_dict().items()}
         save_file(state, str(tmp / "sae_weights.safetensors"))
@@ -124,14 +130,16 @@ def save_sae(sae, path: str | Path, *, dtype: torch.dtype = torch.float16, extra
         (tmp / "cfg.json").write_text(json.dumps(cfg, indent=1, default=str))
         if extra is not None:
             (tmp / "lens_roles.json").write_text(json.dumps(extra, indent=2, default=str))
-        old = None
-        if path.exists():
+        if path.exists():  # an older SAE is moved aside, and put back if the new one cannot take its place
             old = Path(tempfile.mkdtemp(prefix=".old-sae-", dir=path.parent))
             os.replace(path, old / "sae")
         os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old)
+    except OSError as exc:
+        if old is not None and (old / "sae").exists() and not path.exists():
+            os.replace(old / "sae", path)
+        raise OutputError(f"cannot write the SAE folder {path} ({exc.strerror or exc})") from None
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for leftover in (tmp, old):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover)
     return path

@@ -106,7 +106,12 @@ def align(model, prompted: Sequence[Prompt], unprompted: Sequence[Prompt], *,
     return out
 
 
-def _check_direction(model, direction: Direction) -> None:
+def check_direction(model, direction: Direction) -> None:
+    """Refuse a direction made from another model, or of another width, before anything runs.
+
+    Raises:
+        PSRError: naming both models (or widths).
+    """
     owner = direction.meta.get("model")
     if owner is not None and owner != model.cfg.model_name:
         raise PSRError(f"the direction {direction.meta.get('name', '')!r} was made from {owner!r}, but the model is "
@@ -136,7 +141,7 @@ def prompt_steering(model, direction: Direction, prompts, system: str, *, layers
         PSRError: mismatched runs, a foreign direction, or a system prompt that
             leaves every aligned activation unchanged.
     """
-    _check_direction(model, direction)
+    check_direction(model, direction)
     layers = validate_layers(model, direction.layers if layers is None else layers)
     missing = [layer for layer in layers if layer not in direction]
     if missing:

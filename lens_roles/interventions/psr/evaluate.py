@@ -9,7 +9,7 @@ from lens_roles.inputs.positions import encode
 from lens_roles.inputs.prompts import as_prompts
 from lens_roles.interventions.psr.align import token_text
 from lens_roles.interventions.psr.model import PSR
-from lens_roles.interventions.psr.train import TrainingData, _forward
+from lens_roles.interventions.psr.train import TrainingData, forward_batch
 
 
 def mean_strength(model, psr: PSR, data: TrainingData) -> float:
@@ -49,7 +49,7 @@ def activation_distance(model, psr: PSR, data: TrainingData) -> pd.DataFrame:
         sums = {layer: [] for layer in data.read_layers}
         with torch.no_grad():
             for batch in data.batches:
-                store, _ = _forward(model, model_psr, batch, data, constant_alpha=const)
+                store, _ = forward_batch(model, model_psr, batch, data, constant_alpha=const)
                 for layer in data.read_layers:
                     for r, (i, pos) in enumerate(zip(batch.rows, batch.positions)):
                         sums[layer].append((store[layer][r, pos].float().cpu() - data.targets[layer][i]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,9 +12,9 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from lens_roles._version import __version__
-from lens_roles.directions.direction import Direction
-from lens_roles.errors import DirectionError, PSRError
-from lens_roles.io import save_tensors, to_plain
+from lens_roles.directions.direction import Direction, layer_indices
+from lens_roles.errors import DirectionError, LensRolesError, PSRError
+from lens_roles.io import read_tensors, save_tensors, to_plain
 from lens_roles.runtime.models import resid_hook, validate_layers
 
 #: a token whose residual has at least this cosine with the sequence-start token's is the attention sink
@@ -163,26 +162,51 @@ class PSR(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, model=None) -> "PSR":
-        """Read a PSR written by :meth:`save`; with ``model``, refuse one trained on another model."""
-        from safetensors import safe_open
+        """Read a PSR written by :meth:`save`; with ``model``, refuse one trained on another model.
 
+        Everything stored is checked as input: the metadata (kind, layer list, a
+        finite α, the direction's provenance) and the tensors' shapes (``w`` and
+        ``vectors`` ``[layer, d_model]``, ``b`` ``[layer]``, the optional ``sink``
+        like ``vectors``), each float and finite.
+
+        Raises:
+            PSRError: naming the file and what is wrong with it.
+        """
         path = Path(path)
-        if not path.is_file():
-            raise PSRError(f"{path}: no such PSR file")
+        tensors, info = read_tensors(path, "PSR file", PSRError, required=("w", "b", "vectors"))
+
+        def bad(what: str) -> PSRError:
+            return PSRError(f"{path}: {what}; it is not a PSR file written by PSR.save, or it was damaged")
+
+        if info.get("kind") != "psr":
+            raise bad(f"its metadata says kind {info.get('kind')!r}, not 'psr'")
         try:
-            with safe_open(str(path), framework="pt") as f:
-                info = json.loads((f.metadata() or {}).get("meta", "{}"))
-                tensors = {k: f.get_tensor(k) for k in ("w", "b", "vectors", "sink") if k in f.keys()}
-        except Exception as exc:
-            raise PSRError(f"{path} is not a readable PSR file ({exc})") from None
-        if info.get("kind") != "psr" or len(info.get("layers", [])) != tensors["w"].shape[0]:
-            raise PSRError(f"{path}: not a PSR file, or its layer list does not match its parameters")
-        layers = info.pop("layers")
-        direction = Direction(layers, tensors["vectors"], info.pop("direction", {}))
+            layers = layer_indices(info.pop("layers", None))
+        except DirectionError as exc:
+            raise bad(f"bad layer list ({exc})") from None
+        n, width = len(layers), tensors["vectors"].shape[-1] if tensors["vectors"].ndim == 2 else -1
+        shapes = {"w": (n, width), "b": (n,), "vectors": (n, width), "sink": (n, width)}
+        for key, tensor in tensors.items():
+            if key not in shapes:
+                continue
+            if tuple(tensor.shape) != shapes[key] or width < 1:
+                raise bad(f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {shapes[key]} for {n} layer(s)")
+            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                raise bad(f"tensor {key!r} is not finite floats")
+        alpha = info.pop("alpha", None)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise bad(f"alpha {alpha!r} is not a finite number")
+        constant = info.pop("constant", False)
+        direction_meta = info.pop("direction", {})
+        if not isinstance(constant, bool) or not isinstance(direction_meta, dict):
+            raise bad("'constant' must be true/false and 'direction' an object")
         for key in ("kind", "model", "lens_roles", "sink"):
             info.pop(key, None)
-        psr = cls(direction, layers, info.pop("alpha"), constant=info.pop("constant", False),
-                  sink=tensors.get("sink"), meta=info)
+        try:
+            direction = Direction(layers, tensors["vectors"], direction_meta)
+            psr = cls(direction, layers, alpha, constant=constant, sink=tensors.get("sink"), meta=info)
+        except LensRolesError as exc:
+            raise bad(str(exc)) from None
         with torch.no_grad():
             psr.w.copy_(tensors["w"])
             psr.b.copy_(tensors["b"])

@@ -22,8 +22,8 @@ from lens_roles.inputs.prompts import as_prompts
 from lens_roles.inputs.sets import fingerprint
 from lens_roles.interventions.psr.align import (
     Aligned,
-    _check_direction,
     align,
+    check_direction,
     prompt_pairs,
     prompt_steering,
 )
@@ -148,8 +148,8 @@ def prepare(model, psr: PSR, prompts, system: str, *, read_layers: Sequence[int]
     return TrainingData(runs, start, read, targets, base, final_p, scale, batches, fp)
 
 
-def _forward(model, psr: PSR, batch: _Batch, data: TrainingData, *, alpha: Tensor | None = None,
-             constant_alpha: float | None = None) -> tuple[dict[int, Tensor], Tensor]:
+def forward_batch(model, psr: PSR, batch: _Batch, data: TrainingData, *, alpha: Tensor | None = None,
+                  constant_alpha: float | None = None) -> tuple[dict[int, Tensor], Tensor]:
     """Run the batch from the first steered layer: residuals at the read layers and the final one.
 
     With ``constant_alpha``, constant steering ``x + α·v`` replaces the PSR (same layers and tokens:
@@ -216,7 +216,7 @@ def psr_loss(model, psr: PSR, data: TrainingData, objective: str = "mse", *,
     total, n = 0.0, 0
     with torch.no_grad():
         for batch in data.batches:
-            store, final = _forward(model, psr, batch, data, constant_alpha=constant_alpha)
+            store, final = forward_batch(model, psr, batch, data, constant_alpha=constant_alpha)
             total += float(_losses(model, data, batch, store, final, objective)) * len(batch.rows)
             n += len(batch.rows)
     return total / n
@@ -251,7 +251,7 @@ def train_psr(model, psr: PSR, prompts, system: str, config: TrainConfig = Train
             for b in torch.randperm(len(data.batches), generator=gen).tolist():
                 batch = data.batches[b]
                 opt.zero_grad()
-                store, final = _forward(model, psr, batch, data)
+                store, final = forward_batch(model, psr, batch, data)
                 loss = _losses(model, data, batch, store, final, config.objective)
                 loss.backward()
                 opt.step()
@@ -297,7 +297,7 @@ def make_psr(model, direction: Direction, prompts, system: str, *, layers: str |
     ``skip_sink`` (the default) the PSR never steers the sequence-start token (the
     attention sink), which no system prompt can change (see :class:`PSR`).
     """
-    _check_direction(model, direction)
+    check_direction(model, direction)
     if layers == "one":
         chosen = [model.cfg.n_layers // 2 if layer is None else layer]
     elif layers == "all":
