@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import fractions
+import os
+import tempfile
+from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lens_roles.directions.direction import Direction
 from lens_roles.directions.formats import CONVENTIONS, FORMATS, ModelShape, export_direction, import_direction
@@ -269,3 +274,50 @@ def test_damaged_and_missing_files_are_one_error(tmp_path, fmt):
         import_direction(tmp_path / "missing.x", fmt, layer_offset=offset)
     with pytest.raises(LensRolesError, match="folder"):
         import_direction(tmp_path, fmt, layer_offset=offset)
+
+
+# ------------------------------------------------------------------------ generated damage (hypothesis)
+
+_VALID: dict[str, bytes] = {}
+
+
+def _valid_bytes(fmt: str) -> bytes:
+    """The bytes of a valid file of ``fmt`` (made once)."""
+    if fmt not in _VALID:
+        with tempfile.TemporaryDirectory() as folder:
+            path = export_direction(make_direction(), Path(folder) / f"v{SUFFIX[fmt]}", fmt, n_layers=N_LAYERS)
+            _VALID[fmt] = path.read_bytes()
+    return _VALID[fmt]
+
+
+@st.composite
+def damaged_files(draw):
+    """``(format, bytes)``: random bytes, or a valid file truncated or with some bytes overwritten."""
+    fmt = draw(st.sampled_from(FORMATS))
+    kind = draw(st.sampled_from(["random", "truncated", "overwritten"]))
+    if kind == "random":
+        return fmt, draw(st.binary(max_size=400))
+    data = bytearray(_valid_bytes(fmt))
+    if kind == "truncated":
+        return fmt, bytes(data[: draw(st.integers(0, len(data) - 1))])
+    for _ in range(draw(st.integers(1, 8))):
+        data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    return fmt, bytes(data)
+
+
+@settings(derandomize=True, database=None, max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(damaged_files())
+def test_damaged_vector_files_load_or_raise_one_error(case):
+    fmt, content = case
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"damaged{SUFFIX[fmt]}"
+        path.write_bytes(content)
+        try:
+            d = import_direction(path, fmt, model=SHAPE, layer_offset=0 if fmt == "npz" else None)
+        except LensRolesError as exc:
+            assert "damaged" in str(exc), f"error does not name the file: {exc}"
+            assert "\n" not in str(exc).strip(), f"error is not one line: {exc!r}"
+        else:
+            assert d.d_model == D_MODEL and max(d.layers) < N_LAYERS
+        assert os.listdir(folder) == [path.name]
