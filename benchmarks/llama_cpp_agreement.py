@@ -14,7 +14,7 @@ correlation of the log-prob shifts (steered − unsteered, pooled over prompts �
 greedy-token agreement of the two steered runs, how often steering changed the greedy
 token in each, and the steered |Δ log-prob| gap.
 
-Run: ``OMP_NUM_THREADS=2 .venv/bin/python benchmarks/llama_cpp_agreement.py [--layers 10,20] [--relative 0.5]``.
+Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llama_cpp_agreement.py [--layers 10,20] [--relative 0.5]``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--layers", default="10,20", help="layers k to test (each with k-1 and k+1)")
     parser.add_argument("--relative", type=float, default=0.5, help="‖s·v_k‖ as a multiple of the typical norm")
     parser.add_argument("--max-prompts", type=int, default=18, help="held-out prompts compared")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads (default: 1)")
     args = parser.parse_args()
     layers = [int(x) for x in args.layers.split(",")]
 
@@ -71,6 +71,7 @@ def main() -> None:
             table = layer_agreement(model, llama, rows, persona[k], k, scale, path, base_ll, base_lr)
             table.insert(1, "scale", scale)
             tables.append(table)
+    llama.close()
     frame = pd.concat(tables, ignore_index=True)
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4f}".format):
         print(f"\ncontrol vector direction.k in llama.cpp vs lens_roles steering blocks.L.hook_resid_post "

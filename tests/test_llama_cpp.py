@@ -36,14 +36,17 @@ def setup(real_model):
     prompts = [Prompt(p.user) for p in list(held)[:6]]
     rows = [item.tokens for item in encode(real_model, prompts)]
     scale = 0.5 * residual_norms(real_model, prompts, layers=[K])[K] / persona.norms()[K]
-    llama = LlamaCppModel(EMBEDDED_MODELS["smollm2-135m-instruct"].gguf_path(), n_ctx=256, n_threads=2)
-    return persona, rows, scale, llama
+    llama = LlamaCppModel(EMBEDDED_MODELS["smollm2-135m-instruct"].gguf_path(), n_ctx=256)
+    yield persona, rows, scale, llama
+    llama.close()
 
 
 def test_unsteered_llama_cpp_agrees_with_the_dequantized_model(real_model, setup):
     _, rows, _, llama = setup
     b = baseline(llama.last_logprobs(rows), lens_roles_logprobs(real_model, rows))
-    assert b.top1 == 1.0 and b.mean_abs < 0.05
+    # llama.cpp runs Q4_1 kernels on activations quantized to Q8_1, so the logits differ a little
+    # (the benchmark measures max |Δ log-prob| 0.93, mean 0.12 over 18 prompts, greedy token 17 of 18)
+    assert b.top1 >= 5 / 6 and b.mean_abs < 0.25
 
 
 def test_direction_k_is_blocks_k_resid_post(real_model, setup, tmp_path):
@@ -53,5 +56,7 @@ def test_direction_k_is_blocks_k_resid_post(real_model, setup, tmp_path):
     base_ll, base_lr = llama.last_logprobs(rows), lens_roles_logprobs(real_model, rows)
     table = layer_agreement(real_model, llama, rows, persona[K], K, scale, path, base_ll, base_lr)
     corr = dict(zip(table["lens_roles_layer"], table["shift_corr"]))
-    assert corr[K] > 0.95, table
-    assert corr[K] - max(corr[K - 1], corr[K + 1]) > 0.05, table
+    gap = dict(zip(table["lens_roles_layer"], table["mean_abs_gap"]))
+    assert corr[K] > 0.99 and corr[K] > max(corr[K - 1], corr[K + 1]), table
+    # at k the steered runs differ about as much as the unsteered ones; one layer off, several times more
+    assert gap[K] < 0.5 * min(gap[K - 1], gap[K + 1]), table
