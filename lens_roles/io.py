@@ -6,6 +6,9 @@ an unreadable file, a file that is not UTF-8, one that is too large, JSON that n
 too deep, a number with thousands of digits or a string holding a lone surrogate all
 become one :class:`~lens_roles.errors.DataError` naming the file (and the line).
 
+Binary vector files of other tools (:func:`regular_file`, :func:`read_bytes`): the same checks
+(a regular file, not too large) before ``torch.load``, ``numpy.load`` or the GGUF reader see them.
+
 Plain data (:func:`to_plain`): the one converter of frozen values (a direction's meta,
 a config) to JSON-serialisable dicts and lists.
 
@@ -157,6 +160,47 @@ def read_tensors(path: str | Path, what: str, error: type[Exception], *, require
     if missing:
         raise error(f"{path}: no tensor {', '.join(map(repr, missing))} in this {what} (it has {sorted(tensors)})")
     return tensors, info
+
+
+#: largest binary vector file read (bytes): a vector file of the largest open models is a few hundred MB
+MAX_BINARY_BYTES = 2 * 1024 * 1024 * 1024
+
+
+def regular_file(path: str | Path, what: str, error: type[Exception], *, max_bytes: int = MAX_BINARY_BYTES) -> Path:
+    """``path`` when it is an existing regular file of at most ``max_bytes``, for readers that open it themselves
+    (the ``gguf`` package's memory map).
+
+    Raises:
+        error: naming ``path``, when it is missing, a folder, a FIFO or device, or too large.
+    """
+    path = Path(path)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what}") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read this {what} ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise error(f"{path} is a folder, not a {what}")
+    if not stat.S_ISREG(info.st_mode):
+        raise error(f"{path} is not a regular file (a FIFO, socket or device?); give a {what}")
+    if info.st_size > max_bytes:
+        raise error(f"{path} is {info.st_size} bytes, more than the {max_bytes} a {what} may have")
+    return path
+
+
+def read_bytes(path: str | Path, what: str, error: type[Exception], *, max_bytes: int = MAX_BINARY_BYTES) -> bytes:
+    """The bytes of ``path`` (checked by :func:`regular_file`), for binary formats parsed from memory
+    (``torch.load``, ``numpy.load``).
+
+    Raises:
+        error: naming ``path`` (see :func:`regular_file`), or when it cannot be read.
+    """
+    path = regular_file(path, what, error, max_bytes=max_bytes)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise error(f"{path}: cannot read this {what} ({exc.strerror or exc})") from None
 
 
 # ------------------------------------------------------------------------ writing
