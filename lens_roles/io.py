@@ -51,19 +51,7 @@ def read_text(path: str | Path, what: str = "file", *, max_bytes: int = MAX_TEXT
             non-regular file (FIFO, device), cannot be read, is larger than
             ``max_bytes``, or is not valid UTF-8 (e.g. UTF-16 or Latin-1 text).
     """
-    path = Path(path)
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such {what}") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read this {what} ({exc.strerror or exc})") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise DataError(f"{path} is a folder, not a {what}")
-    if not stat.S_ISREG(info.st_mode):
-        raise DataError(f"{path} is not a regular file (a FIFO, socket or device?); give a {what}")
-    if info.st_size > max_bytes:
-        raise DataError(f"{path} is {info.st_size} bytes, more than the {max_bytes} a {what} may have")
+    path = regular_file(path, what, DataError, max_bytes=max_bytes)
     try:
         raw = path.read_bytes()
     except OSError as exc:
