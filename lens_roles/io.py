@@ -51,19 +51,7 @@ def read_text(path: str | Path, what: str = "file", *, max_bytes: int = MAX_TEXT
             non-regular file (FIFO, device), cannot be read, is larger than
             ``max_bytes``, or is not valid UTF-8 (e.g. UTF-16 or Latin-1 text).
     """
-    path = Path(path)
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such {what}") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read this {what} ({exc.strerror or exc})") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise DataError(f"{path} is a folder, not a {what}")
-    if not stat.S_ISREG(info.st_mode):
-        raise DataError(f"{path} is not a regular file (a FIFO, socket or device?); give a {what}")
-    if info.st_size > max_bytes:
-        raise DataError(f"{path} is {info.st_size} bytes, more than the {max_bytes} a {what} may have")
+    path = regular_file(path, what, DataError, max_bytes=max_bytes)
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -106,20 +94,11 @@ def parse_json(text: str, where: str):
     as Python does (upstream question files use them for empty option slots); the
     loaders check each field's value.
     """
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-    except RecursionError:
-        raise DataError(f"{where}: JSON nested too deeply to read") from None
-    except ValueError as exc:  # e.g. an integer past Python's digit limit
-        raise DataError(f"{where}: unreadable JSON value ({exc})") from None
-    _check_json_value(value, where)
-    return value
+    return _loads(text, where, lambda exc: f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})")
 
 
 def parse_jsonl(text: str, where: str) -> list[tuple[int, object]]:
-    """``(line number, value)`` for each non-blank line of JSON Lines text.
+    """``(line number, value)`` for each non-blank line of JSON Lines text (errors name ``where:line``).
 
     Lines are split on ``\\n`` only (``\\r\\n`` works too): U+2028, U+2029 and U+0085
     are ordinary characters inside JSON strings, not line ends.
@@ -127,8 +106,23 @@ def parse_jsonl(text: str, where: str) -> list[tuple[int, object]]:
     out = []
     for lineno, line in enumerate(text.split("\n"), start=1):
         if line.strip():
-            out.append((lineno, parse_json(line, f"{where}:{lineno}")))
+            out.append((lineno, _loads(line, f"{where}:{lineno}",
+                                       lambda exc: f"malformed JSON ({exc.msg} at column {exc.colno})")))
     return out
+
+
+def _loads(text: str, where: str, syntax: Callable[[json.JSONDecodeError], str]):
+    """:func:`json.loads` for :func:`parse_json` and :func:`parse_jsonl`; ``syntax`` words a syntax error."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: {syntax(exc)}") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to read") from None
+    except ValueError as exc:  # e.g. an integer past Python's digit limit
+        raise DataError(f"{where}: unreadable JSON value ({exc})") from None
+    _check_json_value(value, where)
+    return value
 
 
 def read_tensors(path: str | Path, what: str, error: type[Exception], *, required: tuple[str, ...] = ()

@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from lens_roles._version import __version__
 from lens_roles.config import Config
@@ -34,6 +33,7 @@ from lens_roles.measures.behaviour import (
 from lens_roles.measures.multiple_choice import score_questions
 from lens_roles.runtime.batching import token_batches
 from lens_roles.runtime.generation import generate
+from lens_roles.runtime.progress import progress_bar
 
 METHODS = ("none", "constant", "psr", "prompting")
 
@@ -201,8 +201,8 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
     points = []
     # the points to evaluate: none, prompting, and per steering method one bracket and the bisection steps
     # (each further bracket adds one), then each method on the questions
-    bar = tqdm(total=2 + 2 * (1 + config.steps) + (4 if questions is not None else 0), desc="matched coherence",
-               unit="point", disable=not progress)
+    bar = progress_bar(progress, 2 + 2 * (1 + config.steps) + (4 if questions is not None else 0),
+                       "matched coherence", unit="point")
 
     def evaluate(method: str, alpha: float) -> dict:
         system_ = system if method == "prompting" else None

@@ -36,7 +36,6 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from lens_roles._version import __version__
 from lens_roles.config import Config
@@ -47,6 +46,7 @@ from lens_roles.inputs.questions import QuestionSet
 from lens_roles.io import atomic_write, parse_json, read_text, write_csv
 from lens_roles.measures.multiple_choice import SYSTEM_TEMPLATE, Condition, evaluate_condition, persona_prompt
 from lens_roles.measures.statistics import bootstrap_indices, bootstrap_mean, percentile_interval
+from lens_roles.runtime.progress import progress_bar
 from lens_roles.viz import in_off_domain_bars, role_domain_heatmap, save_figure, selection_heatmap
 
 #: metric name → the per-question column it averages
@@ -219,8 +219,8 @@ def run_role_study(model, roles: Mapping[str, Direction], domains: Mapping[str, 
     kw = dict(answer_format=config.answer_format, batch_size=config.batch_size)
     needs_layer = "addition" in config.conditions or "ablation" in config.conditions
     n_conditions = sum(c in config.conditions for c in ("addition", "ablation", "prompting"))
-    bar = tqdm(total=len(test) + len(roles) * (needs_layer + n_conditions * len(test)), desc="role study",
-               unit="eval", disable=not progress)
+    bar = progress_bar(progress, len(test) + len(roles) * (needs_layer + n_conditions * len(test)), "role study",
+                       unit="eval")
 
     frames = []
     for name, qs in test.items():

@@ -12,7 +12,6 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from lens_roles.config import Config
 from lens_roles.directions.direction import Direction
@@ -32,6 +31,7 @@ from lens_roles.runtime.activations import residual_rows
 from lens_roles.runtime.batching import padded
 from lens_roles.runtime.capture import capture
 from lens_roles.runtime.models import validate_layers
+from lens_roles.runtime.progress import progress_bar
 from lens_roles.runtime.readout import kl_divergence, logprobs_at
 
 OBJECTIVES = ("mse", "kl")
@@ -243,7 +243,7 @@ def train_psr(model, psr: PSR, prompts, system: str, config: TrainConfig = Train
                                                                                         config.objective),
                 "seconds": 0.0}]
     step = 0
-    bar = tqdm(total=config.epochs * len(data.batches), desc="PSR training", unit="step", disable=not progress)
+    bar = progress_bar(progress, config.epochs * len(data.batches), "PSR training", unit="step")
     with _frozen(model), bar:
         for epoch in range(1, config.epochs + 1):
             t0 = time.perf_counter()
