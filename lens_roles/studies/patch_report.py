@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import pandas as pd
 
 from lens_roles.analysis.patching.result import PatchResult, patch_agreement
 from lens_roles.analysis.patching.runs import PatchSetup
 from lens_roles.io import write_csv
+from lens_roles.studies.reporting import report
 from lens_roles.viz import patch_heatmap, patch_scatter, save_figure
 
 METHODS = ("activation", "attribution")
@@ -34,7 +35,7 @@ class PatchReport:
 
 def run_patch_report(setup: PatchSetup, grids: Sequence[str], *, out: Path, methods: Sequence[str] = METHODS,
                      layers: Sequence[int] | None = None, batch_size: int = 32,
-                     progress: Callable[[str], None] = print) -> PatchReport:
+                     progress: bool = True) -> PatchReport:
     """Patch ``grids`` of ``setup`` by ``methods`` (``activation`` batches ``batch_size`` runs
     per forward); write tables and figures under ``out``; report each grid's strongest cell."""
     out = Path(out)
@@ -51,7 +52,8 @@ def run_patch_report(setup: PatchSetup, grids: Sequence[str], *, out: Path, meth
             pair.append(result)
             best = result.top(1).iloc[0]
             where = ", ".join(f"{k} {best[k]}" for k in ("layer", "pos", "head") if not pd.isna(best[k]))
-            progress(f"{grid:8s} {method:11s} {result.meta['seconds']:7.2f} s   strongest: {where} ({best.value:+.3f})")
+            report(progress, f"{grid:8s} {method:11s} {result.meta['seconds']:7.2f} s   strongest: {where} "
+                             f"({best.value:+.3f})")
         results += pair
         subtitle = (
             f"{setup.meta['model']} · {metric.label} · clean {setup.clean_value:.3g}, "
