@@ -44,6 +44,7 @@ from lens_roles.analysis.sae.corpus import Corpus, corpus_prompts, generate_sequ
 from lens_roles.analysis.sae.features import ProjectionMetric, attribute_features
 from lens_roles.analysis.sae.training import SAETrainConfig, train_sae
 from lens_roles.runtime.batching import token_batches
+from lens_roles.studies.sae_suite import CORPUS_BATCH_SIZE
 
 REPO = Path(__file__).resolve().parent.parent
 SAES = REPO / "lens_roles" / "data" / "saes"
@@ -79,20 +80,22 @@ def floor_comparison(model, corpus: Corpus, args) -> None:
           f"({t_floor:.2f} s); ratio {t_floor / t_ours:.2f}x (goal >= 0.7x)")
 
     prompts = corpus_prompts(0)[: args.gen_prompts]
-    made: list = []
+    n_prompt = sum(len(item.tokens) for item in lr.encode(model, prompts))
+    for gen_batch in [int(b) for b in str(args.gen_batch).split(",")]:
+        made: list = []
 
-    def ours():
-        made[:] = generate_sequences(model, prompts, max_new_tokens=args.gen_tokens, temperature=1.0, seed=0,
-                                     batch_size=args.gen_batch)
+        def ours(gen_batch=gen_batch, made=made):
+            made[:] = generate_sequences(model, prompts, max_new_tokens=args.gen_tokens, temperature=1.0, seed=0,
+                                         batch_size=gen_batch)
 
-    ours()  # the sequences the floor runs over (and a warm-up)
-    n = sum(len(s) for s in made)
-    n_new = n - sum(len(item.tokens) for item in lr.encode(model, prompts))
-    t_ours, t_floor = alternate(ours, lambda: bare_forward(model, made, args.gen_batch), args.repeats)
-    print(f"corpus generation, {len(prompts)} prompts x up to {args.gen_tokens} new tokens ({n} tokens, {n_new} "
-          f"sampled), batch {args.gen_batch}: {n / t_ours:,.0f} tokens/s ({n_new / t_ours:,.1f} sampled tokens/s, "
-          f"{t_ours:.2f} s); bare full forward over the same sequences: {n / t_floor:,.0f} tokens/s "
-          f"({t_floor:.2f} s); ratio {t_floor / t_ours:.2f}x (goal >= 0.7x)")
+        ours()  # the sequences the floor runs over (and a warm-up)
+        n = sum(len(s) for s in made)
+        t_ours, t_floor = alternate(ours, lambda made=made: bare_forward(model, made, args.batch_size), args.repeats)
+        print(f"corpus generation, {len(prompts)} prompts x up to {args.gen_tokens} new tokens ({n} tokens, "
+              f"{n - n_prompt} sampled), batch {gen_batch}: {n / t_ours:,.0f} tokens/s "
+              f"({(n - n_prompt) / t_ours:,.1f} sampled tokens/s, {t_ours:.2f} s); bare full forward over the same "
+              f"sequences: {n / t_floor:,.0f} tokens/s ({t_floor:.2f} s); ratio {t_floor / t_ours:.2f}x "
+              "(goal >= 0.7x)")
 
 
 def main() -> None:
@@ -101,16 +104,20 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=128)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--sequences", type=int, default=400, help="corpus sequences harvested")
-    ap.add_argument("--batch-size", type=int, default=16, help="harvest batch size (the suite's default)")
-    ap.add_argument("--gen-prompts", type=int, default=64, help="prompts continued in the generation timing")
+    ap.add_argument("--batch-size", type=int, default=16,
+                    help="harvest batch size (the suite's default), and the floor's batch size")
+    ap.add_argument("--gen-prompts", type=int, default=CORPUS_BATCH_SIZE,
+                    help="prompts continued in the generation timing")
     ap.add_argument("--gen-tokens", type=int, default=48, help="new tokens per prompt (the shipped corpus: 48)")
-    ap.add_argument("--gen-batch", type=int, default=32, help="generation batch size (build_corpus's default)")
+    ap.add_argument("--gen-batch", default=str(CORPUS_BATCH_SIZE),
+                    help=f"generation batch size(s), comma-separated (default {CORPUS_BATCH_SIZE}: the SAE suite's; "
+                         "another size samples another corpus)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--floor-only", action="store_true", help="stop after the floor comparison")
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny sizes, one repeat, floor comparison only")
     args = ap.parse_args()
     if args.quick:
-        args.sequences, args.gen_prompts, args.gen_tokens, args.gen_batch = 12, 4, 4, 4
+        args.sequences, args.gen_prompts, args.gen_tokens, args.gen_batch = 12, 4, 4, "2,4"
         args.repeats, args.floor_only = 1, True
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device {args.device}"
           f"{' (QUICK: not meaningful)' if args.quick else ''}")
