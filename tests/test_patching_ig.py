@@ -186,7 +186,7 @@ def test_cli_patch_with_integrated_gradients(patched_cli, tiny_model, direction,
     torch.testing.assert_close(torch.tensor(ig), setup.attribution_patch("mlp", method="ig", steps=3).values,
                                rtol=1e-6, atol=1e-9)
     assert patched_cli([*base, "--attribution", "ig", "--method", "attribution", "--out", str(tmp_path / "o2")]) == 0
-    assert "ig (8 steps)" in capsys.readouterr().out  # IG_STEPS by default
+    assert f"ig ({P.IG_STEPS} steps)" in capsys.readouterr().out  # IG_STEPS by default
 
 
 def test_cli_patch_bad_ig_options(patched_cli, tmp_path, capsys):
