@@ -98,8 +98,10 @@ def run_patch_report(setup: PatchSetup, grids: Sequence[str], *, out: Path, meth
             f"{setup.meta['model']} · {metric.label} · clean {setup.clean_value:.3g}, "
             f"corrupt {setup.corrupt_value:.3g} · 0 = corrupt, 1 = clean"
         )
+        ig = [r.meta["steps"] for r in pair if r.method == "attribution" and r.meta["attribution"] == "ig"]
         save_figure(
-            patch_heatmap(pair, title=f"Patching: {grid}", subtitle=subtitle),
+            patch_heatmap(pair, title=f"Patching: {grid}",
+                          subtitle=subtitle + (f" · attribution: integrated gradients, {ig[0]} steps" if ig else "")),
             out / f"patch_{grid}",
             meta=dict(pair[0].meta, methods=methods),
         )
