@@ -11,12 +11,28 @@ Prints, on the default model:
   the metric read after layer 24; and of the same forward with no SAE and no
   gradient, for scale.
 
-Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sae.py [--samples N] [--device cpu|cuda]``.
+Before those, the floor comparison (issue 17: at least 0.7x a bare forward):
+
+* the harvest (:func:`~lens_roles.analysis.sae.core.harvest`, layer 12) of ``--sequences``
+  corpus sequences against a bare forward over the same token batches stopped after
+  layer 12, and
+* corpus generation (:func:`~lens_roles.analysis.sae.corpus.generate_sequences`, the
+  sampling of :func:`build_corpus`: ``--gen-prompts`` prompts, ``--gen-tokens`` new tokens
+  each, KV cache) against a bare full forward (logits) over the sequences it produced,
+  in batches of the same size,
+
+each as tokens per second (every token of the sequences: prompt and continuation),
+medians over ``--repeats`` runs alternating ours and the floor, and the ratio.
+
+Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sae.py [--samples N] [--device cpu|cuda]``;
+``--floor-only`` stops after the floor comparison; ``--quick`` is a smoke test (a few
+sequences and tokens, one repeat, no SAE training; numbers not meaningful).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -24,12 +40,62 @@ import torch
 
 import lens_roles as lr
 from lens_roles.analysis.sae.core import harvest, load_sae
-from lens_roles.analysis.sae.corpus import Corpus
+from lens_roles.analysis.sae.corpus import Corpus, corpus_prompts, generate_sequences
 from lens_roles.analysis.sae.features import ProjectionMetric, attribute_features
 from lens_roles.analysis.sae.training import SAETrainConfig, train_sae
+from lens_roles.runtime.batching import token_batches
+from lens_roles.studies.sae_suite import CORPUS_BATCH_SIZE
 
 REPO = Path(__file__).resolve().parent.parent
 SAES = REPO / "lens_roles" / "data" / "saes"
+
+
+@torch.no_grad()
+def bare_forward(model, sequences, batch_size: int, **kwargs) -> None:
+    """The floor: one forward per length-sorted batch of ``sequences``, nothing kept."""
+    for batch in token_batches(model, sequences, batch_size):
+        batch.forward(model, **kwargs)
+
+
+def alternate(ours, floor, repeats: int) -> tuple[float, float]:
+    """Median wall times of ``ours()`` and ``floor()``, run alternately ``repeats`` times each."""
+    t_ours, t_floor = [], []
+    for _ in range(repeats):
+        for fn, times in ((ours, t_ours), (floor, t_floor)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(t_ours), statistics.median(t_floor)
+
+
+def floor_comparison(model, corpus: Corpus, args) -> None:
+    """Harvest and corpus generation tokens/s against a bare forward over the same tokens."""
+    sequences = corpus.sequences[: args.sequences]
+    n = sum(len(s) for s in sequences)
+    t_ours, t_floor = alternate(lambda: harvest(model, sequences, [12], batch_size=args.batch_size),
+                                lambda: bare_forward(model, sequences, args.batch_size, stop_at_layer=13),
+                                args.repeats)
+    print(f"harvest to layer 12, {len(sequences)} sequences ({n} tokens), batch {args.batch_size}: "
+          f"{n / t_ours:,.0f} tokens/s ({t_ours:.2f} s); bare forward to layer 12: {n / t_floor:,.0f} tokens/s "
+          f"({t_floor:.2f} s); ratio {t_floor / t_ours:.2f}x (goal >= 0.7x)")
+
+    prompts = corpus_prompts(0)[: args.gen_prompts]
+    n_prompt = sum(len(item.tokens) for item in lr.encode(model, prompts))
+    for gen_batch in [int(b) for b in str(args.gen_batch).split(",")]:
+        made: list = []
+
+        def ours(gen_batch=gen_batch, made=made):
+            made[:] = generate_sequences(model, prompts, max_new_tokens=args.gen_tokens, temperature=1.0, seed=0,
+                                         batch_size=gen_batch)
+
+        ours()  # the sequences the floor runs over (and a warm-up)
+        n = sum(len(s) for s in made)
+        t_ours, t_floor = alternate(ours, lambda made=made: bare_forward(model, made, args.batch_size), args.repeats)
+        print(f"corpus generation, {len(prompts)} prompts x up to {args.gen_tokens} new tokens ({n} tokens, "
+              f"{n - n_prompt} sampled), batch {gen_batch}: {n / t_ours:,.0f} tokens/s "
+              f"({(n - n_prompt) / t_ours:,.1f} sampled tokens/s, {t_ours:.2f} s); bare full forward over the same "
+              f"sequences: {n / t_floor:,.0f} tokens/s ({t_floor:.2f} s); ratio {t_floor / t_ours:.2f}x "
+              "(goal >= 0.7x)")
 
 
 def main() -> None:
@@ -37,10 +103,29 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=204_800, help="activations drawn while training")
     ap.add_argument("--prompts", type=int, default=128)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sequences", type=int, default=400, help="corpus sequences harvested")
+    ap.add_argument("--batch-size", type=int, default=16,
+                    help="harvest batch size (the suite's default), and the floor's batch size")
+    ap.add_argument("--gen-prompts", type=int, default=CORPUS_BATCH_SIZE,
+                    help="prompts continued in the generation timing")
+    ap.add_argument("--gen-tokens", type=int, default=48, help="new tokens per prompt (the shipped corpus: 48)")
+    ap.add_argument("--gen-batch", default=str(CORPUS_BATCH_SIZE),
+                    help=f"generation batch size(s), comma-separated (default {CORPUS_BATCH_SIZE}: the SAE suite's; "
+                         "another size samples another corpus)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--floor-only", action="store_true", help="stop after the floor comparison")
+    ap.add_argument("--quick", action="store_true", help="smoke test: tiny sizes, one repeat, floor comparison only")
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device {args.device}")
+    if args.quick:
+        args.sequences, args.gen_prompts, args.gen_tokens, args.gen_batch = 12, 4, 4, "2,4"
+        args.repeats, args.floor_only = 1, True
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device {args.device}"
+          f"{' (QUICK: not meaningful)' if args.quick else ''}")
     model = lr.load_model(device=args.device)
     corpus = Corpus.load(SAES / "corpus.json")
+    floor_comparison(model, corpus, args)
+    if args.floor_only:
+        return
 
     t0 = time.perf_counter()
     acts = harvest(model, corpus.sequences[:400], [12])[12]

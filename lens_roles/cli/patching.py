@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lens_roles.analysis.patching.grids import get_grid
 from lens_roles.analysis.patching.metrics import DirectionProjection, LogitDiff, LogprobMargin
-from lens_roles.analysis.patching.runs import PatchSetup
+from lens_roles.analysis.patching.runs import IG_STEPS, PatchSetup
 from lens_roles.cli.options import (
     ModelLoader,
     add_command,
@@ -15,13 +15,14 @@ from lens_roles.cli.options import (
     add_model_options,
     add_output,
     check_model_match,
+    int_at_least,
     layer_spec,
     open_model,
 )
 from lens_roles.directions.direction import Direction
 from lens_roles.errors import PatchingError
 from lens_roles.inputs.prompts import Prompt
-from lens_roles.studies.patch_report import run_patch_report
+from lens_roles.studies.patch_report import attribution_methods, run_patch_report
 
 
 def run_patch(args: argparse.Namespace, load_model: ModelLoader) -> int:
@@ -31,6 +32,13 @@ def run_patch(args: argparse.Namespace, load_model: ModelLoader) -> int:
         raise PatchingError("--grid names no grid")
     for grid in grids:
         get_grid(grid)  # unknown grids fail before the model loads
+    attribution = attribution_option(args.attribution, grids)
+    if args.method == "activation" and (args.attribution != "atp" or args.steps is not None):
+        raise PatchingError("--attribution and --steps choose how attribution patching runs; "
+                            "--method activation runs none")
+    if args.steps is not None and "ig" not in attribution.values():
+        raise PatchingError("--steps is the number of integrated-gradients steps; pass --attribution ig "
+                            "(or GRID=ig,...) too")
     direction = None
     if args.metric == "projection":
         if not args.vector:
@@ -62,13 +70,28 @@ def run_patch(args: argparse.Namespace, load_model: ModelLoader) -> int:
     print(setup)
     methods = ["activation", "attribution"] if args.method == "both" else [args.method]
     report = run_patch_report(
-        setup, grids, out=Path(args.out), methods=methods, layers=layers, batch_size=args.batch_size
+        setup, grids, out=Path(args.out), methods=methods, layers=layers, batch_size=args.batch_size,
+        attribution=attribution, steps=args.steps,
     )
     if report.agreement is not None:
         for row in report.agreement.itertuples():
-            print(f"attribution vs activation, {row.grid}: Pearson r = {row.pearson:.3f} over {row.cells} cells")
+            how = "attribution" if row.attribution == "atp" else f"IG attribution ({row.steps} steps)"
+            print(f"{how} vs activation, {row.grid}: Pearson r = {row.pearson:.3f} over {row.cells} cells")
     print(f"wrote {args.out}/patch.csv and heatmaps")
     return 0
+
+
+def attribution_option(text: str, grids: list[str]) -> dict[str, str]:
+    """``--attribution``: ``atp`` or ``ig`` for every grid, or ``GRID=METHOD,...`` (unnamed grids: atp)."""
+    if "=" not in text:
+        return attribution_methods(grids, text.strip())
+    chosen = {}
+    for part in text.split(","):
+        grid, sep, method = part.partition("=")
+        if not sep or not grid.strip():
+            raise PatchingError(f"--attribution {text!r}: use atp, ig, or GRID=METHOD,... (e.g. resid=ig,mlp=ig)")
+        chosen[grid.strip()] = method.strip()
+    return attribution_methods(grids, chosen)
 
 
 def register(sub) -> None:
@@ -101,6 +124,15 @@ def register(sub) -> None:
         help="resid, attn, mlp, heads, attn_pos, mlp_pos, or a comma-separated list (default: resid)",
     )
     p.add_argument("--method", default="both", choices=["activation", "attribution", "both"])
+    p.add_argument(
+        "--attribution",
+        default="atp",
+        help="how attribution patching runs: atp (one gradient at the corrupt run), ig (integrated gradients "
+        "along the corrupt-to-clean path, faithful where the change is non-linear), or per grid, e.g. "
+        "resid=ig,mlp=ig (unnamed grids: atp) (default: atp)",
+    )
+    p.add_argument("--steps", type=int_at_least("--steps", 1), default=None,
+                   help=f"integrated-gradients steps of --attribution ig (default: {IG_STEPS}; 1 = atp)")
     p.add_argument("--layers", type=layer_spec("--layers"), default=None,
                    help="layers to patch: 5, 3,7, 10-20 or all (default: up to the read layer)")
     p.add_argument(

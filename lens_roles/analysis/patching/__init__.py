@@ -12,6 +12,17 @@ by its first-order approximation around the corrupt run,
 ``m(patched) − m(corrupt) ≈ (a_clean − a_corrupt) · ∂m/∂a |corrupt``, for all sites
 at once from one forward and one backward pass, normalised the same way.
 
+**Integrated-gradients attribution** (``attribution_patch(grid, method="ig", steps=K)``;
+Sundararajan et al. 2017, as in EAP-IG, Hanna et al. 2024, and the IG of Marks et al. 2024)
+averages that gradient over ``K`` runs along the straight path between the two runs: run
+``k`` starts from the residual stream ``corrupt + (k/K)·(clean − corrupt)`` entering the
+first layer (from layer 0: the token embeddings) and every site's gradient is read on
+the way back, ``Δa · mean_k ∂m/∂a``. All grids share the ``K`` forwards and backwards
+(batched), and ``K = 1`` is plain attribution patching. Where the clean/corrupt change
+is large and non-linear (a swapped role word in the early residual stream and MLPs)
+plain attribution misjudges the effect and IG tracks activation patching (see
+``benchmarks/patch.py`` for the correlations on notebook 03's setups).
+
 Grids, in TransformerLens's conventions (``transformer_lens.patching``):
 
 ==========  ===============================  ==============  ==============================
@@ -55,7 +66,14 @@ from lens_roles.analysis.patching.grids import GRIDS, Grid, get_grid
 from lens_roles.analysis.patching.inputs import align_prompts
 from lens_roles.analysis.patching.metrics import DirectionProjection, LogitDiff, LogprobMargin, Metric
 from lens_roles.analysis.patching.result import PatchResult, patch_agreement
-from lens_roles.analysis.patching.runs import PatchSetup, activation_patch, attribution_patch, steering_setup
+from lens_roles.analysis.patching.runs import (
+    ATTRIBUTION_METHODS,
+    IG_STEPS,
+    PatchSetup,
+    activation_patch,
+    attribution_patch,
+    steering_setup,
+)
 
 __all__ = [
     "GRIDS",
@@ -69,6 +87,8 @@ __all__ = [
     "PatchResult",
     "patch_agreement",
     "PatchSetup",
+    "ATTRIBUTION_METHODS",
+    "IG_STEPS",
     "activation_patch",
     "attribution_patch",
     "steering_setup",

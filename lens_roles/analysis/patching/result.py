@@ -24,7 +24,9 @@ class PatchResult:
             entry of ``axes``: ``[layer, pos]``, ``[layer]`` or ``[layer, head]``.
         axes: axis names, from ``layer``, ``pos``, ``head``.
         labels: per axis, the layer / position / head index of each entry.
-        grid, method: which grid (see :data:`GRIDS`), ``"activation"`` or ``"attribution"``.
+        grid, method: which grid (see :data:`GRIDS`), ``"activation"`` or ``"attribution"``
+            (plain or integrated gradients: ``meta["attribution"]`` is ``"atp"`` or ``"ig"``,
+            ``meta["steps"]`` the interpolation steps).
         metric: the metric's label; ``clean_value`` and ``corrupt_value`` its raw values.
         tokens, corrupt_tokens: the prompt's tokens as strings, every position.
         positions: the prompt positions patched (the ``pos`` axis, or pooled by a

@@ -24,6 +24,28 @@ from lens_roles.runtime.batching import pad_batch, pad_id
 from lens_roles.runtime.models import model_id, validate_layers
 
 
+#: Attribution methods: plain attribution patching, and integrated gradients along the corrupt → clean path.
+ATTRIBUTION_METHODS = ("atp", "ig")
+#: Default interpolation steps of ``method="ig"``: the fewest at which ``benchmarks/patch.py`` finds IG
+#: tracking activation patching on the resid and mlp grids of notebook 03's setups, at about
+#: ``IG_STEPS`` times the cost of plain attribution.
+IG_STEPS = 4
+
+
+def check_steps(steps) -> int:
+    """``steps`` as an int >= 1, else a :class:`PatchingError`."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise PatchingError(f"steps must be an integer >= 1 (interpolation steps of method='ig'), got {steps!r}")
+    return steps
+
+
+def check_batch_size(batch_size) -> int:
+    """``batch_size`` as an int >= 1, else a :class:`PatchingError`."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PatchingError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    return batch_size
+
+
 class PatchSetup:
     """A clean and a corrupt run of one metric, ready to be patched.
 
@@ -83,6 +105,7 @@ class PatchSetup:
             raise PatchingError(f"{model.cfg.model_name} has no hook point {missing[0]!r}; it cannot be patched here")
         self._acts: dict[tuple[str, str], Tensor] = {}
         self._grads: dict[str, Tensor] | None = None
+        self._ig_grads: dict[int, dict[str, Tensor]] = {}
         self.clean_value = self._reference("clean", clean_context)
         self.corrupt_value = self._reference("corrupt", None)
         diff = self.clean_value - self.corrupt_value
@@ -328,14 +351,86 @@ class PatchSetup:
             }
         return self._grads
 
-    def attribution_patch(self, grid: str = "resid", *, layers=None, positions=None, heads=None) -> PatchResult:
+    def forget_gradients(self) -> None:
+        """Drop the cached gradients (:meth:`gradients`, :meth:`integrated_gradients`), e.g. to time them."""
+        self._grads = None
+        self._ig_grads = {}
+
+    def integrated_gradients(self, steps: int, *, batch_size: int = 8) -> dict[str, Tensor]:
+        """∂metric/∂activation at every site, averaged along the straight path from corrupt to clean.
+
+        Run ``k`` (``k = 0 … steps − 1``) starts at ``first_layer`` from the residual
+        stream ``corrupt + (k/steps)·(clean − corrupt)`` entering it (every position and
+        continuation row; from layer 0 that is the token embeddings), runs on to the read
+        layer and back, and the gradients at every site are averaged over the runs (a
+        left Riemann sum of the integral over the path; ``steps = 1`` is the corrupt run
+        alone, i.e. the gradients of plain attribution patching). Sites below
+        ``first_layer`` are the same in both runs and get zero gradients.
+
+        Args:
+            steps: interpolation steps ``K >= 1``.
+            batch_size: steps per forward and backward (each takes one row per continuation).
+
+        Returns:
+            hook name → mean gradient, the shape of the site's activations
+            (``[row, pos, d_model]``; ``[row, pos, head, d_head]`` for ``attn.hook_z``).
+            Cached per ``steps`` and shared by every grid.
+        """
+        steps, batch_size = check_steps(steps), check_batch_size(batch_size)
+        if steps not in self._ig_grads:
+            first = self.first_layer
+            start = f"blocks.{first}.hook_resid_pre"
+            lo, hi = self._acts["corrupt", start], self._acts["clean", start]  # [row, pos, d_model]
+            sites = [n for n in self.site_names if site_layer(n) >= first]
+            sums = {n: torch.zeros_like(self._acts["corrupt", n]) for n in self.site_names}
+            captured: dict[str, Tensor] = {}
+
+            def capture(acts, hook):
+                captured[hook.name] = acts
+
+            for k0 in range(0, steps, batch_size):
+                alphas = torch.arange(k0, min(k0 + batch_size, steps), dtype=lo.dtype, device=lo.device) / steps
+                n = len(alphas)
+                path = (lo + alphas[:, None, None, None] * (hi - lo)).reshape(n * self.rows, *lo.shape[1:])
+                path.requires_grad_(True)
+                with torch.enable_grad(), self.model.hooks(fwd_hooks=[(name, capture) for name in sites]):
+                    resid = self._forward(path, start_at_layer=first)
+                    value = self.metric(self.model, resid, self.n_prompt).sum()
+                    grads = torch.autograd.grad(value, [captured[name] for name in sites], allow_unused=True)
+                captured.clear()
+                for name, g in zip(sites, grads):
+                    if g is not None:
+                        sums[name] += g.detach().reshape(n, *sums[name].shape).sum(0)
+            self._ig_grads[steps] = {name: g / steps for name, g in sums.items()}
+        return self._ig_grads[steps]
+
+    def attribution_patch(self, grid: str = "resid", *, layers=None, positions=None, heads=None,
+                          method: str = "atp", steps: int | None = None, batch_size: int = 8) -> PatchResult:
         """Attribution patching over one grid: ``(clean − corrupt) · ∂m/∂a`` summed over each cell.
 
-        Same arguments and normalisation as :meth:`activation_patch`.
+        Same arguments and normalisation as :meth:`activation_patch`, and:
+
+        Args:
+            method: ``"atp"``: the gradient at the corrupt run (:meth:`gradients`; one
+                forward and one backward for every grid); ``"ig"``: integrated gradients,
+                the gradient averaged over ``steps`` runs along the straight path from the
+                corrupt to the clean run (:meth:`integrated_gradients`; ``steps`` forwards
+                and backwards shared by every grid), which follows the non-linear change
+                that plain attribution misjudges. ``method="ig", steps=1`` gives the
+                numbers of ``"atp"``.
+            steps: interpolation steps of ``"ig"`` (default :data:`IG_STEPS`); ``"atp"``
+                takes none (or 1).
+            batch_size: ``"ig"`` steps per forward.
         """
         t0 = time.perf_counter()
+        if method not in ATTRIBUTION_METHODS:
+            raise PatchingError(f"attribution method must be one of {', '.join(ATTRIBUTION_METHODS)}, got {method!r}")
+        if method == "atp" and steps not in (None, 1):
+            raise PatchingError(f"steps={steps!r} is for method='ig'; plain attribution ('atp') takes no steps")
+        steps = 1 if method == "atp" else check_steps(IG_STEPS if steps is None else steps)
+        check_batch_size(batch_size)
         spec, layers, positions, heads = self._axes(grid, layers, positions, heads)
-        grads = self.gradients()
+        grads = self.gradients() if method == "atp" else self.integrated_gradients(steps, batch_size=batch_size)
         pos = torch.tensor(positions, dtype=torch.long)
         rows = []
         for layer in layers:
@@ -349,8 +444,8 @@ class PatchSetup:
             else:
                 rows.append(contrib.sum(0)[list(heads)])
         values = torch.stack(rows) / (self.clean_value - self.corrupt_value)
-        return self._result(spec, "attribution", values, layers, positions, heads,
-                            seconds=time.perf_counter() - t0)
+        return self._result(spec, "attribution", values, layers, positions, heads, attribution=method,
+                            steps=steps, seconds=time.perf_counter() - t0)
 
     def __repr__(self) -> str:
         return (f"PatchSetup({self.meta['model']}, {self.n_prompt} prompt tokens × {self.rows} row(s), "
@@ -369,11 +464,17 @@ def activation_patch(model, clean: PromptLike, corrupt: PromptLike, metric: Metr
 
 
 def attribution_patch(model, clean: PromptLike, corrupt: PromptLike, metric: Metric, grid: str = "resid", *,
-                      layers=None, positions=None, heads=None, align: bool = False, template: str | None = None,
+                      layers=None, positions=None, heads=None, method: str = "atp", steps: int | None = None,
+                      align: bool = False, template: str | None = None,
                       prepend_bos: bool | None = None) -> PatchResult:
-    """Attribution patching of one grid in one call (see :class:`PatchSetup` to run several grids)."""
+    """Attribution patching of one grid in one call, plain (``method="atp"``) or by integrated
+    gradients (``method="ig"``, ``steps``); see :class:`PatchSetup` to run several grids."""
+    if method not in ATTRIBUTION_METHODS:  # before the two runs of the setup
+        raise PatchingError(f"attribution method must be one of {', '.join(ATTRIBUTION_METHODS)}, got {method!r}")
+    if steps is not None:
+        check_steps(steps)
     setup = PatchSetup(model, clean, corrupt, metric, align=align, template=template, prepend_bos=prepend_bos)
-    return setup.attribution_patch(grid, layers=layers, positions=positions, heads=heads)
+    return setup.attribution_patch(grid, layers=layers, positions=positions, heads=heads, method=method, steps=steps)
 
 
 def steering_setup(model, prompt: PromptLike, direction: Direction, alpha: float, layer: int, metric: Metric, *,

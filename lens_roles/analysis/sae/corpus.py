@@ -141,6 +141,29 @@ def written_replies() -> list[Prompt]:
 
 
 @torch.no_grad()
+def generate_sequences(model, prompts: list[Prompt], *, max_new_tokens: int, temperature: float, seed: int,
+                       batch_size: int = 32, progress: bool = False) -> list[tuple[int, ...]]:
+    """Each prompt's tokens followed by its sampled continuation, in the generation order of :func:`build_corpus`.
+
+    Prompts run in batches of ``batch_size`` taken in order of their user text's length
+    (ties by index), each batch through :func:`~lens_roles.runtime.generation.generate`
+    (left-padded, KV cache) with its own seed ``seed * 100003 + batch``: the sampled
+    tokens depend on the seed and on which prompts share a batch, so both are fixed here.
+    """
+    sequences: list[tuple[int, ...]] = []
+    # length-sorted batches pad less; the order is fixed by the data, so still reproducible
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i].user), i))
+    for b, start in enumerate(tqdm(range(0, len(order), batch_size), desc="corpus generation", unit="batch",
+                                   disable=not progress)):
+        batch = [prompts[i] for i in order[start:start + batch_size]]
+        heads = encode(model, batch)
+        outs = generate(model, batch, max_new_tokens=max_new_tokens, temperature=temperature,
+                        seed=seed * 100_003 + b)
+        sequences += [tuple(head.tokens) + tuple(out.tokens) for head, out in zip(heads, outs)]
+    return sequences
+
+
+@torch.no_grad()
 def build_corpus(model, *, max_new_tokens: int = 96, temperature: float = 1.0, seed: int = 0,
                  batch_size: int = 32, max_prompts: int | None = None, progress: bool = False) -> Corpus:
     """Generate the SAE training corpus (see the module docstring).
@@ -157,19 +180,9 @@ def build_corpus(model, *, max_new_tokens: int = 96, temperature: float = 1.0, s
     mix = corpus_prompts(seed)
     prompts, rest = mix[: max_prompts or None], mix[len(mix[: max_prompts or None]):]
     written = written_replies()
-    sequences: list[tuple[int, ...]] = []
-    kinds: list[str] = []
-    # length-sorted batches pad less; the order is fixed by the data, so still reproducible
-    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i].user), i))
-    for b, start in enumerate(tqdm(range(0, len(order), batch_size), desc="corpus generation", unit="batch",
-                                   disable=not progress)):
-        batch = [prompts[i] for i in order[start:start + batch_size]]
-        heads = encode(model, batch)
-        outs = generate(model, batch, max_new_tokens=max_new_tokens, temperature=temperature,
-                        seed=seed * 100_003 + b)
-        for head, out in zip(heads, outs):
-            sequences.append(tuple(head.tokens) + tuple(out.tokens))
-            kinds.append("generation")
+    sequences = generate_sequences(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   seed=seed, batch_size=batch_size, progress=progress)
+    kinds = ["generation"] * len(sequences)
     for kind, extra in (("prompt", rest), ("written", written)):
         for item in encode(model, extra):
             sequences.append(tuple(item.tokens))
