@@ -232,3 +232,21 @@ def test_cli_ab_curve_over_all_layers_with_negative_multipliers(tiny_cli, tmp_pa
     assert tiny_cli(["ab-curve", "--pairs", str(path), "--out", str(out)]) == 2
     assert "give either --layer" in capsys.readouterr().err
     assert tiny_cli(["ab-curve", "--pairs", str(path), "--layer", "1", "--layers", "all", "--out", str(out)]) == 2
+
+
+def test_readout_keeps_one_transposed_unembedding_and_follows_weight_changes(tiny_model):
+    from lens_roles.runtime.readout import final_logits, unembed_weight
+
+    resid = torch.randn(2, 5, 32)
+    first = unembed_weight(tiny_model)
+    assert unembed_weight(tiny_model) is first  # made once, not at every call
+    with torch.no_grad():
+        assert torch.equal(final_logits(tiny_model, resid), tiny_model.unembed(tiny_model.ln_final(resid)))
+        saved = tiny_model.unembed.W_U.clone()
+        try:
+            tiny_model.unembed.W_U.mul_(2.0)
+            assert unembed_weight(tiny_model) is not first
+            assert torch.equal(final_logits(tiny_model, resid), tiny_model.unembed(tiny_model.ln_final(resid)))
+        finally:
+            tiny_model.unembed.W_U.copy_(saved)
+    assert torch.equal(unembed_weight(tiny_model), first)

@@ -4,7 +4,8 @@ The cosine, adherence and KL sweeps branch at the steering layer
 (:mod:`lens_roles.runtime.branching`): each batch of prompts runs once
 unsteered — the α = 0 reference of every steering layer, and the shared part of
 every steered run — and each steering layer and α then runs only the blocks
-after its layer. Columns are always
+after its layer (the adherence sweep also through the shared-prefix KV cache).
+Columns are always
 ``layer, alpha, alpha_mode, read_layer, metric, value``: ``layer`` is the
 steering layer and ``read_layer`` the layer a metric was read at (downstream
 layers for the cosine, the final output for the behaviour metrics).
@@ -42,15 +43,14 @@ from lens_roles.measures.behaviour import (
     generation_coherence,
     logprob_margin,
     reply_logprob,
-    reply_logprobs,
 )
-from lens_roles.runtime.batching import token_batches
+from lens_roles.runtime.batching import run_branched, token_batches
 from lens_roles.runtime.branching import Branch, branched_batches, unsteered
 from lens_roles.runtime.capture import Capture
 from lens_roles.runtime.generation import generate
 from lens_roles.runtime.models import validate_layers
 from lens_roles.runtime.progress import progress_bar
-from lens_roles.runtime.readout import kl_divergence
+from lens_roles.runtime.readout import kl_divergence, logprobs_at
 
 
 def _alphas(alphas: Sequence[float]) -> list[float]:
@@ -91,15 +91,6 @@ def _cosine_sum(acts: Float[Tensor, "batch pos d_model"], ref: Float[Tensor, "ba
     """Σ over prompts of the mean cosine(acts, ref) over each prompt's real tokens (float64, on the CPU)."""
     cos = torch.nn.functional.cosine_similarity(acts, ref, dim=-1)  # [prompt, pos]
     return ((cos * valid).sum(-1) / valid.sum(-1)).double().sum(0).cpu()
-
-
-def _reply_reads(model, resid: Float[Tensor, "batch pos d_model"], replies: Sequence[tuple[Sequence[int], tuple]]
-                 ) -> tuple[list[Tensor], Tensor]:
-    """Per row (``replies``: its tokens and reply span) the next-token log-probs over the reply
-    ``[reply, vocab]``, and the mean reply log-probability ``[batch]`` (float64)."""
-    logps = [reply_logprobs(model, resid[c], span).cpu() for c, (_, span) in enumerate(replies)]
-    mean_lp = torch.stack([reply_logprob(lp, tokens[a:b]).double() for lp, (tokens, (a, b)) in zip(logps, replies)])
-    return logps, mean_lp
 
 
 @torch.no_grad()
@@ -163,47 +154,58 @@ def adherence_sweep(model, direction: Direction, pairs: PairSet, *, steer_layers
 
     The margin is mean log p(token) over the positive reply minus the same over the
     negative reply (per pair, then averaged); KL(unsteered ‖ steered) is averaged
-    over the positions that predict reply tokens, both sides. Each batch runs once
-    unsteered (the α = 0 reference); each steering layer and α runs only the blocks
-    after its layer (:mod:`lens_roles.runtime.branching`). ``progress`` shows a
-    bar counting prompts × steering layers.
+    over the positions that predict reply tokens, both sides. The prompts run
+    through the shared-prefix KV cache (the chat template's trunk once, each pair's
+    user turn once for both replies) and branch at the steering layer
+    (:func:`lens_roles.runtime.batching.run_branched`): each prompt runs once
+    unsteered (the α = 0 reference) and each steering layer and α only the blocks
+    after its layer. ``batch_size`` is in pairs. ``progress`` shows a bar counting
+    prompts × steering layers.
     """
     alpha_list = _alphas(alphas)
     steer_layers = validate_layers(model, steer_layers)
     prompts: list[Prompt] = [p for pair in pairs.pairs for p in pair.as_prompts()]
     items = encode(model, prompts)
     spans = select_positions(items, "reply")
+    # the positions that predict the reply tokens
+    reads = [list(range(span[0] - 1, span[-1])) for span in spans]
     branches, index = _branches(model, direction, steer_layers, alpha_list, relative, positions)
-    n_a = len(alpha_list)
-    margin = {layer: torch.zeros(n_a, dtype=torch.float64) for layer in steer_layers}
-    kl = {layer: torch.zeros(n_a, dtype=torch.float64) for layer in steer_layers}
-    n_kl = 0
-    bar = progress_bar(progress, len(steer_layers) * len(items), "adherence sweep")
-    # in order, an even number of prompts per batch: each holds whole (positive, negative) pairs
-    batches = token_batches(model, [it.tokens for it in items], 2 * batch_size, sort=False)
-    for batch, run, _ in branched_batches(model, batches, branches):
-        chunk = batch.index
-        replies = [(items[i].tokens, (spans[i][0], spans[i][-1] + 1)) for i in chunk]
-        ref_logps, ref_lp = _reply_reads(model, run(0, stop_at_layer=model.cfg.n_layers), replies)
-        for layer in steer_layers:
-            for a, alpha in enumerate(alpha_list):
-                b = index[(layer, alpha)]
-                logps, mean_lp = (ref_logps, ref_lp) if b == 0 else _reply_reads(
-                    model, run(b, stop_at_layer=model.cfg.n_layers), replies)
-                # KL(unsteered || steered) per position, averaged over the reply
-                for lp0, lp in zip(ref_logps, logps):
-                    kl[layer][a] += kl_divergence(lp0, lp).mean(-1).double()
-                margin[layer][a] += logprob_margin(mean_lp[0::2], mean_lp[1::2]).sum(0)  # (positive, negative) in turn
-            bar.update(len(chunk))
-        n_kl += len(chunk)
-    bar.close()
+    mean_lp = torch.zeros(len(branches), len(items), dtype=torch.float64)
+    kl = torch.zeros(len(branches), dtype=torch.float64)
+    last = model.cfg.n_layers - 1
+    cap = Capture([last], _read_rows)
+    reference: dict[int, Tensor] = {}
+
+    def on_batch(b: int, members: list[int]) -> None:
+        for row, i in enumerate(members):
+            a, stop = spans[i][0], spans[i][-1] + 1
+            logp = logprobs_at(model, cap[last][row]).cpu()  # [reply, vocab]
+            mean_lp[b, i] = reply_logprob(logp, items[i].tokens[a:stop]).double()
+            if b == 0:  # the unsteered run comes first in every batch: the reference of the others
+                reference[i] = logp
+            else:  # KL(unsteered || steered) per position, averaged over the reply
+                kl[b] += kl_divergence(reference[i], logp).mean(-1).double()
+            if b == len(branches) - 1:
+                del reference[i]
+
+    with progress_bar(progress, len(steer_layers) * len(items), "adherence sweep") as bar:
+        run_branched(model, items, reads, branches, batch_size=2 * batch_size, stop_at_layer=cap.stop_at_layer,
+                     capture=cap, on_batch=on_batch, progress=lambda n: bar.update(n * len(steer_layers)))
+    margin = logprob_margin(mean_lp[:, 0::2], mean_lp[:, 1::2]).sum(-1)  # [branch]: prompts hold (positive, negative)
     rows = []
     for layer in steer_layers:
-        for a, alpha in enumerate(alpha_list):
+        for alpha in alpha_list:
+            b = index[(layer, alpha)]
             base = {"layer": layer, "alpha": alpha, "alpha_mode": _mode(relative), "read_layer": model.cfg.n_layers - 1}
-            rows.append({**base, "metric": "logprob_margin", "value": float(margin[layer][a] / len(pairs))})
-            rows.append({**base, "metric": "kl_from_unsteered", "value": float(kl[layer][a] / n_kl)})
+            rows.append({**base, "metric": "logprob_margin", "value": float(margin[b] / len(pairs))})
+            rows.append({**base, "metric": "kl_from_unsteered", "value": float(kl[b] / len(items))})
     return pd.DataFrame(rows)
+
+
+def _read_rows(acts: Float[Tensor, "batch pos d_model"], weights: Float[Tensor, "batch pos"], layer: int
+               ) -> list[Float[Tensor, "read d_model"]]:
+    """Per row, the activations at its read positions (those of non-zero weight), in position order."""
+    return [acts[r, weights[r] > 0] for r in range(acts.shape[0])]
 
 
 @torch.no_grad()
