@@ -37,7 +37,7 @@ from lens_roles.errors import ConfigError, DataError, DirectionError
 from lens_roles.inputs.positions import Encoded, encode
 from lens_roles.inputs.prompts import Prompt, common_prefix_len
 from lens_roles.inputs.questions import Question, QuestionSet
-from lens_roles.interventions.steering import ablate, steer, steering_hooks
+from lens_roles.interventions.steering import ablate, ablation_hooks, steer, steering_hooks
 from lens_roles.runtime.batching import run_batches, run_branched
 from lens_roles.runtime.branching import Branch, unsteered
 from lens_roles.runtime.capture import Capture, position_mean
@@ -236,12 +236,15 @@ class Condition(Config):
 
     def branch(self, model, direction: Direction | None = None) -> Branch | None:
         """This condition as a :class:`~lens_roles.runtime.branching.Branch` of the unprompted run, or None
-        when it shares no blocks with it (``ablation`` acts at every layer, ``prompting`` changes the prompt)."""
+        for ``prompting`` (another prompt shares nothing). ``ablation`` acts from the first block's output on,
+        so it shares only the embedding and block 0."""
         if self.kind == "none":
             return unsteered(model)
-        if self.kind != "addition":
+        if self.kind == "prompting":
             return None
         self._check_direction(direction)
+        if self.kind == "ablation":
+            return Branch(0, tuple(ablation_hooks(model, direction, layers="all", unit_layer=self.layer)))
         return Branch(self.layer % model.cfg.n_layers,
                       tuple(steering_hooks(model, direction, self.alpha, layers=[self.layer])))
 
@@ -267,11 +270,11 @@ def evaluate_conditions(model, questions: QuestionSet | Sequence[Question],
                         batch_size: int = 16, progress: bool = False) -> list[pd.DataFrame]:
     """:func:`evaluate_condition` for each ``(condition, direction)``, sharing what they have in common.
 
-    The conditions that branch off the unprompted run (``none`` and every
-    ``addition``, whatever its layer, α or direction) are scored together: each
-    question runs once up to the deepest addition layer, then each condition runs
-    only the blocks above its layer (:func:`branched_choice_logprobs`). ``ablation``
-    and ``prompting`` run on their own. The frames come back in the order of
+    The conditions that branch off the unprompted run (``none``, every
+    ``addition`` whatever its layer, α or direction, and ``ablation``, which shares
+    only block 0) are scored together: each question runs once up to the deepest
+    addition layer, then each condition runs only the blocks above its layer
+    (:func:`branched_choice_logprobs`). ``prompting`` runs on its own. The frames come back in the order of
     ``conditions`` and equal :func:`evaluate_condition`'s (to float rounding where
     batching differs). ``progress`` shows a bar per shared run.
     """

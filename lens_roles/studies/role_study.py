@@ -25,9 +25,9 @@ instructions against the baseline) and each domain (a multiple-choice
 The conditions that branch off the unprompted run share its blocks below their
 layer (:func:`~lens_roles.measures.multiple_choice.evaluate_conditions`): the
 validation grid of all roles selected on the same questions is one branched
-run, and on each domain's test questions no intervention and every role's
-chosen addition are one more. Ablation (every layer) and prompting (another
-prompt) run on their own.
+run, and on each domain's test questions no intervention, every role's chosen
+addition and its ablation (which shares only block 0) are one more. Prompting
+(another prompt) runs on its own.
 
 :func:`run_role_study` returns a :class:`RoleStudy` of tidy frames;
 :func:`write_role_study` writes them as CSV plus the figures.
@@ -272,27 +272,24 @@ def run_role_study(model, roles: Mapping[str, Direction], domains: Mapping[str, 
     grids = [g for _, g in sorted(grids, key=lambda rg: list(roles).index(rg[0]))]
     t_select = time.perf_counter() - t0
 
-    # on the test questions: no intervention and every role's chosen addition from one branched run per domain,
-    # ablation and prompting on their own
+    # on the test questions: no intervention, every role's chosen addition and its ablation from one branched run
+    # per domain; prompting (another prompt) on its own
     cells: dict[tuple[str, str, str], pd.DataFrame] = {}
-    adding = list(roles) if "addition" in config.conditions else []
+    shared = [(r, chosen[r]) for r in roles if "addition" in config.conditions]
+    shared += [(r, Condition("ablation", chosen[r].layer)) for r in roles if "ablation" in config.conditions]
     for name, qs in test.items():
-        bar.set_postfix_str(f"none{' and addition' if adding else ''} · {name} ({len(qs)} questions)")
-        frames = evaluate_conditions(model, qs, [(Condition("none"), None)] + [(chosen[r], roles[r]) for r in adding],
+        bar.set_postfix_str(f"none{', addition, ablation' if shared else ''} · {name} ({len(qs)} questions)")
+        frames = evaluate_conditions(model, qs, [(Condition("none"), None)] + [(c, roles[r]) for r, c in shared],
                                      **kw)
         cells[("", "none", name)] = frames[0]
-        cells.update({(r, "addition", name): f for r, f in zip(adding, frames[1:])})
-        bar.update(1 + len(adding))
-    for role, direction in roles.items():
-        conds = []
-        if "ablation" in config.conditions:
-            conds.append(Condition("ablation", chosen[role].layer))
-        if "prompting" in config.conditions:
-            conds.append(Condition("prompting", system=persona_prompt(role, config.system_template)))
-        for cond in conds:
+        cells.update({(r, c.kind, name): f for (r, c), f in zip(shared, frames[1:])})
+        bar.update(1 + len(shared))
+    if "prompting" in config.conditions:
+        for role, direction in roles.items():
+            cond = Condition("prompting", system=persona_prompt(role, config.system_template))
             for name, qs in test.items():
-                bar.set_postfix_str(f"{cond.kind} · {role} · {name}")
-                cells[(role, cond.kind, name)] = evaluate_condition(model, qs, cond, direction, **kw)
+                bar.set_postfix_str(f"prompting · {role} · {name}")
+                cells[(role, "prompting", name)] = evaluate_condition(model, qs, cond, direction, **kw)
                 bar.update()
     bar.close()
     # in the order of the scores table: no intervention per domain, then role × condition × domain
