@@ -385,19 +385,23 @@ def run_branched(
 
     for chunk in _chunks(p, batch_size, lambda i: needed[i] - t):
         prefixes = [prefix for prefix, _ in chunk]
+        # each branch's keys and values above its layer: those of the trunk (one row, shared by every group)
+        # until the chunk has prefixes of its own; ``branch_row`` maps a group to its row there
         chunk_cache, chunk_branch = None, [None] * len(branches)
+        branch_row = torch.zeros(len(chunk), dtype=torch.long)
         if trunk_cache is not None:
-            zeros = torch.zeros(len(chunk), dtype=torch.long)
-            chunk_cache = _cache_rows(trunk_cache, zeros)
-            chunk_branch = [_branch_cache(chunk_cache, c, br.layer, zeros) for c, br in zip(trunk_branch, branches)]
+            chunk_cache = _cache_rows(trunk_cache, branch_row)
+            chunk_branch = list(trunk_branch)
         elif any(prefixes):
             chunk_cache = _empty_cache(model, len(chunk))
         if any(prefixes):
             tokens, mask = pad_batch(prefixes, pad, side="left")
             resid = shared_forward(tokens.to(device), mask.to(device), chunk_cache)
             for b, branch in enumerate(branches):
-                chunk_branch[b] = _branch_cache(chunk_cache, chunk_branch[b], branch.layer)
+                rows = branch_row if chunk_branch[b] is not None else None
+                chunk_branch[b] = _branch_cache(chunk_cache, chunk_branch[b], branch.layer, rows)
                 branch_forward(branch, resid, chunk_cache.previous_attention_mask, chunk_branch[b])
+            branch_row = torch.arange(len(chunk))
         members = [(i, g, t + len(prefix)) for g, (prefix, ms) in enumerate(chunk) for i in ms]
         members.sort(key=lambda m: -(needed[m[0]] - m[2]))
         for start in range(0, len(members), batch_size):
@@ -414,7 +418,7 @@ def run_branched(
             full_mask = mask if cache is None else cache.previous_attention_mask
             capture.weights = weights.to(device)
             for b, branch in enumerate(branches):
-                own = None if cache is None else _branch_cache(cache, chunk_branch[b], branch.layer, rows)
+                own = None if cache is None else _branch_cache(cache, chunk_branch[b], branch.layer, branch_row[rows])
                 branch_forward(branch, resid, full_mask, own, capture.fwd_hooks())
                 on_batch(b, [i for i, _, _ in batch])
             if progress is not None:
