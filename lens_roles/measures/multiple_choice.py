@@ -124,7 +124,7 @@ def branched_choice_logprobs(model, items: Sequence[ChoiceItem], branches: Seque
     (:class:`~lens_roles.runtime.branching.Branch`: an intervention from its layer
     on) runs only the blocks after its layer
     (:func:`lens_roles.runtime.batching.run_branched`). No hooks may be attached
-    around the call. ``progress`` shows a bar counting questions (labelled ``desc``).
+    around the call. ``progress`` shows a bar (labelled ``desc``) counting questions × branches.
     """
     if not items:
         raise DataError("no questions to score")
@@ -137,7 +137,7 @@ def branched_choice_logprobs(model, items: Sequence[ChoiceItem], branches: Seque
         for row, i in enumerate(members):
             finals[b][i] = cap[last][row]
 
-    with progress_bar(progress, len(items), desc, unit="question") as bar:
+    with progress_bar(progress, len(items) * len(branches), desc, unit="question") as bar:
         run_branched(model, encoded, positions, branches, batch_size=batch_size, stop_at_layer=cap.stop_at_layer,
                      capture=cap, on_batch=on_batch, share_prefixes=share_prefixes, progress=bar.update)
     return [_readout(model, items, f) for f in finals]

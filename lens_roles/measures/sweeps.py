@@ -160,7 +160,7 @@ def adherence_sweep(model, direction: Direction, pairs: PairSet, *, steer_layers
     (:func:`lens_roles.runtime.batching.run_branched`): each prompt runs once
     unsteered (the α = 0 reference) and each steering layer and α only the blocks
     after its layer. ``batch_size`` is in pairs. ``progress`` shows a bar counting
-    prompts × steering layers.
+    prompts × runs (the unsteered one, and one per steering layer and α ≠ 0).
     """
     alpha_list = _alphas(alphas)
     steer_layers = validate_layers(model, steer_layers)
@@ -188,9 +188,9 @@ def adherence_sweep(model, direction: Direction, pairs: PairSet, *, steer_layers
             if b == len(branches) - 1:
                 del reference[i]
 
-    with progress_bar(progress, len(steer_layers) * len(items), "adherence sweep") as bar:
+    with progress_bar(progress, len(branches) * len(items), "adherence sweep") as bar:
         run_branched(model, items, reads, branches, batch_size=2 * batch_size, stop_at_layer=cap.stop_at_layer,
-                     capture=cap, on_batch=on_batch, progress=lambda n: bar.update(n * len(steer_layers)))
+                     capture=cap, on_batch=on_batch, progress=bar.update)
     margin = logprob_margin(mean_lp[:, 0::2], mean_lp[:, 1::2]).sum(-1)  # [branch]: prompts hold (positive, negative)
     rows = []
     for layer in steer_layers:

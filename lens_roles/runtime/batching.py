@@ -340,7 +340,8 @@ def run_branched(
     own, as in a full run under its hooks). ``capture`` is attached in the suffix
     stage of each branch, its ``weights`` set as in :func:`run_batches`, and
     ``on_batch(branch index, item indices)`` is called after each branch of each
-    suffix batch. ``progress(n)`` counts prompts (once per suffix batch, not per branch).
+    suffix batch. ``progress(n)`` is called after each branch of each suffix batch with its number of
+    prompts (it counts prompts × branches).
     """
     from lens_roles.runtime.branching import can_branch, check_branch, forward_from
 
@@ -352,7 +353,7 @@ def run_branched(
             with model.hooks(fwd_hooks=list(branch.hooks)):
                 run_batches(model, items, positions, batch_size=batch_size, stop_at_layer=stop_at_layer,
                             capture=capture, on_batch=lambda members, _b=b: on_batch(_b, members),
-                            share_prefixes=share_prefixes, progress=progress if b == 0 else None)
+                            share_prefixes=share_prefixes, progress=progress)
         return
     device = model.cfg.device
     pad = pad_id(model)
@@ -421,5 +422,5 @@ def run_branched(
                 own = None if cache is None else _branch_cache(cache, chunk_branch[b], branch.layer, branch_row[rows])
                 branch_forward(branch, resid, full_mask, own, capture.fwd_hooks())
                 on_batch(b, [i for i, _, _ in batch])
-            if progress is not None:
-                progress(len(batch))
+                if progress is not None:
+                    progress(len(batch))

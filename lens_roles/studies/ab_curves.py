@@ -104,7 +104,8 @@ def ab_curve(model, pairs: PairSet, *, layer: int | Sequence[int], multipliers: 
     deepest layer, and each layer and multiplier only the blocks above its layer
     (:func:`~lens_roles.measures.multiple_choice.branched_choice_logprobs`); the
     bootstrap resamples the same questions for every layer and multiplier. With
-    ``progress`` a tqdm bar on stderr counts the test questions.
+    ``progress`` a tqdm bar on stderr counts the test questions × runs (one per layer and non-zero multiplier,
+    and the unsteered one).
     """
     layers = validate_layers(model, [layer] if isinstance(layer, int) else list(layer))
     if len(set(layers)) != len(layers):
