@@ -12,20 +12,35 @@ Prints
   default settings and for a few larger ones, from the measured seconds per
   question (every condition costs one forward per question).
 
-Run: ``.venv/bin/python benchmarks/roles.py [--domain econ] [--questions DIR]``.
+With ``--study`` it times the whole study instead (``run_role_study`` at the
+``lens-roles evaluate`` defaults: the first role of each domain, every domain,
+16 validation / ``--max-test`` test questions, 3 layers × 3 α): the branched
+implementation (no intervention and every addition share the blocks below their
+layer) against the unbranched one (every condition and grid point a full run of
+its own, as before branching), alternated, with the ratio, whether the selections
+are the same and the largest difference between the tables. ``--quick`` is a
+smoke run of that (2 roles × 2 domains, 4 questions).
+
+Run: ``.venv/bin/python benchmarks/roles.py [--domain econ] [--questions DIR]``, or
+``benchmarks/roles.py --study [--max-test 30|128] [--repeats 1] [--quick]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import lens_roles as lr
 from lens_roles.inputs.questions import load_domains
+from lens_roles.cli.evaluation import resolve_role_sets
 from lens_roles.measures.multiple_choice import Condition, evaluate_condition, persona_prompt
+from lens_roles.studies import role_study
 from lens_roles.studies.role_study import StudyConfig, default_selection_layers, load_role_domains, select_addition
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "role-vectors" / "splits"
@@ -37,15 +52,77 @@ def timed(fn):
     return time.perf_counter() - t0, out
 
 
+@contextmanager
+def unbranched():
+    """The role study as before branching: every condition and grid point scored by a full run of its own."""
+    real = role_study.evaluate_conditions
+
+    def one_by_one(model, questions, conditions, *, answer_format="{letter}", batch_size=16, progress=False):
+        return [evaluate_condition(model, questions, c, d, answer_format=answer_format, batch_size=batch_size)
+                for c, d in conditions]
+
+    role_study.evaluate_conditions = one_by_one
+    try:
+        yield
+    finally:
+        role_study.evaluate_conditions = real
+
+
+def study(model, args) -> None:
+    """Time the whole role study, branched against unbranched (see the module docs)."""
+    domains = load_domains(args.questions)
+    role_domains = load_role_domains()
+    config = StudyConfig(max_test=args.max_test)
+    if args.quick:
+        domains = dict(list(domains.items())[:2])
+        config = StudyConfig(max_val=4, max_test=4, n_boot=200)
+    role_sets = resolve_role_sets("domain", None, list(domains), role_domains)
+    t_extract, vectors = timed(lambda: lr.role_vectors(model, role_sets, lr.load_baseline()))
+    print(f"study: {len(vectors)} roles × {len(domains)} domains, {config.max_val} validation / {config.max_test} "
+          f"test questions per domain, layers {default_selection_layers(model.cfg.n_layers)} × α {config.alphas}; "
+          f"role vectors extracted in {t_extract:.1f} s (the same for both, not in the times below)")
+
+    def run():
+        return role_study.run_role_study(model, vectors, domains, role_domains=role_domains, config=config,
+                                         progress=False)
+
+    def run_unbranched():
+        with unbranched():
+            return run()
+
+    times: dict[str, list[float]] = {"branched": [], "unbranched": []}
+    out = {}
+    fns = {"branched": run, "unbranched": run_unbranched}
+    for r in range(args.repeats):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            secs, out[name] = timed(fns[name])
+            times[name].append(secs)
+            print(f"  round {r + 1}: {name} {secs:.1f} s", flush=True)
+    a, b = out["branched"], out["unbranched"]
+    same_selection = a.selection.equals(b.selection)
+    diff = max(float(np.nanmax(np.abs(a.table[c].to_numpy(float) - b.table[c].to_numpy(float))))
+               for c in ("value", "lo", "hi", "delta", "delta_lo", "delta_hi"))
+    tb, tu = statistics.median(times["branched"]), statistics.median(times["unbranched"])
+    print(f"role study: branched {tb:.1f} s, unbranched {tu:.1f} s, ratio unbranched/branched {tu / tb:.2f}; "
+          f"same selections: {same_selection}; largest table difference {diff:.1e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--questions", default=str(SHARED))
     parser.add_argument("--domain", default="econ")
     parser.add_argument("--role", default=None, help="default: the domain's first role in roles/domains.json")
+    parser.add_argument("--study", action="store_true", help="time the whole study, branched vs unbranched")
+    parser.add_argument("--max-test", type=int, default=30, help="--study: test questions per domain")
+    parser.add_argument("--repeats", type=int, default=1, help="--study: rounds (each runs both, alternated)")
+    parser.add_argument("--quick", action="store_true", help="--study smoke run: 2 roles × 2 domains, 4 questions")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     t_load, model = timed(lr.load_model)
     print(f"model {model.cfg.model_name}: loaded in {t_load:.1f} s")
+    if args.study or args.quick:
+        study(model, args)
+        return
 
     roles = [lr.load_role(r) for r in lr.available_roles()]
     baseline = lr.load_baseline()

@@ -215,7 +215,7 @@ def test_selection_never_touches_test_items(tiny_model, tiny_study_inputs, monke
     roles, domains, role_domains, config = tiny_study_inputs
     test_ids = {q.id for qs in domains.values() for q in qs.split(config.validation, seed=config.seed)[1]}
     selecting, seen = [False], []
-    real_select, real_eval = rs.select_addition, rs.evaluate_condition
+    real_select, real_eval = rs.select_additions, rs.evaluate_conditions
 
     def spy_select(*a, **k):
         selecting[0] = True
@@ -224,13 +224,13 @@ def test_selection_never_touches_test_items(tiny_model, tiny_study_inputs, monke
         finally:
             selecting[0] = False
 
-    def spy_eval(model, questions, condition, *a, **k):
+    def spy_eval(model, questions, conditions, *a, **k):
         if selecting[0]:
             seen.extend(q.id for q in questions)
-        return real_eval(model, questions, condition, *a, **k)
+        return real_eval(model, questions, conditions, *a, **k)
 
-    monkeypatch.setattr(rs, "select_addition", spy_select)
-    monkeypatch.setattr(rs, "evaluate_condition", spy_eval)
+    monkeypatch.setattr(rs, "select_additions", spy_select)
+    monkeypatch.setattr(rs, "evaluate_conditions", spy_eval)
     study = rs.run_role_study(tiny_model, roles, domains, role_domains=role_domains, config=config)
     assert seen and not set(seen) & test_ids
     # and the choice cannot depend on the test answers: flip them all, same selection
@@ -241,7 +241,7 @@ def test_selection_never_touches_test_items(tiny_model, tiny_study_inputs, monke
         flipped[name] = QuestionSet(name, tuple(
             q if q.id in val_ids else type(q)(q.text, q.letters, q.letters[(q.answer_index + 1) % 4], q.id, q.subject)
             for q in qs), qs.source)
-    monkeypatch.setattr(rs, "evaluate_condition", real_eval)
+    monkeypatch.setattr(rs, "evaluate_conditions", real_eval)
     again = rs.run_role_study(tiny_model, roles, flipped, role_domains=role_domains, config=config)
     pd.testing.assert_frame_equal(study.selection, again.selection)
     assert not study.table.value.equals(again.table.value)

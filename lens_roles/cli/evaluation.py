@@ -106,13 +106,17 @@ def run_evaluate(args: argparse.Namespace, load_model: ModelLoader) -> int:
 
 
 def run_ab_curve(args: argparse.Namespace, load_model: ModelLoader) -> int:
-    """``lens-roles ab-curve``: p(matching answer) against the multiplier, one curve per pair file."""
+    """``lens-roles ab-curve``: p(matching answer) against the multiplier, one curve per pair file (and layer)."""
+    if (args.layer is None) == (args.layers is None):
+        raise UsageError("give either --layer (one layer: curves) or --layers (e.g. all or 10-20: curves per layer "
+                         "in one branched run, with the steerability of each)")
     pair_sets = [load_pairs(p) for p in args.pairs]
     model = open_model(args, load_model)
-    frame, mono = run_ab_report(
+    layer = args.layer if args.layers is None else list(args.layers.resolve(model))
+    frame, mono, steer = run_ab_report(
         model,
         pair_sets,
-        layer=args.layer,
+        layer=layer,
         multipliers=args.multipliers,
         out=Path(args.out),
         n_train=args.n_train,
@@ -122,8 +126,11 @@ def run_ab_curve(args: argparse.Namespace, load_model: ModelLoader) -> int:
         batch_size=args.batch_size,
         progress=True,
     )
-    print(frame.round(3).to_string(index=False))
-    print(mono.round(3).to_string(index=False))
+    if args.layers is None:
+        print(frame.round(3).to_string(index=False))
+        print(mono.round(3).to_string(index=False))
+    else:
+        print(steer.round(4).to_string(index=False))
     return 0
 
 
@@ -172,7 +179,11 @@ def register(sub) -> None:
                     help="CAA A/B behaviour curves: p(matching answer) against the multiplier")
     add_input(p, "--pairs", required=True, nargs="+",
               help="CAA JSON files {positive, negative} (one per behaviour)")
-    p.add_argument("--layer", type=int, required=True, help="layer the vector is read at and added to")
+    p.add_argument("--layer", type=int, default=None, help="layer the vector is read at and added to")
+    p.add_argument("--layers", type=layer_spec("--layers"), default=None,
+                   help="instead of --layer: every layer of this spec (all, 3,7 or 10-20), in one run that shares "
+                   "the blocks below each; writes steerability.csv (slope of p(match) per layer) and a layer × "
+                   "multiplier heatmap")
     p.add_argument(
         "--multipliers",
         type=number_list("--multipliers", "multiplier"),
@@ -182,6 +193,7 @@ def register(sub) -> None:
     p.add_argument("--n-train", type=int_at_least("--n-train", 1), default=128, help="pairs that build the vector")
     p.add_argument("--n-test", type=int_at_least("--n-test", 1), default=64, help="disjoint pairs that are scored")
     p.add_argument("--seed", type=int, default=0)
-    add_output(p, "--out", required=True, help="output folder: curves.csv, scores.csv, monotonicity.csv, figure")
+    add_output(p, "--out", required=True,
+               help="output folder: curves.csv, scores.csv, monotonicity.csv, steerability.csv, figure")
     add_template_option(p)
     add_model_options(p, batch="read")

@@ -10,7 +10,13 @@ from lens_roles.measures.behaviour import (
     reply_logprob,
     reply_logprobs,
 )
-from lens_roles.measures.multiple_choice import Condition, evaluate_condition, persona_prompt, score_questions
+from lens_roles.measures.multiple_choice import (
+    Condition,
+    evaluate_condition,
+    evaluate_conditions,
+    persona_prompt,
+    score_questions,
+)
 from lens_roles.measures.statistics import bootstrap_indices, bootstrap_mean, pearson, percentile_interval
 from lens_roles.measures.sweeps import adherence_sweep, cosine_sweep, generation_sweep
 
@@ -32,5 +38,6 @@ __all__ = [
     "Condition",
     "score_questions",
     "evaluate_condition",
+    "evaluate_conditions",
     "persona_prompt",
 ]

@@ -37,8 +37,9 @@ from lens_roles.errors import ConfigError, DataError, DirectionError
 from lens_roles.inputs.positions import Encoded, encode
 from lens_roles.inputs.prompts import Prompt, common_prefix_len
 from lens_roles.inputs.questions import Question, QuestionSet
-from lens_roles.interventions.steering import ablate, steer
-from lens_roles.runtime.batching import run_batches
+from lens_roles.interventions.steering import ablate, ablation_hooks, steer, steering_hooks
+from lens_roles.runtime.batching import run_batches, run_branched
+from lens_roles.runtime.branching import Branch, unsteered
 from lens_roles.runtime.capture import Capture, position_mean
 from lens_roles.runtime.progress import progress_bar
 from lens_roles.runtime.readout import logprobs_at
@@ -98,8 +99,7 @@ def choice_logprobs(model, items: Sequence[ChoiceItem], *, batch_size: int = 16,
     if not items:
         raise DataError("no questions to score")
     last = model.cfg.n_layers - 1
-    encoded = [Encoded(it.tokens, (0, 0), (0, 0), None) for it in items]
-    positions = [[len(it.tokens) - 1] for it in items]
+    encoded, positions = _encoded(items)
     finals: list[Tensor | None] = [None] * len(items)
     cap = Capture([last], position_mean)  # the final residual at each row's one read position: [batch, d_model]
 
@@ -110,10 +110,50 @@ def choice_logprobs(model, items: Sequence[ChoiceItem], *, batch_size: int = 16,
     with progress_bar(progress, len(items), "questions", unit="question") as bar:
         run_batches(model, encoded, positions, batch_size=batch_size, stop_at_layer=cap.stop_at_layer,
                     capture=cap, on_batch=on_batch, share_prefixes=share_prefixes, progress=bar.update)
+    return _readout(model, items, finals)
+
+
+@torch.no_grad()
+def branched_choice_logprobs(model, items: Sequence[ChoiceItem], branches: Sequence[Branch], *,
+                             batch_size: int = 16, share_prefixes: bool = True, progress: bool = False,
+                             desc: str = "questions") -> list[list[Float[Tensor, " choice"]]]:
+    """:func:`choice_logprobs` under each of ``branches`` (one list per branch), sharing the work below them.
+
+    Each question's prompt (the trunk and prefixes through the KV cache, as in
+    :func:`choice_logprobs`) runs once up to the deepest branch layer; each branch
+    (:class:`~lens_roles.runtime.branching.Branch`: an intervention from its layer
+    on) runs only the blocks after its layer
+    (:func:`lens_roles.runtime.batching.run_branched`). No hooks may be attached
+    around the call. ``progress`` shows a bar (labelled ``desc``) counting questions × branches.
+    """
+    if not items:
+        raise DataError("no questions to score")
+    last = model.cfg.n_layers - 1
+    encoded, positions = _encoded(items)
+    finals: list[list[Tensor | None]] = [[None] * len(items) for _ in branches]
+    cap = Capture([last], position_mean)
+
+    def on_batch(b: int, members: list[int]) -> None:
+        for row, i in enumerate(members):
+            finals[b][i] = cap[last][row]
+
+    with progress_bar(progress, len(items) * len(branches), desc, unit="question") as bar:
+        run_branched(model, encoded, positions, branches, batch_size=batch_size, stop_at_layer=cap.stop_at_layer,
+                     capture=cap, on_batch=on_batch, share_prefixes=share_prefixes, progress=bar.update)
+    return [_readout(model, items, f) for f in finals]
+
+
+def _encoded(items: Sequence[ChoiceItem]) -> tuple[list[Encoded], list[list[int]]]:
+    """The items as prompts to run, each read at its last token."""
+    return [Encoded(it.tokens, (0, 0), (0, 0), None) for it in items], [[len(it.tokens) - 1] for it in items]
+
+
+def _readout(model, items: Sequence[ChoiceItem], finals: Sequence[Tensor]) -> list[Float[Tensor, " choice"]]:
+    """Log-probabilities of each item's choice tokens from its final residual ``[d_model]``."""
     out = []
     for start in range(0, len(items), 64):  # unembed in chunks: the vocabulary can be large
         chunk = items[start : start + 64]
-        logp = logprobs_at(model, torch.stack(finals[start : start + len(chunk)]))
+        logp = logprobs_at(model, torch.stack(list(finals[start : start + len(chunk)])))
         out += [logp[row, list(it.choice_ids)].cpu() for row, it in enumerate(chunk)]
     return out
 
@@ -130,8 +170,13 @@ def score_questions(model, questions: QuestionSet | Sequence[Question], *, syste
     """
     qs = list(questions)
     items = choice_items(model, qs, system=system, answer_format=answer_format, template=template)
+    return _frame(qs, items, choice_logprobs(model, items, batch_size=batch_size, progress=progress))
+
+
+def _frame(qs: Sequence[Question], items: Sequence[ChoiceItem], logps: Sequence[Tensor]) -> pd.DataFrame:
+    """The per-question rows of :func:`score_questions` from the choice log-probabilities."""
     rows = []
-    for q, it, logp in zip(qs, items, choice_logprobs(model, items, batch_size=batch_size, progress=progress)):
+    for q, it, logp in zip(qs, items, logps):
         probs = torch.softmax(logp.double(), -1)
         pred = int(probs.argmax())
         rows.append({"question": q.id, "subject": q.subject, "answer": q.answer, "pred": q.letters[pred],
@@ -178,11 +223,7 @@ class Condition(Config):
     @contextmanager
     def applied(self, model, direction: Direction | None = None):
         """Attach this condition's hooks for the block (none for ``none`` and ``prompting``)."""
-        if self.kind in ("addition", "ablation"):
-            if direction is None:
-                raise DirectionError(f"condition {self.kind!r} needs a direction")
-            if self.layer not in direction:
-                raise DirectionError(f"the direction has no layer {self.layer} (it has {list(direction.layers)})")
+        self._check_direction(direction)
         if self.kind == "addition":
             ctx = steer(model, direction, self.alpha, layers=[self.layer])
         elif self.kind == "ablation":
@@ -193,6 +234,28 @@ class Condition(Config):
             yield model
 
 
+    def branch(self, model, direction: Direction | None = None) -> Branch | None:
+        """This condition as a :class:`~lens_roles.runtime.branching.Branch` of the unprompted run, or None
+        for ``prompting`` (another prompt shares nothing). ``ablation`` acts from the first block's output on,
+        so it shares only the embedding and block 0."""
+        if self.kind == "none":
+            return unsteered(model)
+        if self.kind == "prompting":
+            return None
+        self._check_direction(direction)
+        if self.kind == "ablation":
+            return Branch(0, tuple(ablation_hooks(model, direction, layers="all", unit_layer=self.layer)))
+        return Branch(self.layer % model.cfg.n_layers,
+                      tuple(steering_hooks(model, direction, self.alpha, layers=[self.layer])))
+
+    def _check_direction(self, direction: Direction | None) -> None:
+        if self.kind in ("addition", "ablation"):
+            if direction is None:
+                raise DirectionError(f"condition {self.kind!r} needs a direction")
+            if self.layer not in direction:
+                raise DirectionError(f"the direction has no layer {self.layer} (it has {list(direction.layers)})")
+
+
 def evaluate_condition(model, questions: QuestionSet, condition: Condition, direction: Direction | None = None,
                        *, answer_format: str = "{letter}", batch_size: int = 16) -> pd.DataFrame:
     """:func:`score_questions` under ``condition``; adds ``condition, layer, alpha`` columns."""
@@ -200,3 +263,33 @@ def evaluate_condition(model, questions: QuestionSet, condition: Condition, dire
         frame = score_questions(model, questions, system=condition.system, answer_format=answer_format,
                                 batch_size=batch_size)
     return frame.assign(condition=condition.kind, layer=condition.layer, alpha=condition.alpha)
+
+
+def evaluate_conditions(model, questions: QuestionSet | Sequence[Question],
+                        conditions: Sequence[tuple[Condition, Direction | None]], *, answer_format: str = "{letter}",
+                        batch_size: int = 16, progress: bool = False) -> list[pd.DataFrame]:
+    """:func:`evaluate_condition` for each ``(condition, direction)``, sharing what they have in common.
+
+    The conditions that branch off the unprompted run (``none``, every
+    ``addition`` whatever its layer, α or direction, and ``ablation``, which shares
+    only block 0) are scored together: each question runs once up to the deepest
+    addition layer, then each condition runs only the blocks above its layer
+    (:func:`branched_choice_logprobs`). ``prompting`` runs on its own. The frames come back in the order of
+    ``conditions`` and equal :func:`evaluate_condition`'s (to float rounding where
+    batching differs). ``progress`` shows a bar per shared run.
+    """
+    qs = list(questions)
+    out: list[pd.DataFrame | None] = [None] * len(conditions)
+    branches = {k: c.branch(model, d) for k, (c, d) in enumerate(conditions)}
+    shared = [k for k, b in branches.items() if b is not None]
+    if shared:
+        items = choice_items(model, qs, answer_format=answer_format)
+        logps = branched_choice_logprobs(model, items, [branches[k] for k in shared], batch_size=batch_size,
+                                         progress=progress)
+        for k, lp in zip(shared, logps):
+            c = conditions[k][0]
+            out[k] = _frame(qs, items, lp).assign(condition=c.kind, layer=c.layer, alpha=c.alpha)
+    for k, (c, d) in enumerate(conditions):
+        if out[k] is None:
+            out[k] = evaluate_condition(model, qs, c, d, answer_format=answer_format, batch_size=batch_size)
+    return out

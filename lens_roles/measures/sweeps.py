@@ -1,8 +1,11 @@
 """Sweeps over steering layer × α, returned as tidy DataFrames.
 
-Every sweep runs all α values of one steering layer in one batched forward: the
-batch holds each prompt once per α (α = 0 included as the reference), and
-:func:`lens_roles.interventions.steer` takes one α per row. Columns are always
+The cosine, adherence and KL sweeps branch at the steering layer
+(:mod:`lens_roles.runtime.branching`): each batch of prompts runs once
+unsteered — the α = 0 reference of every steering layer, and the shared part of
+every steered run — and each steering layer and α then runs only the blocks
+after its layer (the adherence sweep also through the shared-prefix KV cache).
+Columns are always
 ``layer, alpha, alpha_mode, read_layer, metric, value``: ``layer`` is the
 steering layer and ``read_layer`` the layer a metric was read at (downstream
 layers for the cosine, the final output for the behaviour metrics).
@@ -28,6 +31,8 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
 
 from lens_roles.directions.direction import Direction
 from lens_roles.errors import DataError
@@ -38,14 +43,14 @@ from lens_roles.measures.behaviour import (
     generation_coherence,
     logprob_margin,
     reply_logprob,
-    reply_logprobs,
 )
-from lens_roles.runtime.batching import token_batches
-from lens_roles.runtime.capture import capture
+from lens_roles.runtime.batching import run_branched, token_batches
+from lens_roles.runtime.branching import Branch, branched_batches, unsteered
+from lens_roles.runtime.capture import Capture
 from lens_roles.runtime.generation import generate
 from lens_roles.runtime.models import validate_layers
 from lens_roles.runtime.progress import progress_bar
-from lens_roles.runtime.readout import kl_divergence
+from lens_roles.runtime.readout import kl_divergence, logprobs_at
 
 
 def _alphas(alphas: Sequence[float]) -> list[float]:
@@ -61,47 +66,83 @@ def _mode(relative) -> str:
     return "absolute" if relative is None else "relative"
 
 
+def _branches(model, direction: Direction, steer_layers: Sequence[int], alpha_list: Sequence[float],
+              relative: Mapping[int, float] | None, positions="all") -> tuple[list[Branch], dict]:
+    """The unsteered reference branch (index 0) and one branch per steering layer and α ≠ 0.
+
+    Returns ``(branches, index)`` with ``index[(layer, alpha)]`` the branch of that
+    setting; α = 0 maps to the reference (adding ``0·v`` leaves the stream unchanged,
+    bit for bit).
+    """
+    branches, index = [unsteered(model)], {}
+    for layer in steer_layers:
+        for alpha in alpha_list:
+            if alpha == 0.0:
+                index[(layer, alpha)] = 0
+                continue
+            index[(layer, alpha)] = len(branches)
+            branches.append(Branch(layer, tuple(steering_hooks(model, direction, alpha, layers=[layer],
+                                                               positions=positions, relative=relative))))
+    return branches, index
+
+
+def _cosine_sum(acts: Float[Tensor, "batch pos d_model"], ref: Float[Tensor, "batch pos d_model"],
+                valid: Bool[Tensor, "batch pos"]) -> Float[Tensor, ""]:
+    """Σ over prompts of the mean cosine(acts, ref) over each prompt's real tokens (float64, on the CPU)."""
+    cos = torch.nn.functional.cosine_similarity(acts, ref, dim=-1)  # [prompt, pos]
+    return ((cos * valid).sum(-1) / valid.sum(-1)).double().sum(0).cpu()
+
+
 @torch.no_grad()
 def cosine_sweep(model, direction: Direction, prompts, *, steer_layers: Sequence[int], alphas: Sequence[float],
                  relative: Mapping[int, float] | None = None, batch_size: int = 8,
                  progress: bool = False) -> pd.DataFrame:
     """Cosine(steered, unsteered) per downstream layer, for each steering layer and α.
 
+    Each batch of prompts runs once unsteered (the reference, read at every
+    downstream layer); each steering layer and α then runs only the blocks after
+    its layer (:mod:`lens_roles.runtime.branching`).
+
     Args:
         prompts: prompts (with or without replies); every real token is compared.
-        batch_size: prompts per forward (each is repeated once per α).
+        batch_size: prompts per forward.
         progress: show a bar counting prompts × steering layers.
     """
     alpha_list = _alphas(alphas)
     steer_layers = validate_layers(model, steer_layers)
     items = encode(model, as_prompts(prompts))
-    n_a, ref = len(alpha_list), alpha_list.index(0.0)
-    rows = []
+    branches, index = _branches(model, direction, steer_layers, alpha_list, relative)
+    first = min(steer_layers)
+    read = list(range(first, model.cfg.n_layers))
+    # per steering layer: Σ over prompts of the mean cosine over real tokens, [downstream layer, alpha]
+    sums = {layer: torch.zeros(model.cfg.n_layers - layer, len(alpha_list), dtype=torch.float64)
+            for layer in steer_layers}
     bar = progress_bar(progress, len(steer_layers) * len(items), "cosine sweep")
+    batches = token_batches(model, [it.tokens for it in items], batch_size, sort=False)
+    # the shared run is the unsteered stream: it is kept at every layer read, as the reference
+    for batch, run, reference in branched_batches(model, batches, branches, keep=read):
+        valid = batch.mask.bool()
+        for layer in steer_layers:
+            for a, alpha in enumerate(alpha_list):
+                b = index[(layer, alpha)]
+                if b == 0:
+                    for down in range(layer, model.cfg.n_layers):
+                        sums[layer][down - layer, a] += _cosine_sum(reference[down], reference[down], valid)
+                    continue
+
+                def add(acts, weights, down, _layer=layer, _a=a, _ref=reference, _valid=valid) -> None:
+                    sums[_layer][down - _layer, _a] += _cosine_sum(acts, _ref[down], _valid)
+
+                run(b, stop_at_layer=model.cfg.n_layers,
+                    extra_hooks=Capture(range(layer, model.cfg.n_layers), add).fwd_hooks())
+            bar.update(len(batch.index))
+    bar.close()
+    rows = []
     for layer in steer_layers:
-        downstream = list(range(layer, model.cfg.n_layers))
-        sums = torch.zeros(len(downstream), n_a, dtype=torch.float64)
-        for batch in token_batches(model, [it.tokens for it in items], batch_size, sort=False):
-            n_chunk = len(batch.index)
-            valid = batch.mask.bool()
-            alpha_rows = torch.tensor(alpha_list).repeat(n_chunk)
-
-            def add_cosines(acts, weights, down, _valid=valid, _n=n_chunk, _sums=sums, _first=layer) -> None:
-                x = acts.reshape(_n, n_a, *acts.shape[1:])  # [prompt, alpha, pos, d_model]
-                cos = torch.nn.functional.cosine_similarity(x, x[:, ref : ref + 1], dim=-1)  # [prompt, alpha, pos]
-                per_prompt = (cos * _valid[:, None]).sum(-1) / _valid.sum(-1, keepdim=True)
-                _sums[down - _first] += per_prompt.double().sum(0).cpu()
-
-            hooks = steering_hooks(model, direction, alpha_rows, layers=[layer], relative=relative)
-            # the capture sits inside the steering block, so it reads the steered stream
-            with intervene(model, hooks), capture(model, downstream, add_cosines):
-                batch.repeat_rows(n_a).forward(model, stop_at_layer=model.cfg.n_layers)  # [prompt * alpha, pos]
-            bar.update(n_chunk)
-        for k, down in enumerate(downstream):
+        for k, down in enumerate(range(layer, model.cfg.n_layers)):
             for a, alpha in enumerate(alpha_list):
                 rows.append({"layer": layer, "alpha": alpha, "alpha_mode": _mode(relative), "read_layer": down,
-                             "metric": "cosine", "value": float(sums[k, a] / len(items))})
-    bar.close()
+                             "metric": "cosine", "value": float(sums[layer][k, a] / len(items))})
     return pd.DataFrame(rows)
 
 
@@ -113,46 +154,58 @@ def adherence_sweep(model, direction: Direction, pairs: PairSet, *, steer_layers
 
     The margin is mean log p(token) over the positive reply minus the same over the
     negative reply (per pair, then averaged); KL(unsteered ‖ steered) is averaged
-    over the positions that predict reply tokens, both sides. ``progress`` shows a
-    bar counting prompts × steering layers.
+    over the positions that predict reply tokens, both sides. The prompts run
+    through the shared-prefix KV cache (the chat template's trunk once, each pair's
+    user turn once for both replies) and branch at the steering layer
+    (:func:`lens_roles.runtime.batching.run_branched`): each prompt runs once
+    unsteered (the α = 0 reference) and each steering layer and α only the blocks
+    after its layer. ``batch_size`` is in pairs. ``progress`` shows a bar counting
+    prompts × runs (the unsteered one, and one per steering layer and α ≠ 0).
     """
     alpha_list = _alphas(alphas)
     steer_layers = validate_layers(model, steer_layers)
     prompts: list[Prompt] = [p for pair in pairs.pairs for p in pair.as_prompts()]
     items = encode(model, prompts)
     spans = select_positions(items, "reply")
-    n_a, ref = len(alpha_list), alpha_list.index(0.0)
+    # the positions that predict the reply tokens
+    reads = [list(range(span[0] - 1, span[-1])) for span in spans]
+    branches, index = _branches(model, direction, steer_layers, alpha_list, relative, positions)
+    mean_lp = torch.zeros(len(branches), len(items), dtype=torch.float64)
+    kl = torch.zeros(len(branches), dtype=torch.float64)
+    last = model.cfg.n_layers - 1
+    cap = Capture([last], _read_rows)
+    reference: dict[int, Tensor] = {}
+
+    def on_batch(b: int, members: list[int]) -> None:
+        for row, i in enumerate(members):
+            a, stop = spans[i][0], spans[i][-1] + 1
+            logp = logprobs_at(model, cap[last][row]).cpu()  # [reply, vocab]
+            mean_lp[b, i] = reply_logprob(logp, items[i].tokens[a:stop]).double()
+            if b == 0:  # the unsteered run comes first in every batch: the reference of the others
+                reference[i] = logp
+            else:  # KL(unsteered || steered) per position, averaged over the reply
+                kl[b] += kl_divergence(reference[i], logp).mean(-1).double()
+            if b == len(branches) - 1:
+                del reference[i]
+
+    with progress_bar(progress, len(branches) * len(items), "adherence sweep") as bar:
+        run_branched(model, items, reads, branches, batch_size=2 * batch_size, stop_at_layer=cap.stop_at_layer,
+                     capture=cap, on_batch=on_batch, progress=bar.update)
+    margin = logprob_margin(mean_lp[:, 0::2], mean_lp[:, 1::2]).sum(-1)  # [branch]: prompts hold (positive, negative)
     rows = []
-    bar = progress_bar(progress, len(steer_layers) * len(items), "adherence sweep")
     for layer in steer_layers:
-        margin = torch.zeros(n_a, dtype=torch.float64)
-        kl = torch.zeros(n_a, dtype=torch.float64)
-        n_kl = 0
-        # in order, an even number of prompts per batch: each holds whole (positive, negative) pairs
-        for batch in token_batches(model, [it.tokens for it in items], 2 * batch_size, sort=False):
-            chunk = batch.index
-            alpha_rows = torch.tensor(alpha_list).repeat(len(chunk))
-            hooks = steering_hooks(model, direction, alpha_rows, layers=[layer], positions=positions,
-                                   relative=relative)
-            with intervene(model, hooks):
-                resid = batch.repeat_rows(n_a).forward(model, stop_at_layer=model.cfg.n_layers)
-            resid = resid.reshape(len(chunk), n_a, *resid.shape[1:])  # [prompt, alpha, pos, d_model]
-            mean_lp = torch.zeros(len(chunk), n_a, dtype=torch.float64)
-            for c, i in enumerate(chunk):
-                a, b = spans[i][0], spans[i][-1] + 1
-                logp = reply_logprobs(model, resid[c], (a, b)).cpu()  # [alpha, reply, vocab]
-                mean_lp[c] = reply_logprob(logp, items[i].tokens[a:b]).double()
-                # KL(unsteered || steered) per position, averaged over the reply
-                kl += kl_divergence(logp[ref], logp).mean(-1).double()
-            margin += logprob_margin(mean_lp[0::2], mean_lp[1::2]).sum(0)  # chunks hold (positive, negative) in turn
-            n_kl += len(chunk)
-            bar.update(len(chunk))
-        for a, alpha in enumerate(alpha_list):
+        for alpha in alpha_list:
+            b = index[(layer, alpha)]
             base = {"layer": layer, "alpha": alpha, "alpha_mode": _mode(relative), "read_layer": model.cfg.n_layers - 1}
-            rows.append({**base, "metric": "logprob_margin", "value": float(margin[a] / len(pairs))})
-            rows.append({**base, "metric": "kl_from_unsteered", "value": float(kl[a] / n_kl)})
-    bar.close()
+            rows.append({**base, "metric": "logprob_margin", "value": float(margin[b] / len(pairs))})
+            rows.append({**base, "metric": "kl_from_unsteered", "value": float(kl[b] / len(items))})
     return pd.DataFrame(rows)
+
+
+def _read_rows(acts: Float[Tensor, "batch pos d_model"], weights: Float[Tensor, "batch pos"], layer: int
+               ) -> list[Float[Tensor, "read d_model"]]:
+    """Per row, the activations at its read positions (those of non-zero weight), in position order."""
+    return [acts[r, weights[r] > 0] for r in range(acts.shape[0])]
 
 
 @torch.no_grad()

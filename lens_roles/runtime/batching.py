@@ -41,6 +41,7 @@ from torch import Tensor
 from lens_roles.errors import DataError
 from lens_roles.inputs.positions import Encoded
 from lens_roles.inputs.prompts import common_prefix_len
+from lens_roles.runtime.branching import Branch
 from lens_roles.runtime.capture import Capture
 from lens_roles.runtime.progress import progress_bar
 
@@ -290,3 +291,136 @@ def run_batches(
             on_batch([i for i, _, _ in batch])
             if progress is not None:
                 progress(len(batch))
+
+
+def _branch_cache(shared, branch_cache, layer: int, rows: Tensor | None = None):
+    """A cache whose entries up to ``layer`` are ``shared``'s and after it ``branch_cache``'s
+    (its batch ``rows`` when given), or empty ones when ``branch_cache`` is None.
+
+    Blocks up to ``layer`` never run in a branch, so their entries only keep the
+    per-block indexing; the attention mask is the shared one (pads do not depend on
+    the branch).
+    """
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+    entries = list(shared.entries[: layer + 1])
+    for k, entry in enumerate(shared.entries[layer + 1 :], start=layer + 1):
+        if branch_cache is None:
+            ref = entry.past_keys
+            empty = ref.new_empty((shared.previous_attention_mask.shape[0], 0, *ref.shape[2:]))
+            entries.append(TransformerLensKeyValueCacheEntry(past_keys=empty, past_values=empty))
+        else:
+            own = branch_cache.entries[k]
+            keys, values = (own.past_keys, own.past_values) if rows is None else (own.past_keys[rows],
+                                                                                  own.past_values[rows])
+            entries.append(TransformerLensKeyValueCacheEntry(past_keys=keys, past_values=values))
+    return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=shared.previous_attention_mask)
+
+
+def run_branched(
+    model,
+    items: Sequence[Encoded],
+    positions: Sequence[Sequence[int]],
+    branches: Sequence[Branch],
+    *,
+    batch_size: int,
+    stop_at_layer: int,
+    capture: Capture,
+    on_batch: Callable[[int, list[int]], None],
+    share_prefixes: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """:func:`run_batches` for several branches (:mod:`lens_roles.runtime.branching`) at once.
+
+    Every stage (trunk, group prefixes, suffix batch) runs once, unhooked, to the
+    deepest branch layer, keeping ``resid_post`` at each branch layer; then each
+    branch continues every stage from its own layer with its hooks attached
+    (the trunk's and prefixes' keys and values above that layer are the branch's
+    own, as in a full run under its hooks). ``capture`` is attached in the suffix
+    stage of each branch, its ``weights`` set as in :func:`run_batches`, and
+    ``on_batch(branch index, item indices)`` is called after each branch of each
+    suffix batch. ``progress(n)`` is called after each branch of each suffix batch with its number of
+    prompts (it counts prompts × branches).
+    """
+    from lens_roles.runtime.branching import can_branch, check_branch, forward_from
+
+    branches = [check_branch(model, b) for b in branches]
+    if not branches:
+        raise DataError("no branches to run")
+    if not can_branch(model):  # nothing to resume from: each branch is a full run under its hooks
+        for b, branch in enumerate(branches):
+            with model.hooks(fwd_hooks=list(branch.hooks)):
+                run_batches(model, items, positions, batch_size=batch_size, stop_at_layer=stop_at_layer,
+                            capture=capture, on_batch=lambda members, _b=b: on_batch(_b, members),
+                            share_prefixes=share_prefixes, progress=progress)
+        return
+    device = model.cfg.device
+    pad = pad_id(model)
+    layers = sorted({b.layer for b in branches})
+    shared_stop = max(layers) + 1
+    keep = Capture(layers)  # resid_post at every branch layer, of the unhooked shared run
+    p = plan(items, positions, share=share_prefixes)
+    t = len(p.trunk)
+    needed = [max(pos) + 1 for pos in positions]
+
+    def shared_forward(tokens: Tensor, mask: Tensor, cache) -> dict[int, Tensor]:
+        with model.hooks(fwd_hooks=keep.fwd_hooks()):
+            model(tokens, attention_mask=mask, past_kv_cache=cache, stop_at_layer=shared_stop)
+        return dict(keep.values)
+
+    def branch_forward(branch: Branch, resid: dict[int, Tensor], mask: Tensor, cache, hooks=()) -> None:
+        with model.hooks(fwd_hooks=list(branch.hooks) + list(hooks)):
+            forward_from(model, resid[branch.layer], branch.layer, attention_mask=mask, past_kv_cache=cache,
+                         stop_at_layer=stop_at_layer)
+
+    # the trunk: once unhooked, then once per branch above its layer (those keys and values are the branch's)
+    trunk_cache, trunk_branch = None, [None] * len(branches)
+    if t:
+        trunk_cache = _empty_cache(model, 1)
+        tokens = torch.tensor([p.trunk], dtype=torch.long, device=device)
+        resid = shared_forward(tokens, torch.ones_like(tokens), trunk_cache)
+        for b, branch in enumerate(branches):
+            trunk_branch[b] = _branch_cache(trunk_cache, None, branch.layer)
+            branch_forward(branch, resid, trunk_cache.previous_attention_mask, trunk_branch[b])
+
+    for chunk in _chunks(p, batch_size, lambda i: needed[i] - t):
+        prefixes = [prefix for prefix, _ in chunk]
+        # each branch's keys and values above its layer: those of the trunk (one row, shared by every group)
+        # until the chunk has prefixes of its own; ``branch_row`` maps a group to its row there
+        chunk_cache, chunk_branch = None, [None] * len(branches)
+        branch_row = torch.zeros(len(chunk), dtype=torch.long)
+        if trunk_cache is not None:
+            chunk_cache = _cache_rows(trunk_cache, branch_row)
+            chunk_branch = list(trunk_branch)
+        elif any(prefixes):
+            chunk_cache = _empty_cache(model, len(chunk))
+        if any(prefixes):
+            tokens, mask = pad_batch(prefixes, pad, side="left")
+            resid = shared_forward(tokens.to(device), mask.to(device), chunk_cache)
+            for b, branch in enumerate(branches):
+                rows = branch_row if chunk_branch[b] is not None else None
+                chunk_branch[b] = _branch_cache(chunk_cache, chunk_branch[b], branch.layer, rows)
+                branch_forward(branch, resid, chunk_cache.previous_attention_mask, chunk_branch[b])
+            branch_row = torch.arange(len(chunk))
+        members = [(i, g, t + len(prefix)) for g, (prefix, ms) in enumerate(chunk) for i in ms]
+        members.sort(key=lambda m: -(needed[m[0]] - m[2]))
+        for start in range(0, len(members), batch_size):
+            batch = members[start : start + batch_size]
+            suffixes = [items[i].tokens[s : needed[i]] for i, _, s in batch]
+            tokens, mask = pad_batch(suffixes, pad)
+            tokens, mask = tokens.to(device), mask.to(device)
+            weights = torch.zeros(tokens.shape, dtype=model.cfg.dtype)
+            for row, (i, _, s) in enumerate(batch):
+                weights[row, [q - s for q in positions[i]]] = 1.0 / len(positions[i])
+            rows = torch.tensor([g for _, g, _ in batch], dtype=torch.long)
+            cache = None if chunk_cache is None else _cache_rows(chunk_cache, rows)
+            resid = shared_forward(tokens, mask, cache)
+            full_mask = mask if cache is None else cache.previous_attention_mask
+            capture.weights = weights.to(device)
+            for b, branch in enumerate(branches):
+                own = None if cache is None else _branch_cache(cache, chunk_branch[b], branch.layer, branch_row[rows])
+                branch_forward(branch, resid, full_mask, own, capture.fwd_hooks())
+                on_batch(b, [i for i, _, _ in batch])
+                if progress is not None:
+                    progress(len(batch))

@@ -30,8 +30,30 @@ def final_logits(model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, ".
     flat = resid.reshape(1, -1, resid.shape[-1])
     if model.cfg.normalization_type is not None:
         flat = model.ln_final(flat)
-    logits = apply_softcap(model.unembed(flat), getattr(model.cfg, "output_logits_soft_cap", None))
+    # TransformerLens's Unembed.forward, with its transposed weight made once instead of at every call
+    unembed = model.unembed
+    logits = unembed.hook_out(torch.nn.functional.linear(unembed.hook_in(flat), unembed_weight(model), unembed.b_U))
+    logits = apply_softcap(logits, getattr(model.cfg, "output_logits_soft_cap", None))
     return logits.reshape(*resid.shape[:-1], logits.shape[-1])
+
+
+def unembed_weight(model) -> Float[Tensor, "d_vocab d_model"]:
+    """``W_U.T`` made contiguous, as TransformerLens's ``Unembed`` multiplies by it, kept on the module.
+
+    ``Unembed.forward`` copies the transposed weight (``d_vocab × d_model``: 113 MB
+    for a 49k vocabulary) at every call, which costs more than the product when a
+    sweep unembeds a few positions at a time. The copy is made again when the weight
+    changes (in place, or moved to another device or dtype). It carries no autograd
+    graph: gradients flow to the residual, not to the unembedding.
+    """
+    w = model.unembed.W_U
+    key = (w._version, w.data_ptr(), w.device, w.dtype)
+    kept = getattr(model.unembed, "_lens_roles_w_t", None)
+    if kept is None or kept[0] != key:
+        with torch.no_grad():
+            kept = (key, w.T.contiguous())
+        model.unembed._lens_roles_w_t = kept
+    return kept[1]
 
 
 def logprobs_at(model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:

@@ -22,6 +22,13 @@ instructions against the baseline) and each domain (a multiple-choice
    resamples each domain's questions once per draw, shared by all cells, so that
    its interval reflects that every role is scored on the same questions.
 
+The conditions that branch off the unprompted run share its blocks below their
+layer (:func:`~lens_roles.measures.multiple_choice.evaluate_conditions`): the
+validation grid of all roles selected on the same questions is one branched
+run, and on each domain's test questions no intervention, every role's chosen
+addition and its ablation (which shares only block 0) are one more. Prompting
+(another prompt) runs on its own.
+
 :func:`run_role_study` returns a :class:`RoleStudy` of tidy frames;
 :func:`write_role_study` writes them as CSV plus the figures.
 """
@@ -44,7 +51,13 @@ from lens_roles.errors import ConfigError, DataError
 from lens_roles.inputs.prompts import data_dir
 from lens_roles.inputs.questions import QuestionSet
 from lens_roles.io import atomic_write, parse_json, read_text, write_csv
-from lens_roles.measures.multiple_choice import SYSTEM_TEMPLATE, Condition, evaluate_condition, persona_prompt
+from lens_roles.measures.multiple_choice import (
+    SYSTEM_TEMPLATE,
+    Condition,
+    evaluate_condition,
+    evaluate_conditions,
+    persona_prompt,
+)
 from lens_roles.measures.statistics import bootstrap_indices, bootstrap_mean, percentile_interval
 from lens_roles.runtime.progress import progress_bar
 from lens_roles.viz import in_off_domain_bars, role_domain_heatmap, save_figure, selection_heatmap
@@ -170,22 +183,39 @@ def select_addition(model, direction: Direction, val: QuestionSet, *, layers: Se
     Returns the chosen :class:`Condition` and the grid (``layer, alpha, accuracy,
     p_correct, n, chosen``).
     """
-    missing = [layer for layer in layers if layer not in direction]
-    if missing:
-        raise DataError(f"the direction {direction.meta.get('name', '')!r} has no layer(s) {missing}")
-    rows = []
-    for layer in layers:
-        for alpha in alphas:
-            f = evaluate_condition(model, val, Condition("addition", layer, float(alpha)), direction,
-                                   answer_format=answer_format, batch_size=batch_size)
-            rows.append({"layer": layer, "alpha": float(alpha), "accuracy": float(f.correct.mean()),
-                         "p_correct": float(f.p_correct.mean()), "n": len(f)})
-    grid = pd.DataFrame(rows)
-    ranked = grid.assign(abs_alpha=grid.alpha.abs()).sort_values(
-        ["accuracy", "p_correct", "abs_alpha"], ascending=[False, False, True])
-    best = ranked.iloc[0]
-    grid["chosen"] = (grid.layer == best.layer) & (grid.alpha == best.alpha)
-    return Condition("addition", int(best.layer), float(best.alpha)), grid
+    return select_additions(model, {"": direction}, val, layers=layers, alphas=alphas, answer_format=answer_format,
+                            batch_size=batch_size)[""]
+
+
+def select_additions(model, directions: Mapping[str, Direction], val: QuestionSet, *, layers: Sequence[int],
+                     alphas: Sequence[float], answer_format: str = "{letter}", batch_size: int = 16
+                     ) -> dict[str, tuple[Condition, pd.DataFrame]]:
+    """:func:`select_addition` for several directions on the same validation questions, in one branched run.
+
+    Every question runs once up to the deepest layer of the grid; each direction,
+    layer and α then runs only the blocks above its layer
+    (:func:`~lens_roles.measures.multiple_choice.evaluate_conditions`).
+    """
+    for name, direction in directions.items():
+        missing = [layer for layer in layers if layer not in direction]
+        if missing:
+            raise DataError(f"the direction {direction.meta.get('name', name)!r} has no layer(s) {missing}")
+    grid = [(name, layer, float(alpha)) for name in directions for layer in layers for alpha in alphas]
+    frames = evaluate_conditions(model, val, [(Condition("addition", layer, alpha), directions[name])
+                                              for name, layer, alpha in grid],
+                                 answer_format=answer_format, batch_size=batch_size)
+    out = {}
+    for name in directions:
+        rows = [{"layer": layer, "alpha": alpha, "accuracy": float(f.correct.mean()),
+                 "p_correct": float(f.p_correct.mean()), "n": len(f)}
+                for (n, layer, alpha), f in zip(grid, frames) if n == name]
+        table = pd.DataFrame(rows)
+        ranked = table.assign(abs_alpha=table.alpha.abs()).sort_values(
+            ["accuracy", "p_correct", "abs_alpha"], ascending=[False, False, True])
+        best = ranked.iloc[0]
+        table["chosen"] = (table.layer == best.layer) & (table.alpha == best.alpha)
+        out[name] = (Condition("addition", int(best.layer), float(best.alpha)), table)
+    return out
 
 
 def _boot_indices(domains: Mapping[str, int], n_boot: int, seed: int) -> dict[str, np.ndarray]:
@@ -222,40 +252,51 @@ def run_role_study(model, roles: Mapping[str, Direction], domains: Mapping[str, 
     bar = progress_bar(progress, len(test) + len(roles) * (needs_layer + n_conditions * len(test)), "role study",
                        unit="eval")
 
-    frames = []
-    for name, qs in test.items():
-        bar.set_postfix_str(f"none · {name} ({len(qs)} questions)")
-        frames.append(evaluate_condition(model, qs, Condition("none"), **kw).assign(role="", domain=name))
-        bar.update()
-
+    # the validation grid first (it never sees a test question): roles selected on the same questions share
+    # one branched run
     grids, chosen = [], {}
-    for role, direction in roles.items():
-        if not needs_layer:
-            break
+    by_set: dict[str, tuple[QuestionSet, list[str]]] = {}
+    for role in roles if needs_layer else ():
         home = role_domains.get(role)
         sel = val[home] if home in val else _pooled_validation(val, config.max_val)
-        bar.set_postfix_str(f"select · {role} on {sel.name} ({len(sel)} questions × "
+        by_set.setdefault(sel.name, (sel, []))[1].append(role)
+    for sel, names in by_set.values():
+        bar.set_postfix_str(f"select · {', '.join(names)} on {sel.name} ({len(sel)} questions × "
                             f"{len(layers) * len(config.alphas)} settings)")
-        cond, grid = select_addition(model, direction, sel, layers=layers, alphas=config.alphas, **kw)
-        chosen[role] = cond
-        grids.append(grid.assign(role=role, selected_on=sel.name))
-        bar.update()
+        picked = select_additions(model, {r: roles[r] for r in names}, sel, layers=layers, alphas=config.alphas,
+                                  **kw)
+        for role in names:
+            chosen[role] = picked[role][0]
+            grids.append((role, picked[role][1].assign(role=role, selected_on=sel.name)))
+        bar.update(len(names))
+    grids = [g for _, g in sorted(grids, key=lambda rg: list(roles).index(rg[0]))]
     t_select = time.perf_counter() - t0
 
-    for role, direction in roles.items():
-        conds = []
-        if "addition" in config.conditions:
-            conds.append(chosen[role])
-        if "ablation" in config.conditions:
-            conds.append(Condition("ablation", chosen[role].layer))
-        if "prompting" in config.conditions:
-            conds.append(Condition("prompting", system=persona_prompt(role, config.system_template)))
-        for cond in conds:
+    # on the test questions: no intervention, every role's chosen addition and its ablation from one branched run
+    # per domain; prompting (another prompt) on its own
+    cells: dict[tuple[str, str, str], pd.DataFrame] = {}
+    shared = [(r, chosen[r]) for r in roles if "addition" in config.conditions]
+    shared += [(r, Condition("ablation", chosen[r].layer)) for r in roles if "ablation" in config.conditions]
+    for name, qs in test.items():
+        bar.set_postfix_str(f"none{', addition, ablation' if shared else ''} · {name} ({len(qs)} questions)")
+        frames = evaluate_conditions(model, qs, [(Condition("none"), None)] + [(c, roles[r]) for r, c in shared],
+                                     **kw)
+        cells[("", "none", name)] = frames[0]
+        cells.update({(r, c.kind, name): f for (r, c), f in zip(shared, frames[1:])})
+        bar.update(1 + len(shared))
+    if "prompting" in config.conditions:
+        for role, direction in roles.items():
+            cond = Condition("prompting", system=persona_prompt(role, config.system_template))
             for name, qs in test.items():
-                bar.set_postfix_str(f"{cond.kind} · {role} · {name}")
-                frames.append(evaluate_condition(model, qs, cond, direction, **kw).assign(role=role, domain=name))
+                bar.set_postfix_str(f"prompting · {role} · {name}")
+                cells[(role, "prompting", name)] = evaluate_condition(model, qs, cond, direction, **kw)
                 bar.update()
     bar.close()
+    # in the order of the scores table: no intervention per domain, then role × condition × domain
+    order = [("", "none", name) for name in test] + [
+        (role, kind, name) for role in roles for kind in ("addition", "ablation", "prompting")
+        if kind in config.conditions for name in test]
+    frames = [cells[key].assign(role=key[0], domain=key[2]) for key in order]
     scores = pd.concat(frames, ignore_index=True).assign(split="test")
     selection = pd.concat(grids, ignore_index=True) if grids else pd.DataFrame()
 

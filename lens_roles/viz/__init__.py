@@ -18,7 +18,7 @@ from lens_roles.viz.roles import (
     selection_heatmap,
 )
 from lens_roles.viz.sae import attribution_check_scatter, decomposition_plot, sae_alignment_bars
-from lens_roles.viz.steering import behaviour_vs_alpha, cosine_vs_alpha
+from lens_roles.viz.steering import behaviour_vs_alpha, cosine_vs_alpha, steerability_heatmap
 from lens_roles.viz.style import PALETTE, px_colors, style
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "decomposition_plot",
     "attribution_check_scatter",
     "cosine_vs_alpha",
+    "steerability_heatmap",
     "behaviour_vs_alpha",
     "style",
     "px_colors",

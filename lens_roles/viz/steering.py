@@ -66,3 +66,47 @@ def behaviour_vs_alpha(frame: pd.DataFrame, *, title: str = "Persona adherence a
     fig.update_xaxes(title_text="α (× typical residual norm)" if mode == "relative" else "α")
     fig.update_layout(width=430 * len(panels) + 160, height=460)
     return style(fig, title, subtitle)
+
+
+def steerability_heatmap(frame: pd.DataFrame, steerability: pd.DataFrame | None = None, *,
+                         title: str = "Where is each behaviour steerable?", subtitle: str | None = None) -> go.Figure:
+    """A/B curves over every layer: per behaviour, p(match) over layer × multiplier, and its steerability.
+
+    Args:
+        frame: A/B curve rows ``behaviour, layer, multiplier, p_match`` (see
+            :func:`lens_roles.studies.ab_curves.ab_curve` with several layers).
+        steerability: per behaviour and layer ``slope, lo, hi`` (see
+            :func:`lens_roles.studies.ab_curves.steerability`); drawn as a second
+            row, the slope with its interval against the layer.
+    """
+    if frame.empty:
+        raise PlotError("no A/B curve rows to draw")
+    names = list(dict.fromkeys(frame.behaviour))
+    rows = 1 if steerability is None or steerability.empty else 2
+    fig = make_subplots(rows=rows, cols=len(names), subplot_titles=names, horizontal_spacing=0.05,
+                        vertical_spacing=0.14, shared_xaxes=False)
+    for k, name in enumerate(names):
+        grp = frame[frame.behaviour == name]
+        table = grp.pivot_table(index="multiplier", columns="layer", values="p_match").sort_index()
+        fig.add_trace(go.Heatmap(z=table.values, x=[str(c) for c in table.columns], y=[f"{m:g}" for m in table.index],
+                                 zmin=0, zmax=1, colorscale="RdBu", reversescale=True, showscale=k == 0,
+                                 colorbar=dict(title="p(match)", len=0.5 if rows == 2 else 1.0,
+                                               y=0.78 if rows == 2 else 0.5),
+                                 hovertemplate=f"{name}<br>layer %{{x}}<br>multiplier %{{y}}<br>"
+                                               "p(match) %{z:.3f}<extra></extra>"),
+                      row=1, col=k + 1)
+        fig.update_xaxes(title_text="layer", type="category", row=1, col=k + 1)
+        fig.update_yaxes(title_text="multiplier" if k == 0 else None, type="category", row=1, col=k + 1)
+        if rows == 2:
+            s = steerability[steerability.behaviour == name].sort_values("layer")
+            fig.add_trace(go.Scatter(x=s.layer, y=s.slope, mode="lines+markers", showlegend=False,
+                                     line=dict(color=px_colors(1)[0], width=1.5), marker=dict(size=4),
+                                     error_y=dict(type="data", symmetric=False, array=s.hi - s.slope,
+                                                  arrayminus=s.slope - s.lo, thickness=1),
+                                     hovertemplate=f"{name}<br>layer %{{x}}<br>slope %{{y:.4f}}<extra></extra>"),
+                          row=2, col=k + 1)
+            fig.add_hline(y=0, line=dict(dash="dot", color="grey"), row=2, col=k + 1)
+            fig.update_xaxes(title_text="layer", row=2, col=k + 1)
+            fig.update_yaxes(title_text="steerability (Δp per unit)" if k == 0 else None, row=2, col=k + 1)
+    fig.update_layout(width=max(520, 330 * len(names) + 120), height=420 * rows + 80)
+    return style(fig, title, subtitle)
