@@ -212,3 +212,15 @@ def test_persona_space_command_bad_input_loads_no_model(main, archetypes, tmp_pa
     assert main(["persona-space", "--out", out, "--roles", "chemist,lawyer", "--archetypes", str(archetypes),
                  "--n-questions", "3", "--max-new-tokens", "2", "--colour-by", str(wide)]) == 2
     assert "d_model 16" in capsys.readouterr().err
+
+
+def test_given_replies_must_cover_every_persona_and_question(tiny_model, archetypes, tmp_path):
+    config = study.PersonaSpaceConfig(roles=("chemist", "lawyer"), archetypes=str(archetypes), n_questions=2)
+    path = tmp_path / "given.jsonl"
+    path.write_text(json.dumps({"persona": "chemist", "user": "What do you do on a typical day?",
+                                "reply": "I titrate."}) + "\n")
+    with pytest.raises(DataError, match=r"no reply for 9 persona × question pair\(s\), e.g. chemist"):
+        study.run_persona_space(tiny_model, config=config, replies=study.load_replies(path))
+    path.write_text('{"persona": "chemist", "user": "Hi"}\n')
+    with pytest.raises(DataError, match="given.jsonl line 1: field 'reply' must be a string"):
+        study.load_replies(path)
