@@ -177,11 +177,12 @@ def persona_replies(model, personas: Sequence[Persona], questions: PromptSet, *,
 
     Generated in batches of ``batch_size`` (each batch seeded with ``seed`` plus its index), and
     cached as ``cache_dir/replies-<key>.jsonl``, the key hashing the model, template, personas'
-    system prompts, questions and generation settings.
+    system prompts, questions and generation settings (the seed only when sampling: greedy replies
+    do not depend on it, so another question split reuses them).
     """
     jobs = [(p, q.user) for p in personas for q in questions]
     key = fingerprint({"model": model_id(model), "template": template, "max_new_tokens": max_new_tokens,
-                       "temperature": temperature, "seed": seed, "batch_size": batch_size,
+                       "temperature": temperature, "seed": seed if temperature > 0 else None, "batch_size": batch_size,
                        "jobs": [(p.name, p.system, user) for p, user in jobs]})
     path = Path(cache_dir) / f"replies-{key}.jsonl" if cache_dir is not None else None
     if path is not None and path.exists():
@@ -296,7 +297,7 @@ def write_persona_space(result: PersonaSpaceResult, out: str | Path, *, png: boo
     model = result.meta["model"]
     variance = (row.var_pc1, row.var_pc2, row.var_pc3)
     fig = persona_map_3d(result.points, layer=layer, variance=variance,
-                         subtitle=f"{model} · {row.n_roles} personas · cos(axis, PC1) {row.cos_axis_pc1:+.2f} · "
+                         subtitle=f"{model} · {int(row.n_roles)} personas · cos(axis, PC1) {row.cos_axis_pc1:+.2f} · "
                                   f"held-out AUC {row.auc:.2f}")
     written += save_figure(fig, out / "persona_map", meta=result.meta, png=png)
     fig = variance_explained(result.table, subtitle=f"{model} · role vectors from build questions, AUC on "

@@ -28,7 +28,7 @@ def persona_map_3d(points: pd.DataFrame, *, layer: int, title: str | None = None
     sub = points[points.layer == layer]
     if sub.empty:
         raise PlotError(f"no persona points at layer {layer}; the frame has layers {sorted(set(points.layer))}")
-    lo, hi = float(sub["axis"].min()), float(sub["axis"].max())
+    bound = max(1e-12, float(sub["axis"].abs().max()))  # symmetric: white is the average role (0)
     fig = go.Figure()
     for kind in ("role", "archetype", "default"):
         grp = sub[sub.kind == kind]
@@ -41,7 +41,7 @@ def persona_map_3d(points: pd.DataFrame, *, layer: int, title: str | None = None
             text=grp["name"], textposition="top center",
             customdata=grp[["group", "axis"]].values,
             marker=dict(size=9 if is_default else 5, symbol=SYMBOLS[kind], color=grp["axis"], colorscale="RdBu",
-                        cmin=lo, cmax=hi, line=dict(width=2 if is_default else 0, color="black"),
+                        cmin=-bound, cmax=bound, line=dict(width=2 if is_default else 0, color="black"),
                         showscale=kind == "role", colorbar=dict(title=colour_label, len=0.6)),
             hovertemplate="%{text} (%{customdata[0]})<br>PC1 %{x:.2f} · PC2 %{y:.2f} · PC3 %{z:.2f}"
                           "<br>axis %{customdata[1]:.2f}<extra></extra>"))
