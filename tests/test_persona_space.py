@@ -87,6 +87,7 @@ def test_held_out_auc_and_points(acts):
     space = persona_space(roles, default, held_out=(roles, default))
     table = space.table()
     assert table.auc.between(0, 1).all()
+    assert (table.auc_n_default == 8).all() and (table.auc_n_roles == 16).all()
     points = space.points()
     assert set(points.name) == set(roles) | set(default)
     assert set(points.kind) == {"role", "default"}

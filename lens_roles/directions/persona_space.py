@@ -105,6 +105,7 @@ class PersonaSpace:
         fractions: ``[layer, component]`` fraction of variance of *every* component.
         centre: ``[layer, d_model]`` the role vectors' mean.
         auc: per layer, held-out AUC of default vs role replies projected on the axis (or None).
+        auc_counts: how many held-out default and role replies that AUC compares.
         groups: persona name → group label; kinds: persona name → ``role``/``archetype``/``default``.
     """
 
@@ -118,6 +119,7 @@ class PersonaSpace:
     fractions: Tensor
     centre: Tensor
     auc: dict[int, float] | None = None
+    auc_counts: tuple[int, int] = (0, 0)
     groups: Mapping[str, str] = field(default_factory=dict)
     kinds: Mapping[str, str] = field(default_factory=dict)
 
@@ -135,7 +137,8 @@ class PersonaSpace:
 
     def table(self) -> pd.DataFrame:
         """One row per layer: ``layer, var_pc1, var_pc2, var_pc3, var_total_kept, cos_axis_pc1,
-        default_pc1, roles_pc1_min, roles_pc1_max, default_position, default_rank, n_roles, auc``.
+        default_pc1, roles_pc1_min, roles_pc1_max, default_position, default_rank, n_roles, auc,
+        auc_n_default, auc_n_roles`` (the held-out replies the AUC compares: few default ones make it coarse).
 
         ``default_pc1`` is the default assistant's coordinate on PC1 (the mean of its points),
         ``default_position`` where it falls in the roles' range (0 = the lowest role, 1 = the
@@ -163,6 +166,8 @@ class PersonaSpace:
                 "default_rank": int((roles[:, j] > d).sum()),
                 "n_roles": len(self.names),
                 "auc": self.auc.get(layer, float("nan")) if self.auc else float("nan"),
+                "auc_n_default": self.auc_counts[0],
+                "auc_n_roles": self.auc_counts[1],
             })
             rows.append(row)
         return pd.DataFrame(rows)
@@ -244,12 +249,13 @@ def persona_space(roles: Mapping[str, Activations], default: Mapping[str, Activa
         centres.append(centre)
     width = min(f.shape[0] for f in fracs)
     keep = min(c.shape[0] for c in comps)
-    auc = None
+    auc, counts = None, (0, 0)
     if held_out is not None:
         held_roles, held_default = held_out
         frame = separation_auc(axis, list(held_default.values()), list(held_roles.values()))
         auc = dict(zip(frame.layer.tolist(), frame.value.tolist()))
+        counts = (sum(a.count for a in held_default.values()), sum(a.count for a in held_roles.values()))
     all_kinds = {name: "role" for name in roles} | {name: "default" for name in default} | dict(kinds or {})
     return PersonaSpace(tuple(roles), tuple(default), layers, role_vectors, default_vectors, axis,
                         torch.stack([c[:keep] for c in comps]), torch.stack([f[:width] for f in fracs]),
-                        torch.stack(centres), auc, dict(groups or {}), all_kinds)
+                        torch.stack(centres), auc, counts, dict(groups or {}), all_kinds)
