@@ -75,6 +75,7 @@ def variance_explained(table: pd.DataFrame, *, title: str = "Persona space: vari
                                  line=dict(color=PALETTE[i % len(PALETTE)], dash=dash),
                                  hovertemplate=f"{label}<br>layer %{{x}}<br>%{{y:.3f}}<extra></extra>"))
     fig.add_hline(y=0, line=dict(color="grey", width=1))
+    fig.add_hline(y=0.5, line=dict(color="grey", width=1, dash="dot"))  # chance AUC
     fig.update_xaxes(title_text="layer")
     fig.update_yaxes(title_text="fraction / cosine / AUC")
     fig.update_layout(width=900, height=480)
