@@ -10,7 +10,8 @@ Commands, one module per group (each defines its subparsers beside its handlers)
   domains) and ``ab-curve`` (CAA behaviour curves against the multiplier);
 * :mod:`~lens_roles.cli.patching` — ``patch`` (activation and attribution patching);
 * :mod:`~lens_roles.cli.psr` — ``psr train|compare`` (Prompt Steering Replacement);
-* :mod:`~lens_roles.cli.sae` — ``train-sae``, ``sae-align``, ``sae-attribute``.
+* :mod:`~lens_roles.cli.sae` — ``train-sae``, ``sae-align``, ``sae-attribute``;
+* :mod:`~lens_roles.cli.persona` — ``persona-space`` (persona space and the assistant axis).
 
 :mod:`~lens_roles.cli.options` holds what they share: model options and batch-size
 defaults, the argument checks that run before any model loads, and loading.

@@ -10,6 +10,7 @@ from lens_roles.directions.builders import (
     role_vectors,
 )
 from lens_roles.directions.direction import Direction
+from lens_roles.directions.persona_space import PersonaSpace, assistant_axis, persona_space, principal_components
 from lens_roles.directions.geometry import cosine_matrix, mean_offdiagonal_cosine, nearest_roles, role_map
 from lens_roles.directions.separation import roc_auc, separation_auc, split_half_agreement
 
@@ -28,4 +29,8 @@ __all__ = [
     "role_map",
     "nearest_roles",
     "mean_offdiagonal_cosine",
+    "PersonaSpace",
+    "assistant_axis",
+    "persona_space",
+    "principal_components",
 ]

@@ -1,5 +1,6 @@
 """Inputs: prompt sets, contrast pairs, question sets, chat rendering and token positions. No model runs here."""
 
+from lens_roles.inputs.personas import Persona, default_system_prompt, load_archetypes, load_persona_questions
 from lens_roles.inputs.positions import Encoded, encode, select_positions
 from lens_roles.inputs.prompts import (
     ContrastPair,
@@ -38,4 +39,8 @@ __all__ = [
     "Encoded",
     "encode",
     "select_positions",
+    "Persona",
+    "load_archetypes",
+    "load_persona_questions",
+    "default_system_prompt",
 ]

@@ -16,7 +16,9 @@ File formats read here:
   part becomes the user turn and the differing tail the reply.
 
 Chat formatting (:func:`render`) uses the tokenizer's own chat template when it has
-one. Otherwise it uses the plain template ``PLAIN_TEMPLATE``::
+one (a system prompt of ``""`` is an explicitly empty system turn there, which differs from
+``None`` for templates that insert a default system prompt when none is given).
+Otherwise it uses the plain template ``PLAIN_TEMPLATE``::
 
     [System: {system}\\n\\n]User: {user}\\n\\nAssistant:[ {reply}]
 
@@ -311,7 +313,9 @@ def render(tokenizer, prompt: Prompt, template: str | None = None) -> Rendered:
     """
     template = template or template_name(tokenizer)
     if template == "chat":
-        messages = ([{"role": "system", "content": prompt.system}] if prompt.system else []) + [
+        # system "" is an explicitly empty system turn: with a template that inserts a default
+        # system prompt when none is given (SmolLM2's), it is how "no system prompt" is rendered
+        messages = ([{"role": "system", "content": prompt.system}] if prompt.system is not None else []) + [
             {"role": "user", "content": prompt.user}
         ]
         # Render with a sentinel in place of the user text, so that the user's span is

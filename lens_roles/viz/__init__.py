@@ -8,6 +8,7 @@ touches a model.
 from lens_roles.viz.directions import direction_profile, layer_heatmap, line_by_layer
 from lens_roles.viz.export import find_browser, save_figure
 from lens_roles.viz.patching import patch_heatmap, patch_scatter
+from lens_roles.viz.persona import persona_map_3d, variance_explained
 from lens_roles.viz.psr import psr_coherence_curve, token_heatmap
 from lens_roles.viz.roles import (
     ab_curves,
@@ -46,4 +47,6 @@ __all__ = [
     "style",
     "px_colors",
     "PALETTE",
+    "persona_map_3d",
+    "variance_explained",
 ]
