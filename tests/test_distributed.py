@@ -39,39 +39,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_head(log_path: Path):
+    """`ray start --head --block` on free ports: `(process, address)` once it takes drivers, else `(None, None)`."""
+    port, agent, metrics = free_port(), free_port(), free_port()
+    with log_path.open("w") as log_file:
+        head = subprocess.Popen(
+            [str(Path(sys.executable).with_name("ray")), "start", "--head", "--num-cpus=2", f"--port={port}",
+             "--include-dashboard=false", f"--dashboard-agent-grpc-port={agent}", f"--metrics-export-port={metrics}",
+             "--disable-usage-stats", "--block"], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and head.poll() is None:
+        if "block forever" in log_path.read_text():
+            return head, f"127.0.0.1:{port}"
+        time.sleep(1)
+    if head.poll() is None:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(60)
+    return None, None
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A 2-CPU Ray cluster for this module: ``$LENS_ROLES_RAY_ADDRESS`` if set, else one started here.
 
     It is started with ``ray start --head`` rather than ``ray.init(num_cpus=2)``
-    so that the dashboard agent's gRPC port can be fixed: with a dynamic port the
-    raylet gives the agent 15 s to report it, and on two loaded cores its Python
-    start-up takes longer, so the raylet aborts. Stopped by its process group.
+    so that the dashboard agent's ports can be fixed: Ray 2.60's raylet gives the
+    agent 15 s to report each dynamic port and aborts when its Python start-up is
+    slower, as it is on two loaded cores. Up to 3 attempts; stopped by its
+    process group.
     """
     address = os.environ.get("LENS_ROLES_RAY_ADDRESS")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throw-away cluster on the loopback
     head = None
     if address is None:
-        port, agent = free_port(), free_port()
-        address = f"127.0.0.1:{port}"
-        log_file = (tmp_path_factory.mktemp("ray") / "head.log").open("w")
-        head = subprocess.Popen(
-            [str(Path(sys.executable).with_name("ray")), "start", "--head", "--num-cpus=2", f"--port={port}",
-             "--include-dashboard=false", f"--dashboard-agent-grpc-port={agent}", "--disable-usage-stats",
-             "--block"], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                check_address(address)
-                ray.init(address=address, log_to_driver=False)
+        for _ in range(3):  # the raylet aborts when its agents start slowly; try again
+            head, address = start_head(tmp_path_factory.mktemp("ray") / "head.log")
+            if head is not None:
                 break
-            except Exception:  # not up yet (UsageError from the port check, ConnectionError from Ray)
-                if head.poll() is not None or time.monotonic() > deadline:
-                    os.killpg(head.pid, signal.SIGTERM)
-                    raise
-                time.sleep(2)
-    else:
-        ray.init(address=address, log_to_driver=False)
+        if head is None:
+            pytest.fail("a local Ray head did not start in 3 attempts (see the head.log files under pytest's tmp)")
+    ray.init(address=address, log_to_driver=False)
     # this module's helpers (CrashOnce) travel to the workers by value
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     yield address

@@ -187,7 +187,7 @@ def add_ray_options(parser: argparse.ArgumentParser) -> None:
     started on this machine with ``ray start``; ``--ray host:port`` (or
     ``ray://host:port``) joins a remote one. See :func:`ray_executor`.
     """
-    parser.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+    parser.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS", type=ray_address,
                         help="run on Ray workers: alone a local Ray instance, or a cluster address "
                              "(auto, host:port, ray://host:port); needs the [distributed] extra")
     parser.add_argument("--workers", type=int_at_least("--workers", 1), default=2,
@@ -195,6 +195,17 @@ def add_ray_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-worker", type=finite_float("--gpus-per-worker", minimum=0.0), default=0.0,
                         help="GPUs per Ray worker (default: 0; with --device cuda use 1, or more "
                              "to split a large model over them)")
+
+
+def ray_address(text: str) -> str:
+    """A ``--ray`` address that something listens at (checked within 5 s, before any model loads)."""
+    from lens_roles.distributed import check_address
+
+    try:
+        check_address(text)
+    except UsageError as exc:
+        _fail(str(exc))
+    return text
 
 
 @contextmanager
