@@ -11,9 +11,11 @@ merges them (float64 sums and counts, rows in prompt order).
 Faults: the actors are created with ``max_restarts``, so Ray replaces a worker
 process that dies (its ``__init__`` loads the model again). Ray's own task
 retries are left off (``max_task_retries=0``) so that the driver sees each
-loss: it logs which shard the dead worker held and re-runs that shard, at most
-``max_retries`` times. A shard's result is stored once under its index, so a
-re-run shard is never counted twice.
+loss: it logs which shard the dead worker held and re-runs that shard (on
+whichever worker is free first), at most ``max_retries`` times; the restarted
+worker takes shards again once a probe finds it up with its model loaded. A
+shard's result is stored once under its index, so a re-run shard is never
+counted twice.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -204,24 +207,27 @@ class RayExecutor:
             worker died more than ``max_retries`` times.
         """
         ray = _ray()
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
         ref = ray.put(shared)
         pending = deque(range(len(payloads)))
         attempts = [0] * len(payloads)
         results: dict[int, Any] = {}
-        running: dict[Any, tuple[int, int]] = {}
+        running: dict[Any, tuple[int, int | None]] = {}  # ref -> (worker, shard), shard None: a health probe
         idle = deque(range(len(self._actors)))
+        lost: set[int] = set()  # workers Ray could not bring back
         with progress_bar(progress, len(payloads), desc, unit="shard") as bar:
-            while pending or running:
+            while pending or any(s is not None for _, s in running.values()):
                 while pending and idle:
                     w, s = idle.popleft(), pending.popleft()
                     attempts[s] += 1
                     running[self._actors[w].run.remote(fn, ref, payloads[s])] = (w, s)
+                if not running:
+                    raise UsageError(f"every Ray worker died for good ({len(lost)} lost); {len(pending)} shard(s) "
+                                     "left undone (raise max_restarts, or look at the workers' logs)")
                 done, _ = ray.wait(list(running), num_returns=1)
                 for r in done:
                     w, s = running.pop(r)
-                    idle.append(w)
                     try:
                         out = ray.get(r)
                     except RayTaskError as exc:
@@ -229,22 +235,46 @@ class RayExecutor:
                         if isinstance(cause, LensRolesError):
                             raise cause from None
                         raise
-                    except RayActorError as exc:
+                    except RayActorError as exc:  # the worker died (ActorUnavailableError: it is restarting)
+                        if s is None:  # a probe: ask again while it restarts; else it is dead for good
+                            if isinstance(exc, ActorUnavailableError):
+                                time.sleep(0.5)
+                                running[self._actors[w].describe.remote()] = (w, None)
+                            else:
+                                lost.add(w)
+                            continue
                         if attempts[s] > self.max_retries:
                             raise UsageError(f"shard {s}: its Ray worker died {attempts[s]} times; giving up "
                                              f"(last: {str(exc).splitlines()[0][:200]})") from None
                         log.warning("Ray worker %d died while holding shard %d (attempt %d); re-running shard %d",
                                     w, s, attempts[s], s)
                         pending.appendleft(s)
+                        # the worker takes shards again once Ray has restarted it (it reloads the model)
+                        running[self._actors[w].describe.remote()] = (w, None)
                         continue
+                    if s is None:
+                        if "error" in out:  # restarted, but could not load the model this time
+                            raise ModelError(f"Ray worker {w} restarted but could not load the model: {out['error']}")
+                        idle.append(w)
+                        continue
+                    idle.append(w)
                     if s not in results:  # a shard is counted once, however often it ran
                         results[s] = out
                         bar.update(1)
         return [results[s] for s in range(len(payloads))]
 
-    def pids(self) -> list[int]:
-        """The worker processes' ids (for diagnostics and fault tests)."""
-        return _ray().get([a.pid.remote() for a in self._actors])
+    def pids(self, timeout: float = 300) -> list[int]:
+        """The worker processes' ids (for diagnostics and fault tests), waiting for restarting workers."""
+        from ray.exceptions import ActorUnavailableError
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return _ray().get([a.pid.remote() for a in self._actors])
+            except ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
     def close(self) -> None:
         """Stop the workers (the Ray session itself stays up)."""
