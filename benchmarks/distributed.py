@@ -76,8 +76,9 @@ def main() -> None:
     print(f"{args.prompts} prompts, batch {args.batch_size}, {model.cfg.n_layers} layers, "
           f"torch threads on the driver {torch.get_num_threads()}")
     t0 = time.perf_counter()
-    one_ex = RayExecutor(None, workers=1)
-    two_ex = RayExecutor(None, workers=2)
+    each = ray.cluster_resources().get("CPU", 1) / 3  # three workers alive at once share the cluster's CPUs
+    one_ex = RayExecutor(None, workers=1, cpus_per_worker=each)
+    two_ex = RayExecutor(None, workers=2, cpus_per_worker=each)
     print(f"3 workers started (each loading the model) in {time.perf_counter() - t0:.1f} s")
     times = {"process": [], "1 worker": [], "2 workers": []}
     runs = {"process": None, "1 worker": one_ex, "2 workers": two_ex}

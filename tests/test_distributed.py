@@ -196,7 +196,12 @@ def test_more_workers_than_chunks_runs_what_there_is_and_says_so(executor, tiny_
 
 def test_a_worker_that_cannot_load_the_model_is_one_clear_error(cluster):
     with pytest.raises(ModelError, match=r"could not load the model .*unknown model 'no-such-model'"):
-        RayExecutor(ModelSpec("no-such-model"), workers=1)
+        RayExecutor(ModelSpec("no-such-model"), workers=1, cpus_per_worker=0)  # the module's 2 CPUs are taken
+
+
+def test_more_workers_than_free_cpus_is_one_clear_error(executor):
+    with pytest.raises(UsageError, match="need 4 CPUs, but the Ray cluster has 0 free"):
+        RayExecutor(ModelSpec(), workers=4)
 
 
 def test_workers_hold_another_model_than_the_driver(executor, tiny_tokenizer):
@@ -210,3 +215,19 @@ def test_an_unreachable_address_is_one_clear_error():
         check_address("127.0.0.1:9")
     with pytest.raises(UsageError, match="is not host:port"):
         check_address("nowhere")
+
+
+@pytest.mark.integration
+def test_the_default_model_on_ray_equals_one_process(cluster, real_model, roles, one_thread):
+    """Two workers each load SmolLM2-135M-Instruct with ``load_model``; role vectors and rows match."""
+    role_sets, base = roles
+    role_sets = [PromptSet(r.name, r.prompts[:3]) for r in role_sets]
+    base = PromptSet(base.name, base.prompts[:4])
+    with RayExecutor(None, workers=2, cpus_per_worker=0) as ex:  # beside the module's executor
+        many = role_vectors(real_model, role_sets, base, layers="all", batch_size=2, executor=ex)
+        rows = collect(real_model, base, layers="all", batch_size=2, keep_per_prompt=True, executor=ex)
+    one = role_vectors(real_model, role_sets, base, layers="all", batch_size=2)
+    for name in one:
+        assert rel(many[name].vectors, one[name].vectors).max() <= 1e-12, name
+    assert torch.equal(rows.per_prompt, collect(real_model, base, layers="all", batch_size=2,
+                                                keep_per_prompt=True).per_prompt)

@@ -126,11 +126,13 @@ class RayExecutor:
             take more of them (capped at the job's number of indivisible chunks).
         max_restarts: how often Ray may replace each dead worker.
         max_retries: how often the driver re-runs a shard whose worker died.
+        start_timeout: seconds the workers may take to start and load the model.
         init_kwargs: extra ``ray.init`` keywords when this starts Ray.
 
     Raises:
-        UsageError: Ray missing, an unreachable address, a bad count, or a cluster
-            with fewer CPUs/GPUs than the workers need.
+        UsageError: Ray missing, an unreachable address, a bad count, a cluster
+            with fewer free CPUs/GPUs than the workers need, or workers that do not
+            start within ``start_timeout``.
         ModelError: a worker could not load the model (its error, once).
     """
 
@@ -138,7 +140,7 @@ class RayExecutor:
                  dtype: torch.dtype = torch.float32, n_devices: int = 1, workers: int = 1,
                  cpus_per_worker: float = 1, gpus_per_worker: float = 0, address: str | None = None,
                  shards_per_worker: int = 4, max_restarts: int = 2, max_retries: int = 2,
-                 init_kwargs: dict | None = None):
+                 start_timeout: float = 900, init_kwargs: dict | None = None):
         for name, value, low in (("workers", workers, 1), ("shards_per_worker", shards_per_worker, 1),
                                  ("n_devices", n_devices, 1), ("max_restarts", max_restarts, 0),
                                  ("max_retries", max_retries, 0)):
@@ -162,15 +164,23 @@ class RayExecutor:
                 ray.init(address=address, **(init_kwargs or {}))
             except ConnectionError as exc:
                 raise UsageError(f"cannot connect to a Ray cluster at {address}: {exc}") from None
-        have = ray.cluster_resources()
+        have, free = ray.cluster_resources(), ray.available_resources()
         for resource, each in (("CPU", cpus_per_worker), ("GPU", gpus_per_worker)):
-            if each and have.get(resource, 0) < each * workers - 1e-9:
-                raise UsageError(f"{workers} workers × {each} {resource} need {each * workers:g} {resource}s, "
-                                 f"but the Ray cluster has {have.get(resource, 0):g}; use fewer --workers")
+            if each and free.get(resource, 0) < each * workers - 1e-9:  # the actors would wait forever
+                raise UsageError(f"{workers} workers × {each:g} {resource} need {each * workers:g} {resource}s, "
+                                 f"but the Ray cluster has {free.get(resource, 0):g} free "
+                                 f"(of {have.get(resource, 0):g}); use fewer workers or free some")
         actor = ray.remote(_Worker).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
                                              max_restarts=max_restarts, max_task_retries=0)
         self._actors = [actor.remote(self.loader) for _ in range(workers)]
-        infos = ray.get([a.describe.remote() for a in self._actors])
+        from ray.exceptions import GetTimeoutError
+
+        try:
+            infos = ray.get([a.describe.remote() for a in self._actors], timeout=start_timeout)
+        except GetTimeoutError:
+            self.close()
+            raise UsageError(f"the {workers} Ray worker(s) did not start and load the model within "
+                             f"{start_timeout:g} s (free resources now: {ray.available_resources()})") from None
         failed = [(i, info["error"]) for i, info in enumerate(infos) if "error" in info]
         if failed:
             self.close()
