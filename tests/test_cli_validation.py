@@ -258,3 +258,10 @@ def test_shipped_set_names_pass_the_input_check(tmp_path):
                  ["roles", "--roles", "chemist", "--baseline", "baseline", "--out", str(tmp_path / "roles")]):
         with pytest.raises(RuntimeError, match="reached the loader"):
             main(argv, load_model=loader)
+
+
+@pytest.mark.parametrize("command", ["extract", "roles", "evaluate"])
+@pytest.mark.parametrize("option, value", [("--workers", "0"), ("--gpus-per-worker", "-1"),
+                                           ("--ray", "127.0.0.1:9"), ("--ray", "nowhere")])
+def test_ray_options_are_checked_before_loading(files, capsys, command, option, value):
+    check_rejected(files, capsys, command, option, value)

@@ -169,3 +169,9 @@ def test_load_hf_model_unknown_name(no_network):
 def test_cuda_without_cuda_raises_before_loading(no_network):
     with pytest.raises(ModelError, match="CUDA"):
         load_model("no-such-model-xyz", device="cuda")
+
+
+@pytest.mark.parametrize("n_devices, match", [(0, "positive integer"), (2, "needs device cuda and 2 GPUs")])
+def test_n_devices_is_checked_before_loading(no_network, n_devices, match):
+    with pytest.raises(ModelError, match=match):
+        load_model("no-such-model-xyz", n_devices=n_devices)

@@ -11,9 +11,11 @@ from lens_roles.cli.options import (
     add_command,
     add_input,
     add_model_options,
+    add_ray_options,
     add_output,
     collect_kw,
     open_model,
+    ray_executor,
 )
 from lens_roles.directions.builders import persona_vector, role_vectors
 from lens_roles.inputs.prompts import load_baseline, load_pairs, load_role, resolve_roles
@@ -25,9 +27,9 @@ def run_extract(args: argparse.Namespace, load_model: ModelLoader) -> int:
     pairs = load_pairs(args.pairs)
     model = open_model(args, load_model)
     layers = args.layers.resolve(model)
-    direction = persona_vector(
-        model, pairs, layers=layers, positions=args.positions, method=args.method, **collect_kw(args)
-    )
+    with ray_executor(args) as executor:
+        direction = persona_vector(model, pairs, layers=layers, positions=args.positions, method=args.method,
+                                   executor=executor, **collect_kw(args))
     direction.save(args.out)
     print(f"wrote {args.out} ({len(pairs)} pairs, {len(direction.layers)} layers, method {args.method})")
     return 0
@@ -40,7 +42,9 @@ def run_roles(args: argparse.Namespace, load_model: ModelLoader) -> int:
     baseline = load_baseline(args.baseline)
     model = open_model(args, load_model)
     layers = args.layers.resolve(model)
-    vectors = role_vectors(model, role_sets, baseline, layers=layers, positions=args.positions, **collect_kw(args))
+    with ray_executor(args) as executor:
+        vectors = role_vectors(model, role_sets, baseline, layers=layers, positions=args.positions,
+                               executor=executor, **collect_kw(args))
     out = Path(args.out)
     for name, direction in vectors.items():
         direction.save(out / f"{name.replace(' ', '_')}.safetensors")
@@ -72,6 +76,7 @@ def register(sub) -> None:
     p.add_argument("--method", default="mean_diff", choices=["mean_diff", "pca", "probe"])
     add_collect_options(p, positions=["reply", "last", "eoi", "user", "all"])
     add_model_options(p, batch="read")
+    add_ray_options(p)
 
     p = add_command(sub, "roles", run_roles,
                     help="role vectors (role instructions minus baseline), one file per role")
@@ -82,6 +87,7 @@ def register(sub) -> None:
     add_output(p, "--out", required=True, help="output folder")
     add_collect_options(p, positions=["eoi", "last", "user", "all"])
     add_model_options(p, batch="read")
+    add_ray_options(p)
 
     p = add_command(sub, "demo", run_demo_command,
                     help="the main job: librarian persona + all roles, figures to figures/")

@@ -13,6 +13,7 @@ from lens_roles.cli.options import (
     add_input,
     add_model_options,
     add_output,
+    add_ray_options,
     add_template_option,
     collect_kw,
     fraction,
@@ -20,6 +21,7 @@ from lens_roles.cli.options import (
     layer_spec,
     number_list,
     open_model,
+    ray_executor,
 )
 from lens_roles.errors import DataError, UsageError
 from lens_roles.inputs.prompts import PromptSet, load_baseline, load_pairs, load_prompt_set, load_role, resolve_roles
@@ -87,17 +89,18 @@ def run_evaluate(args: argparse.Namespace, load_model: ModelLoader) -> int:
     model = open_model(args, load_model)
     if args.select_layers is not None:
         config = dataclasses.replace(config, layers=args.select_layers.resolve(model))
-    study = run_role_evaluation(
-        model,
-        role_sets,
-        baseline,
-        domains,
-        role_domains=role_domains,
-        config=config,
-        out=Path(args.out),
-        collect_kw=collect_kw(args),
-        progress=True,
-    )
+    with ray_executor(args) as executor:  # --ray: the role vectors are extracted on the workers
+        study = run_role_evaluation(
+            model,
+            role_sets,
+            baseline,
+            domains,
+            role_domains=role_domains,
+            config=config,
+            out=Path(args.out),
+            collect_kw=dict(collect_kw(args), executor=executor),
+            progress=True,
+        )
     summary = study.summary[study.summary.metric == "accuracy"]
     print(study.baseline[study.baseline.metric == "accuracy"].round(3).to_string(index=False))
     print(summary.round(3).to_string(index=False))
@@ -174,6 +177,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     add_collect_options(p, layers=False)
     add_model_options(p, batch="read")
+    add_ray_options(p)
 
     p = add_command(sub, "ab-curve", run_ab_curve,
                     help="CAA A/B behaviour curves: p(matching answer) against the multiplier")

@@ -20,6 +20,7 @@ import math
 import re
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -177,6 +178,56 @@ def add_collect_options(parser: argparse.ArgumentParser, *, positions: Sequence[
                             help=f"token positions averaged (default: {positions[0]})")
     add_output(parser, "--cache-dir", default=None, help="activation cache folder (default: none)")
     add_template_option(parser)
+
+
+def add_ray_options(parser: argparse.ArgumentParser) -> None:
+    """``--ray [ADDRESS]``, ``--workers N``, ``--gpus-per-worker G``: run the forward passes on a Ray cluster.
+
+    ``--ray`` alone starts a local Ray instance; ``--ray auto`` joins the cluster
+    started on this machine with ``ray start``; ``--ray host:port`` (or
+    ``ray://host:port``) joins a remote one. See :func:`ray_executor`.
+    """
+    parser.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS", type=ray_address,
+                        help="run on Ray workers: alone a local Ray instance, or a cluster address "
+                             "(auto, host:port, ray://host:port); needs the [distributed] extra")
+    parser.add_argument("--workers", type=int_at_least("--workers", 1), default=2,
+                        help="Ray workers, each holding the model (default: 2; only with --ray)")
+    parser.add_argument("--gpus-per-worker", type=finite_float("--gpus-per-worker", minimum=0.0), default=0.0,
+                        help="GPUs per Ray worker (default: 0; with --device cuda use 1, or more "
+                             "to split a large model over them)")
+
+
+def ray_address(text: str) -> str:
+    """A ``--ray`` address that something listens at (checked within 5 s, before any model loads)."""
+    from lens_roles.distributed import check_address
+
+    try:
+        check_address(text)
+    except UsageError as exc:
+        _fail(str(exc))
+    return text
+
+
+@contextmanager
+def ray_executor(args: argparse.Namespace):
+    """The :class:`~lens_roles.distributed.RayExecutor` ``--ray`` asks for (closed on exit), or None.
+
+    Its workers load ``--model`` on ``--device`` in ``--dtype``, with
+    ``n_devices = --gpus-per-worker`` when that is a whole number above 1.
+    """
+    if getattr(args, "ray", None) is None:
+        yield None
+        return
+    from lens_roles.distributed import RayExecutor
+
+    gpus = args.gpus_per_worker
+    n_devices = int(gpus) if gpus > 1 and float(gpus).is_integer() else 1
+    with RayExecutor(args.model, device=args.device, dtype=DTYPES[args.dtype], n_devices=n_devices,
+                     workers=args.workers, gpus_per_worker=gpus,
+                     address=None if args.ray == "local" else args.ray) as executor:
+        print(f"Ray: {args.workers} worker(s) hold {executor.info['model']} on {executor.info['device']}",
+              file=sys.stderr)
+        yield executor
 
 
 def add_template_option(parser: argparse.ArgumentParser) -> None:
@@ -409,9 +460,14 @@ def check_paths(args: argparse.Namespace) -> None:
 
 
 def open_model(args: argparse.Namespace, load_model: ModelLoader):
-    """Load ``args.model`` on ``args.device`` in ``args.dtype`` with ``load_model``; say so on stderr."""
+    """Load ``args.model`` on ``args.device`` in ``args.dtype`` with ``load_model``; say so on stderr.
+
+    With ``--ray`` the driver's copy only tokenizes and checks shapes, so it is
+    loaded on the CPU (``--device`` is where the workers load theirs).
+    """
     t0 = time.perf_counter()
-    model = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    device = "cpu" if getattr(args, "ray", None) is not None else args.device
+    model = load_model(args.model, device=device, dtype=DTYPES[args.dtype])
     print(
         f"loaded {model.cfg.model_name} ({model.cfg.n_layers} layers, d_model {model.cfg.d_model}) "
         f"in {time.perf_counter() - t0:.1f} s",

@@ -59,7 +59,7 @@ def diff_in_means(positive: Activations, negative: Activations, **meta) -> Direc
 
 
 def _collect_kw(kw: dict) -> dict:
-    allowed = {"batch_size", "template", "prepend_bos", "cache_dir", "progress", "share_prefixes"}
+    allowed = {"batch_size", "template", "prepend_bos", "cache_dir", "progress", "share_prefixes", "executor"}
     unknown = set(kw) - allowed
     if unknown:
         raise TypeError(f"unexpected keyword(s): {', '.join(sorted(unknown))}")

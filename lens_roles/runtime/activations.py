@@ -40,10 +40,11 @@ from lens_roles.errors import CacheError, DataError
 from lens_roles.inputs.positions import Encoded, PositionRule, default_prepend_bos, encode, rule_name, select_positions
 from lens_roles.inputs.prompts import Prompt, PromptSet, as_prompts, template_name
 from lens_roles.io import atomic_write, check_writable, read_tensors
-from lens_roles.runtime.batching import run_batches, token_batches
+from lens_roles.runtime.batching import Schedule, run_batches, schedule, token_batches
 from lens_roles.runtime.capture import Capture, capture, position_mean
 from lens_roles.runtime.models import model_id, resid_hook, validate_layers
 from lens_roles.runtime.progress import progress_bar
+from lens_roles.runtime.shards import Executor, split_units
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,99 @@ def _save_cached(path: Path, acts: Activations) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"meta": json.dumps(acts.meta)}))
 
 
+@dataclass(frozen=True)
+class SumsJob:
+    """What every shard of one :func:`collect_sets` run shares (sent to each worker once).
+
+    ``items``/``positions``/``owner`` list the prompts to run (``owner``: the
+    index of each one's prompt set); ``schedule`` is their forward passes, whose
+    chunks the shards divide between them.
+    """
+
+    items: list[Encoded]
+    positions: list[list[int]]
+    owner: list[int]
+    n_sets: int
+    layers: tuple[int, ...]
+    keep_per_prompt: bool
+    batch_size: int
+    schedule: Schedule
+
+
+@dataclass(frozen=True)
+class ShardSums:
+    """One shard's mergeable statistics.
+
+    Attributes:
+        chunks: the schedule chunks this shard ran (its identity).
+        sums: ``[set, layer, d_model]`` float64 sums of the per-prompt means.
+        counts: ``[set]`` number of prompts summed per set.
+        index: ``[n]`` indices into ``SumsJob.items`` of the rows (long).
+        rows: ``[n, layer, d_model]`` float32 per-prompt means, or None when not kept.
+    """
+
+    chunks: tuple[int, ...]
+    sums: Float[Tensor, "set layer d_model"]
+    counts: Tensor
+    index: Tensor
+    rows: Float[Tensor, "n layer d_model"] | None
+
+
+@torch.no_grad()
+def activation_sums(model, job: SumsJob, chunks, progress=None) -> ShardSums:
+    """Run the given chunks of ``job.schedule`` and return their :class:`ShardSums`.
+
+    The one per-shard computation: :func:`collect_sets` runs it on all chunks
+    (one shard) or has an executor run it on each shard.
+    """
+    layers, d_model = job.layers, model.cfg.d_model
+    sums = torch.zeros(job.n_sets, len(layers), d_model, dtype=torch.float64)
+    counts = torch.zeros(job.n_sets, dtype=torch.long)
+    order: list[int] = []
+    rows: list[Tensor] = []
+    # per prompt, the mean over its read positions: [batch, d_model] float32 on the CPU
+    cap = Capture(layers, lambda acts, weights, layer: position_mean(acts, weights, layer).float().cpu())
+
+    def on_batch(members: list[int]) -> None:
+        owner = torch.tensor([job.owner[m] for m in members], dtype=torch.long)
+        reduced = torch.stack([cap[layer] for layer in layers], 1)  # [batch, layer, d_model]
+        sums.index_add_(0, owner, reduced.double())
+        counts.index_add_(0, owner, torch.ones_like(owner))
+        if job.keep_per_prompt:
+            order.extend(members)
+            rows.append(reduced)
+        cap.values.clear()
+
+    run_batches(model, job.items, job.positions, batch_size=job.batch_size, stop_at_layer=cap.stop_at_layer,
+                capture=cap, on_batch=on_batch, progress=progress, only=job.schedule.subset(chunks))
+    kept = torch.cat(rows) if rows else (torch.zeros(0, len(layers), d_model) if job.keep_per_prompt else None)
+    return ShardSums(tuple(chunks), sums, counts, torch.tensor(order, dtype=torch.long), kept)
+
+
+def merge_sums(job: SumsJob, shards: Sequence[ShardSums]):
+    """Add the shards' sums and counts (float64, in shard order) and put their rows in prompt order.
+
+    Returns ``(sums [set, layer, d_model], counts [set], rows [n, layer, d_model] or None)``.
+
+    Raises:
+        DataError: a chunk of the schedule is missing from the shards or in two of them.
+    """
+    seen = sorted(c for s in shards for c in s.chunks)
+    if seen != list(range(len(job.schedule.chunks))):
+        raise DataError(f"the shards cover chunks {seen}, not each of 0..{len(job.schedule.chunks) - 1} once")
+    sums = torch.zeros_like(shards[0].sums)
+    counts = torch.zeros_like(shards[0].counts)
+    for s in shards:
+        sums += s.sums
+        counts += s.counts
+    rows = None
+    if job.keep_per_prompt:
+        rows = torch.zeros(len(job.items), len(job.layers), shards[0].sums.shape[-1])
+        for s in shards:
+            rows[s.index] = s.rows
+    return sums, counts, rows
+
+
 def collect(
     model,
     prompts: PromptSet | Sequence[Prompt | str],
@@ -148,6 +242,7 @@ def collect(
     cache_dir: str | Path | None = None,
     progress: bool = False,
     share_prefixes: bool = True,
+    executor: Executor | None = None,
 ) -> Activations:
     """Collect the mean (and optionally per-prompt) residual activations of ``prompts``.
 
@@ -166,11 +261,12 @@ def collect(
             template's system prompt, a pair's common user turn) once, through the
             KV cache (see :mod:`lens_roles.runtime.batching`). The numbers agree with
             ``False`` to float rounding.
+        executor: run the forward passes as shards on its workers (see :func:`collect_sets`).
     """
     return collect_sets(
         model, [prompts], layers=layers, positions=positions, batch_size=batch_size, template=template,
         prepend_bos=prepend_bos, keep_per_prompt=keep_per_prompt, cache_dir=cache_dir, progress=progress,
-        share_prefixes=share_prefixes,
+        share_prefixes=share_prefixes, executor=executor,
     )[0]
 
 
@@ -188,6 +284,7 @@ def collect_sets(
     cache_dir: str | Path | None = None,
     progress: bool = False,
     share_prefixes: bool = True,
+    executor: Executor | None = None,
 ) -> list[Activations]:
     """:func:`collect` for several prompt sets in one run, one :class:`Activations` each.
 
@@ -195,6 +292,12 @@ def collect_sets(
     positive and negative replies of a contrast pair share their user turn — and
     batches. An explicit position rule needs one entry per prompt of all sets,
     in order. Each set is cached on disk under its own key.
+
+    With an ``executor`` (e.g. :class:`lens_roles.distributed.RayExecutor`) the
+    forward passes run as shards on its workers and the float64 sums, counts
+    and per-prompt rows are merged here: the same batches run either way (see
+    :class:`~lens_roles.runtime.batching.Schedule`), so the rows are identical
+    and the means agree to float64 rounding.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -242,31 +345,36 @@ def collect_sets(
         return results
     run_items = [i for k in todo for i in spans[k]]
     set_of = {i: k for k in todo for i in spans[k]}
-
-    d_model = model.cfg.d_model
-    sums = torch.zeros(len(lists), len(layers), d_model, dtype=torch.float64)
-    per_prompt = torch.zeros(len(items), len(layers), d_model) if keep_per_prompt else None
-    # per prompt, the mean over its read positions: [batch, d_model] float32 on the CPU
-    cap = Capture(layers, lambda acts, weights, layer: position_mean(acts, weights, layer).float().cpu())
-
-    def on_batch(members: list[int]) -> None:
-        # members index run_items; map them to prompts and to their sets
-        index = torch.tensor([run_items[m] for m in members], dtype=torch.long)
-        owner = torch.tensor([set_of[run_items[m]] for m in members], dtype=torch.long)
-        for j, layer in enumerate(layers):
-            reduced = cap[layer]
-            sums[:, j].index_add_(0, owner, reduced.double())
-            if per_prompt is not None:
-                per_prompt[index, j] = reduced
-        cap.values.clear()
-
-    with progress_bar(progress, len(run_items), "activations") as bar:
-        run_batches(model, [items[i] for i in run_items], [pos[i] for i in run_items], batch_size=batch_size,
-                    stop_at_layer=cap.stop_at_layer, capture=cap, on_batch=on_batch,
-                    share_prefixes=share_prefixes, progress=bar.update)
+    job = SumsJob(
+        items=[items[i] for i in run_items],
+        positions=[pos[i] for i in run_items],
+        owner=[set_of[i] for i in run_items],
+        n_sets=len(lists),
+        layers=layers,
+        keep_per_prompt=keep_per_prompt,
+        batch_size=batch_size,
+        schedule=schedule([items[i] for i in run_items], [pos[i] for i in run_items], batch_size=batch_size,
+                          share_prefixes=share_prefixes),
+    )
+    n_chunks = len(job.schedule.chunks)
+    if executor is None:  # one shard, on this process
+        with progress_bar(progress, len(run_items), "activations") as bar:
+            shards = [activation_sums(model, job, list(range(n_chunks)), progress=bar.update)]
+    else:
+        executor.check(model)
+        sizes = [len(job.schedule.members(c)) for c in range(n_chunks)]
+        payloads = split_units(sizes, executor.shards(n_chunks))
+        shards = executor.map(activation_sums, job, payloads, desc="activation shards", progress=progress)
+    sums, counts, per_prompt = merge_sums(job, shards)
+    per_prompt_all = None
+    if per_prompt is not None:  # rows back at their prompts' places in all sets
+        per_prompt_all = torch.zeros(len(items), len(layers), model.cfg.d_model)
+        per_prompt_all[torch.tensor(run_items, dtype=torch.long)] = per_prompt
     for k in todo:
         n = len(spans[k])
-        kept = per_prompt[bounds[k] : bounds[k + 1]].clone() if per_prompt is not None else None
+        if int(counts[k]) != n:  # a shard lost or merged twice
+            raise DataError(f"prompt set {k}: the shards hold {int(counts[k])} prompts, not {n}")
+        kept = per_prompt_all[bounds[k] : bounds[k + 1]].clone() if per_prompt_all is not None else None
         results[k] = Activations(layers, sums[k] / n, n, kept, metas[k])
         if paths[k] is not None:
             _save_cached(paths[k], results[k])

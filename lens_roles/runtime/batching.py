@@ -224,6 +224,41 @@ def _chunks(p: Plan, batch_size: int, suffix_len: Callable[[int], int]):
         yield chunk
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """Every forward pass :func:`run_batches` makes: the trunk, then independent chunks.
+
+    Attributes:
+        trunk: tokens shared by every prompt, computed once (may be empty).
+        chunks: per chunk, ``(group prefix, member item indices)`` pairs whose
+            prefixes run together and whose members then run in suffix batches.
+
+    Chunks depend on nothing but the trunk, so any subset of them (a *shard*,
+    :meth:`subset`) run on another process with the same trunk gives bit for
+    bit the activations that the whole schedule gives those prompts.
+    """
+
+    trunk: tuple[int, ...]
+    chunks: tuple[tuple[tuple[tuple[int, ...], tuple[int, ...]], ...], ...]
+
+    def members(self, chunk: int) -> list[int]:
+        """The item indices chunk ``chunk`` runs."""
+        return [i for _, ms in self.chunks[chunk] for i in ms]
+
+    def subset(self, chunks: Sequence[int]) -> "Schedule":
+        """The same trunk with only the given chunks (in the given order)."""
+        return Schedule(self.trunk, tuple(self.chunks[c] for c in chunks))
+
+
+def schedule(items: Sequence[Encoded], positions: Sequence[Sequence[int]], *, batch_size: int,
+             share_prefixes: bool = True) -> Schedule:
+    """The :class:`Schedule` :func:`run_batches` follows for these items (see the module docs)."""
+    p = plan(items, positions, share=share_prefixes)
+    t = len(p.trunk)
+    needed = [max(pos) + 1 for pos in positions]
+    return Schedule(p.trunk, tuple(tuple(c) for c in _chunks(p, batch_size, lambda i: needed[i] - t)))
+
+
 def run_batches(
     model,
     items: Sequence[Encoded],
@@ -235,6 +270,7 @@ def run_batches(
     on_batch: Callable[[list[int]], None],
     share_prefixes: bool = True,
     progress: Callable[[int], None] | None = None,
+    only: Schedule | None = None,
 ) -> None:
     """Run every item once, with ``capture`` attached only on the stage that holds the read positions.
 
@@ -245,21 +281,24 @@ def run_batches(
         on_batch: called after each suffix batch with the batch's item indices
             (``capture.values`` then hold that batch's reductions).
         progress: an optional callable ``(n_prompts_done) -> None``.
+        only: run just this part of the items' :func:`schedule` (a shard: its
+            :meth:`Schedule.subset`); None runs all of it.
     """
     device = model.cfg.device
     pad = pad_id(model)
-    p = plan(items, positions, share=share_prefixes)
-    t = len(p.trunk)
+    sched = only if only is not None else schedule(items, positions, batch_size=batch_size,
+                                                   share_prefixes=share_prefixes)
+    t = len(sched.trunk)
     # the furthest token any prompt needs: its last read position
     needed = [max(pos) + 1 for pos in positions]
 
     trunk_cache = None
     if t:
         trunk_cache = _empty_cache(model, 1)
-        tokens = torch.tensor([p.trunk], dtype=torch.long, device=device)
+        tokens = torch.tensor([sched.trunk], dtype=torch.long, device=device)
         model(tokens, attention_mask=torch.ones_like(tokens), past_kv_cache=trunk_cache, stop_at_layer=stop_at_layer)
 
-    for chunk in _chunks(p, batch_size, lambda i: needed[i] - t):
+    for chunk in sched.chunks:
         prefixes = [prefix for prefix, _ in chunk]
         chunk_cache = None
         if trunk_cache is not None:

@@ -176,6 +176,7 @@ def load_model(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    n_devices: int = 1,
 ):
     """Load a model as a TransformerLens ``HookedTransformer`` in its native residual basis.
 
@@ -185,10 +186,16 @@ def load_model(
             TransformerLens model name (downloaded by TransformerLens).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         dtype: weight dtype; float32 unless memory demands otherwise.
+        n_devices: split the blocks over this many GPUs (TransformerLens's
+            ``n_devices``, for a model larger than one GPU): ``device="cuda"`` and
+            GPUs ``0..n_devices-1`` as torch numbers them (on a Ray worker, the
+            ones Ray gave it). Activations then move between GPUs at block
+            boundaries; hooks and readouts are unchanged.
 
     Raises:
         ModelError: unknown name (the message lists the embedded names), a folder
-            that is no model, or a CUDA device on a machine without one.
+            that is no model, a CUDA device on a machine without one, or more
+            ``n_devices`` than GPUs.
     """
     from transformer_lens import HookedTransformer
 
@@ -198,6 +205,11 @@ def load_model(
         raise ModelError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"device {device} asked for, but torch sees no CUDA device here")
+    if isinstance(n_devices, bool) or not isinstance(n_devices, int) or n_devices < 1:
+        raise ModelError(f"n_devices must be a positive integer, got {n_devices!r}")
+    if n_devices > 1 and (device.type != "cuda" or torch.cuda.device_count() < n_devices):
+        raise ModelError(f"n_devices={n_devices} needs device cuda and {n_devices} GPUs; "
+                         f"device is {device} and torch sees {torch.cuda.device_count()} GPU(s)")
     key = DEFAULT_MODEL if name is None else name
     kwargs = dict(
         fold_ln=True,
@@ -206,6 +218,8 @@ def load_model(
         device=device,
         dtype=dtype,
     )
+    if n_devices > 1:
+        kwargs["n_devices"] = n_devices
     folder = resolve_hf_folder(key)
     if folder is None:
         if not _is_transformer_lens_name(key):
@@ -268,7 +282,7 @@ def use_forward_layout(model) -> int:
 
 
 def _hooked_from_local_folder(folder: Path, hf_model, tokenizer, *, fold_ln, center_writing_weights,
-                              center_unembed, device, dtype):
+                              center_unembed, device, dtype, n_devices: int = 1):
     """``HookedTransformer.from_pretrained`` for a folder TransformerLens has no name for.
 
     ``from_pretrained`` insists on an official name, but the loaders under it accept
@@ -278,7 +292,8 @@ def _hooked_from_local_folder(folder: Path, hf_model, tokenizer, *, fold_ln, cen
     from transformer_lens import loading_from_pretrained as loading
 
     try:
-        cfg = loading.get_pretrained_model_config(str(folder), fold_ln=fold_ln, device=device, dtype=dtype)
+        cfg = loading.get_pretrained_model_config(str(folder), fold_ln=fold_ln, device=device, dtype=dtype,
+                                                  n_devices=n_devices)
         state_dict = loading.get_pretrained_state_dict(str(folder), cfg, hf_model, dtype=dtype)
     except (ValueError, KeyError, NotImplementedError) as exc:
         raise ModelError(f"TransformerLens cannot convert the model in {folder}: {exc}") from exc

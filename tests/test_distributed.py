@@ -1,0 +1,233 @@
+"""Extraction on a local Ray cluster equals the single-process result, survives a dying worker,
+and fails clearly on bad input.
+
+One Ray session per module (``ray.init(num_cpus=2)``: slow to start on a small
+machine); its workers build the same tiny model from a file the driver saved.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from lens_roles.distributed import ModelSpec, RayExecutor, check_address
+from lens_roles.directions.builders import persona_vector, role_vectors
+from lens_roles.errors import ModelError, UsageError
+from lens_roles.inputs.prompts import PairSet, PromptSet, load_pairs, load_prompt_set
+from lens_roles.runtime.activations import collect, collect_sets
+
+ray = pytest.importorskip("ray", reason="needs ray (pip install -e '.[distributed]')")
+
+pytestmark = pytest.mark.distributed
+DATA = Path(__file__).resolve().parent.parent / "lens_roles" / "data"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_head(log_path: Path):
+    """`ray start --head --block` on free ports: `(process, address)` once it takes drivers, else `(None, None)`."""
+    port, agent, metrics = free_port(), free_port(), free_port()
+    with log_path.open("w") as log_file:
+        head = subprocess.Popen(
+            [str(Path(sys.executable).with_name("ray")), "start", "--head", "--num-cpus=2", f"--port={port}",
+             "--include-dashboard=false", f"--dashboard-agent-grpc-port={agent}", f"--metrics-export-port={metrics}",
+             "--disable-usage-stats", "--block"], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and head.poll() is None:
+        if "block forever" in log_path.read_text():
+            return head, f"127.0.0.1:{port}"
+        time.sleep(1)
+    if head.poll() is None:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(60)
+    return None, None
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A 2-CPU Ray cluster for this module: ``$LENS_ROLES_RAY_ADDRESS`` if set, else one started here.
+
+    It is started with ``ray start --head`` rather than ``ray.init(num_cpus=2)``
+    so that the dashboard agent's ports can be fixed: Ray 2.60's raylet gives the
+    agent 15 s to report each dynamic port and aborts when its Python start-up is
+    slower, as it is on two loaded cores. Up to 3 attempts; stopped by its
+    process group.
+    """
+    address = os.environ.get("LENS_ROLES_RAY_ADDRESS")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throw-away cluster on the loopback
+    head = None
+    if address is None:
+        for _ in range(3):  # the raylet aborts when its agents start slowly; try again
+            head, address = start_head(tmp_path_factory.mktemp("ray") / "head.log")
+            if head is not None:
+                break
+        if head is None:
+            pytest.fail("a local Ray head did not start in 3 attempts (see the head.log files under pytest's tmp)")
+    ray.init(address=address, log_to_driver=False)
+    # this module's helpers (CrashOnce) travel to the workers by value
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield address
+    ray.shutdown()
+    if head is not None:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(60)
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tiny_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    torch.save(tiny_model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def executor(cluster, tiny_file):
+    with RayExecutor(functools.partial(torch.load, tiny_file, weights_only=False), workers=2) as ex:
+        yield ex
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    p = load_pairs(DATA / "personas" / "librarian.jsonl")
+    return PairSet("librarian", p.pairs[:6], p.source)
+
+
+@pytest.fixture(scope="module")
+def roles():
+    chem = PromptSet("chemist", load_prompt_set(DATA / "roles" / "chemist.jsonl").prompts[:5])
+    law = PromptSet("lawyer", load_prompt_set(DATA / "roles" / "lawyer.jsonl").prompts[:4])
+    base = PromptSet("baseline", load_prompt_set(DATA / "roles" / "baseline.jsonl").prompts[:6])
+    return [chem, law], base
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-layer relative difference ``|a - b| / |b|`` (float64)."""
+    return (a.double() - b.double()).norm(dim=-1) / b.double().norm(dim=-1)
+
+
+class CrashOnce:
+    """``fn`` that kills its worker process the first time it is given ``shard`` (flagged by a file)."""
+
+    def __init__(self, fn, shard, flag: Path):
+        self.fn, self.shard, self.flag = fn, list(shard), flag
+
+    def __call__(self, model, shared, payload):
+        if list(payload) == self.shard and self.flag.exists():
+            self.flag.unlink()
+            os._exit(1)
+        return self.fn(model, shared, payload)
+
+
+class CrashingExecutor:
+    """A :class:`RayExecutor` whose workers die on the first attempt at its second shard."""
+
+    def __init__(self, ex: RayExecutor, flag: Path):
+        self.ex, self.flag = ex, flag
+        self.check, self.shards = ex.check, ex.shards
+
+    def map(self, fn, shared, payloads, **kw):
+        return self.ex.map(CrashOnce(fn, payloads[1], self.flag), shared, payloads, **kw)
+
+
+def test_collect_sets_on_ray_equals_one_process(executor, tiny_model, pairs, one_thread):
+    sets = [pairs.positives(), pairs.negatives()]
+    kw = dict(layers="all", positions="reply", batch_size=2, keep_per_prompt=True)
+    one = collect_sets(tiny_model, sets, **kw)
+    many = collect_sets(tiny_model, sets, executor=executor, **kw)
+    for a, b in zip(one, many):
+        assert a.count == b.count and a.layers == b.layers
+        assert torch.equal(a.per_prompt, b.per_prompt)  # identical rows, in prompt order
+        assert rel(b.mean, a.mean).max() <= 1e-12
+        assert a.meta == b.meta
+
+
+def test_direction_builders_on_ray(executor, tiny_model, pairs, roles, one_thread):
+    role_sets, base = roles
+    one = role_vectors(tiny_model, role_sets, base, batch_size=2)
+    many = role_vectors(tiny_model, role_sets, base, batch_size=2, executor=executor)
+    for name in one:
+        assert rel(many[name].vectors, one[name].vectors).max() <= 1e-12
+    for method in ("mean_diff", "pca"):
+        a = persona_vector(tiny_model, pairs, batch_size=2, method=method)
+        b = persona_vector(tiny_model, pairs, batch_size=2, method=method, executor=executor)
+        assert rel(b.vectors, a.vectors).max() <= 1e-12, method
+
+
+def test_a_worker_dying_mid_shard_is_replaced_and_its_shard_rerun(executor, tiny_model, pairs, tmp_path,
+                                                                  caplog, one_thread):
+    flag = tmp_path / "crash-once"
+    flag.write_text("die on the first attempt")
+    sets = [pairs.positives(), pairs.negatives()]
+    kw = dict(positions="reply", batch_size=2, keep_per_prompt=True)
+    pids = set(executor.pids())
+    with caplog.at_level(logging.WARNING, logger="lens_roles.distributed"):
+        many = collect_sets(tiny_model, sets, executor=CrashingExecutor(executor, flag), **kw)
+    assert not flag.exists()  # the crash happened
+    assert "died while holding shard 1 (attempt 1); re-running shard 1" in caplog.text
+    assert set(executor.pids()) != pids  # one worker process was replaced
+    one = collect_sets(tiny_model, sets, **kw)
+    for a, b in zip(one, many):
+        assert a.count == b.count
+        assert torch.equal(a.per_prompt, b.per_prompt)
+        assert rel(b.mean, a.mean).max() <= 1e-12
+
+
+def test_more_workers_than_chunks_runs_what_there_is_and_says_so(executor, tiny_model, caplog, one_thread):
+    with caplog.at_level(logging.WARNING, logger="lens_roles.distributed"):
+        acts = collect(tiny_model, ["Only one prompt."], executor=executor, keep_per_prompt=True)
+    assert "2 Ray workers but only 1 chunk(s) of work" in caplog.text
+    assert torch.equal(acts.per_prompt, collect(tiny_model, ["Only one prompt."], keep_per_prompt=True).per_prompt)
+
+
+def test_a_worker_that_cannot_load_the_model_is_one_clear_error(cluster):
+    with pytest.raises(ModelError, match=r"could not load the model .*unknown model 'no-such-model'"):
+        RayExecutor(ModelSpec("no-such-model"), workers=1, cpus_per_worker=0)  # the module's 2 CPUs are taken
+
+
+def test_more_workers_than_free_cpus_is_one_clear_error(executor):
+    with pytest.raises(UsageError, match="need 4 CPUs, but the Ray cluster has 0 free"):
+        RayExecutor(ModelSpec(), workers=4)
+
+
+def test_workers_hold_another_model_than_the_driver(executor, tiny_tokenizer):
+    other = make_tiny_model(tiny_tokenizer, n_layers=2, name="tiny-other")
+    with pytest.raises(UsageError, match="the Ray workers hold"):
+        collect(other, ["A prompt."], executor=executor)
+
+
+def test_an_unreachable_address_is_one_clear_error():
+    with pytest.raises(UsageError, match="cannot reach a Ray cluster at 127.0.0.1:9"):
+        check_address("127.0.0.1:9")
+    with pytest.raises(UsageError, match="is not host:port"):
+        check_address("nowhere")
+
+
+@pytest.mark.integration
+def test_the_default_model_on_ray_equals_one_process(cluster, real_model, roles, one_thread):
+    """Two workers each load SmolLM2-135M-Instruct with ``load_model``; role vectors and rows match."""
+    role_sets, base = roles
+    role_sets = [PromptSet(r.name, r.prompts[:3]) for r in role_sets]
+    base = PromptSet(base.name, base.prompts[:4])
+    with RayExecutor(None, workers=2, cpus_per_worker=0) as ex:  # beside the module's executor
+        many = role_vectors(real_model, role_sets, base, layers="all", batch_size=2, executor=ex)
+        rows = collect(real_model, base, layers="all", batch_size=2, keep_per_prompt=True, executor=ex)
+    one = role_vectors(real_model, role_sets, base, layers="all", batch_size=2)
+    for name in one:
+        assert rel(many[name].vectors, one[name].vectors).max() <= 1e-12, name
+    assert torch.equal(rows.per_prompt, collect(real_model, base, layers="all", batch_size=2,
+                                                keep_per_prompt=True).per_prompt)
