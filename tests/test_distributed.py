@@ -27,9 +27,14 @@ from lens_roles.errors import ModelError, UsageError
 from lens_roles.inputs.prompts import PairSet, PromptSet, load_pairs, load_prompt_set
 from lens_roles.runtime.activations import collect, collect_sets
 
-ray = pytest.importorskip("ray", reason="needs ray (pip install -e '.[distributed]')")
+ray = pytest.importorskip("ray", reason="needs ray (pip install -e '.[distributed]'; make distributed)")
 
-pytestmark = pytest.mark.distributed
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(os.environ.get("LENS_ROLES_DISTRIBUTED") != "1",
+                       reason="starts a local Ray cluster (1-3 min on 2 cores): run `make distributed` "
+                              "(or set LENS_ROLES_DISTRIBUTED=1)"),
+]
 DATA = Path(__file__).resolve().parent.parent / "lens_roles" / "data"
 
 
