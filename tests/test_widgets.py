@@ -24,7 +24,6 @@ from lens_roles.runtime.readout import kl_divergence
 from lens_roles.viz.steering import cosine_vs_alpha
 from lens_roles.viz.style import fit_to_pane, notebook_display
 from lens_roles.widgets import features as F
-from lens_roles.widgets.common import figure_widget
 from lens_roles.widgets import steering as S
 from lens_roles.widgets.patching import cell_sites, patching_explorer, top_tokens
 from lens_roles.widgets.sweeps import sweep_viewer
@@ -73,7 +72,9 @@ def test_steering_explorer_matches_the_library(tiny_model, direction):
     cos = cos[cos.alpha == 2.0]
     assert list(snap.cosine.read_layer) == [1, 2]
     assert list(snap.cosine.value) == pytest.approx(list(cos.value), rel=1e-6)
-    assert "random, layer 1" in ex.table.value and len(ex.curve.data) == 1
+    assert "random, layer 1" in ex.table.value and len(ex.curve.figure.data) == 1
+    shown = ex.curve.widget.outputs[0]["data"]["application/vnd.plotly.v1+json"]
+    assert "width" not in shown["layout"] and len(shown["data"]) == 1  # fitted to the pane
     assert not hooks_left(tiny_model)
 
 
@@ -95,7 +96,7 @@ def test_alpha_zero_changes_nothing_and_alpha_moves_reuse_the_unsteered_side(tin
     monkeypatch.setattr(S, "generate", lambda *a, **k: calls.append(a[1]) or generate(*a, **k))
     snap = run(ex, lambda: setattr(ex.alpha, "value", 3.0))  # the slider's change starts the run
     assert snap.alpha == 3.0 and calls == [list(PROMPTS)]  # only the steered side was generated
-    assert len(ex.history) == 1 and len(ex.curve.data) == 2  # the previous curve stays, faintly
+    assert len(ex.history) == 1 and len(ex.curve.figure.data) == 2  # the previous curve stays, faintly
     snap = run(ex, lambda: setattr(ex.layer, "value", 2))
     assert snap.layer == 2 and list(snap.cosine.read_layer) == [2] and len(calls) == 2
 
@@ -181,17 +182,18 @@ def test_sweep_viewer_follows_the_layer_selector(tiny_model, direction):
     widget = sweep_viewer(cos, beh, subtitle="tiny", live_kernel=True)
     viewer = widget.viewer
     assert list(viewer.layer.options) == [0, 1]
-    heat = [t for t in viewer.cosine_widget.data if t.type == "heatmap"][0]
+    shown = viewer.cosine_output.figure
+    heat = [t for t in shown.data if t.type == "heatmap"][0]
     assert "cosine %{z:.3f}" in heat.hovertemplate  # hover values
-    assert viewer.cosine_widget.layout.width is None and viewer.cosine_widget.layout.autosize
+    assert shown.layout.width is None and shown.layout.autosize
     viewer.layer.value = 1
-    expected = figure_widget(cosine_vs_alpha(cos, 1))
-    assert viewer.cosine_widget.layout.title.text.startswith("Steering at layer 1")
+    expected = fit_to_pane(cosine_vs_alpha(cos, 1))
+    assert viewer.cosine_output.figure.layout.title.text.startswith("Steering at layer 1")
     def xy(widget):
         return [(t.name, str(t.x), str(t.y), str(getattr(t, "z", None))) for t in widget.data]
 
-    assert xy(viewer.cosine_widget) == xy(expected)
-    faded = {t.legendgroup: t.opacity for t in viewer.behaviour_widget.data}
+    assert xy(viewer.cosine_output.figure) == xy(expected)
+    faded = {t.legendgroup: t.opacity for t in viewer.behaviour_output.figure.data}
     assert faded == {"0": 0.2, "1": 1.0}
     static = sweep_viewer(cos, beh, live_kernel=False)
     assert isinstance(static, go.Figure) and static.layout.width == 1300

@@ -42,8 +42,35 @@ def live(requested: bool | None) -> bool:
 
 
 def figure_widget(fig: go.Figure):
-    """A plotly ``FigureWidget`` of ``fig``, fitted to the notebook pane (responsive width, wrapping legend)."""
+    """A plotly ``FigureWidget`` of ``fig``, fitted to the notebook pane (responsive width, wrapping legend).
+
+    Used where Python must hear the figure's events (the patching explorer's clicks);
+    figures that are only shown go through :class:`FigureOutput`.
+    """
     return go.FigureWidget(fit_to_pane(fig))
+
+
+class FigureOutput:
+    """An ``ipywidgets.Output`` showing one plotly figure, fitted to the pane, replaceable from any thread.
+
+    The figure goes out as plotly's own notebook mimetype (what a cell's figure
+    output is), so it renders like every other figure in the notebook, hover
+    included. :attr:`figure` is the figure shown (fitted); :meth:`show` replaces it.
+    """
+
+    def __init__(self, fig: go.Figure | None = None):
+        self.widget = ui().Output()
+        self.figure: go.Figure | None = None
+        if fig is not None:
+            self.show(fig)
+
+    def show(self, fig: go.Figure) -> None:
+        import plotly.io as pio
+
+        self.figure = fit_to_pane(fig)
+        bundle = pio.renderers["plotly_mimetype"].to_mimebundle(self.figure.to_dict())
+        bundle["text/plain"] = f"<figure: {self.figure.layout.title.text or 'plotly'}>"
+        self.widget.outputs = ({"output_type": "display_data", "data": bundle, "metadata": {}},)
 
 
 def ui():

@@ -48,7 +48,7 @@ from lens_roles.runtime.generation import Generation, generate
 from lens_roles.runtime.models import validate_layers
 from lens_roles.runtime.readout import kl_divergence, logprobs_at
 from lens_roles.viz.style import px_colors, style
-from lens_roles.widgets.common import Runner, Ticket, figure_widget, live, ui
+from lens_roles.widgets.common import FigureOutput, Runner, Ticket, live, ui
 
 MODES = {"× typical norm": "relative", "absolute": "absolute"}
 
@@ -188,10 +188,10 @@ class SteeringExplorer:
                                   continuous_update=False, layout=w.Layout(width="95%"))
         self.runner = Runner("steering")
         self.table = w.HTML()
-        self.curve = figure_widget(self._curve_figure())
+        self.curve = FigureOutput(self._curve_figure())
         controls = w.VBox([w.HBox([self.direction, self.layer, self.positions]), self.mode,
                            w.HBox([self.alpha, self.max_new_tokens]), self.prompts])
-        self.widget = w.VBox([controls, self.runner.widget, self.table, self.curve])
+        self.widget = w.VBox([controls, self.runner.widget, self.table, self.curve.widget])
         self.direction.observe(self._direction_changed, "value")
         self.mode.observe(self._mode_changed, "value")
         for control in (self.layer, self.alpha, self.positions, self.max_new_tokens, self.prompts):
@@ -314,13 +314,11 @@ class SteeringExplorer:
             "<tr style='text-align:left'><th style='width:22%'>prompt</th><th>unsteered</th>"
             f"<th>steered: {html.escape(snap.direction)}, layer {snap.layer}, α = {snap.alpha:g}{unit}</th>"
             "<th style='width:9%'>next-token KL</th></tr>" + rows + "</table>")
-        fig = snapshot_figure(snap, self.history)
-        curve = [t for t in fig.data if isinstance(t, go.Scatter)]
-        with self.curve.batch_update():
-            self.curve.data = []
-            self.curve.add_traces(curve)
-            self.curve.layout.title.text = (f"Cosine to the unsteered run — {html.escape(snap.direction)}, "
-                                            f"layer {snap.layer}, α = {snap.alpha:g}")
+        fig = self._curve_figure()
+        fig.add_traces([t for t in snapshot_figure(snap, self.history).data if isinstance(t, go.Scatter)])
+        fig.update_layout(title_text=f"Cosine to the unsteered run — {html.escape(snap.direction)}, "
+                                     f"layer {snap.layer}, α = {snap.alpha:g}")
+        self.curve.show(fig)
 
 
 def steering_explorer(model, directions: Direction | Mapping[str, Direction], prompts: Sequence[str], *,

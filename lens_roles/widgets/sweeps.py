@@ -3,9 +3,9 @@
 Fed by the tidy frames the sweeps return (:func:`~lens_roles.measures.sweeps.cosine_sweep`,
 :func:`~lens_roles.measures.sweeps.adherence_sweep`, the metrics of
 :func:`~lens_roles.measures.sweeps.generation_sweep`), drawn by the figure functions of
-:mod:`lens_roles.viz.steering` as pane-fitted ``FigureWidget`` s, whose hover shows each
-value. Choosing a steering layer redraws the cosine figure for it and highlights it
-in the behaviour figure. Nothing here runs a model.
+:mod:`lens_roles.viz.steering`, fitted to the pane, whose hover shows each value.
+Choosing a steering layer redraws the cosine figure for it and highlights it in the
+behaviour figure. Nothing here runs a model.
 
 Without a live kernel :func:`sweep_viewer` returns the figures of the first layer.
 """
@@ -17,7 +17,7 @@ import plotly.graph_objects as go
 
 from lens_roles.errors import PlotError
 from lens_roles.viz.steering import behaviour_vs_alpha, cosine_vs_alpha
-from lens_roles.widgets.common import figure_widget, live, ui
+from lens_roles.widgets.common import FigureOutput, live, ui
 
 
 def highlight_layer(fig: go.Figure, layer: int) -> go.Figure:
@@ -46,10 +46,10 @@ class SweepViewer:
         if not layers:
             raise PlotError("the sweep frames hold no rows")
         self.layer = w.Dropdown(options=[int(v) for v in layers], description="steer layer")
-        self.cosine_widget = figure_widget(self.cosine_figure(layers[0])) if cosine is not None else None
-        self.behaviour_widget = (figure_widget(self.behaviour_figure(layers[0])) if behaviour is not None
+        self.cosine_output = FigureOutput(self.cosine_figure(layers[0])) if cosine is not None else None
+        self.behaviour_output = (FigureOutput(self.behaviour_figure(layers[0])) if behaviour is not None
                                  else None)
-        self.widget = w.VBox([self.layer] + [f for f in (self.cosine_widget, self.behaviour_widget) if f])
+        self.widget = w.VBox([self.layer] + [f.widget for f in (self.cosine_output, self.behaviour_output) if f])
         self.layer.observe(lambda change: self.show(change["new"]), "value")
 
     def cosine_figure(self, layer: int) -> go.Figure:
@@ -66,15 +66,10 @@ class SweepViewer:
 
     def show(self, layer: int) -> None:
         """Draw ``layer``: its cosine figure, and the behaviour figure with it highlighted."""
-        if self.cosine_widget is not None:  # the selector offers the cosine frame's layers
-            fresh = figure_widget(self.cosine_figure(layer))
-            with self.cosine_widget.batch_update():
-                self.cosine_widget.data = []
-                self.cosine_widget.add_traces(list(fresh.data))
-                self.cosine_widget.layout = fresh.layout
-        if self.behaviour_widget is not None:
-            with self.behaviour_widget.batch_update():
-                highlight_layer(self.behaviour_widget, layer)
+        if self.cosine_output is not None:  # the selector offers the cosine frame's layers
+            self.cosine_output.show(self.cosine_figure(layer))
+        if self.behaviour_output is not None:
+            self.behaviour_output.show(self.behaviour_figure(layer))
 
 
 def sweep_viewer(cosine: pd.DataFrame | None = None, behaviour: pd.DataFrame | None = None, *,
