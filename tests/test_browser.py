@@ -246,6 +246,10 @@ def check_notebook(path, jupyterlab, chromium):
         page.evaluate("() => window.jupyterapp.shell.collapseLeft()")
         page.set_viewport_size({"width": WIDTH, "height": min(max(1000, state["height"] + 200), 16000)})
         page.wait_for_timeout(1500)
+        # Run All leaves the notebook scrolled to its end: back to the top, so the page shows it all
+        page.evaluate("() => window.jupyterapp.shell.currentWidget.node.querySelectorAll('*')"
+                      ".forEach(e => { if (e.scrollTop) e.scrollTop = 0; })")
+        page.wait_for_timeout(500)
         page.screenshot(path=str(SCREENSHOTS / f"{path.stem}.png"))
         if path.stem == "07_explorers":  # one screenshot per explorer
             outputs = page.locator(EXPLORER_CELLS)
