@@ -230,6 +230,9 @@ def check_notebook(path, jupyterlab, chromium):
         errors = [f"cell {i}: {o.get('ename')}: {o.get('evalue')}" for i, c in enumerate(cells)
                   for o in c.get("outputs", []) if o.get("output_type") == "error"]
         assert not errors, "\n".join(errors)
+        fallbacks = [i for i, c in enumerate(cells) for o in c.get("outputs", [])
+                     if o.get("name") == "stderr" and "IProgress not found" in o.get("text", "")]
+        assert not fallbacks, f"cells {fallbacks}: tqdm fell back to text bars (IProgress not found)"
         unrun = [i for i, c in enumerate(cells) if c["source"].strip() and c.get("execution_count") is None]
         assert not unrun, f"cells that did not run: {unrun}"
         plotly_outputs = sum("application/vnd.plotly.v1+json" in o.get("data", {}) for c in cells
