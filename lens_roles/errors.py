@@ -65,3 +65,8 @@ class PSRError(LensRolesError, ValueError):
 
 class SAEError(LensRolesError, ValueError):
     """An SAE that cannot be found or loaded, or that does not fit the model, layer or direction."""
+
+
+class Cancelled(LensRolesError):
+    """A background computation (an explorer's run) was cancelled by the user; raised inside a
+    forward pass, so every hook the computation attached is removed on the way out."""

@@ -2,7 +2,8 @@
 
 One module per topic — ``directions``, ``steering``, ``roles``, ``patching``, ``psr``,
 ``sae`` — on one house ``style``; ``export.save_figure`` writes them. Nothing here
-touches a model.
+touches a model. Inside a Jupyter kernel, importing this package makes figures shown
+in the notebook fit the pane (``style.notebook_display``); saved figures keep their size.
 """
 
 from lens_roles.viz.directions import direction_profile, layer_heatmap, line_by_layer
@@ -20,7 +21,10 @@ from lens_roles.viz.roles import (
 )
 from lens_roles.viz.sae import attribution_check_scatter, decomposition_plot, sae_alignment_bars
 from lens_roles.viz.steering import behaviour_vs_alpha, cosine_vs_alpha, steerability_heatmap
-from lens_roles.viz.style import PALETTE, px_colors, style
+from lens_roles.viz.style import PALETTE, fit_to_pane, in_kernel, notebook_display, px_colors, style
+
+if in_kernel():
+    notebook_display()
 
 __all__ = [
     "direction_profile",
@@ -45,6 +49,8 @@ __all__ = [
     "steerability_heatmap",
     "behaviour_vs_alpha",
     "style",
+    "fit_to_pane",
+    "notebook_display",
     "px_colors",
     "PALETTE",
     "persona_map_3d",

@@ -22,6 +22,7 @@ from lens_roles.inputs.sets import fingerprint
 from lens_roles.interventions.steering import steer
 from lens_roles.runtime.batching import pad_batch, pad_id
 from lens_roles.runtime.models import model_id, validate_layers
+from lens_roles.runtime.readout import logprobs_at
 
 
 #: Attribution methods: plain attribution patching, and integrated gradients along the corrupt → clean path.
@@ -233,6 +234,27 @@ class PatchSetup:
         Patching ``blocks.0.hook_resid_pre`` at all positions gives exactly 1.0, and
         patching nothing exactly 0.0: the runs are the reference runs bit for bit.
         """
+        with self.model.hooks(fwd_hooks=self.site_hooks(sites)):
+            resid = self._forward(self._inputs["corrupt"])
+        raw = float(self.metric(self.model, resid, self.n_prompt).reshape(-1)[0])
+        return float(self.normalise(raw)) if normalise else raw
+
+    @torch.no_grad()
+    def next_token_logprobs(self, sites: Mapping[str, object]) -> Float[Tensor, " d_vocab"]:
+        """The patched corrupt run's next-token log-probabilities after the prompt's last token.
+
+        ``sites`` as in :meth:`patch` (``{}``: the corrupt run). The run goes through
+        every layer (not just to the metric's read layer) and is read by the one
+        readout (:func:`~lens_roles.runtime.readout.logprobs_at`); float32 on the CPU.
+        What the patching explorer shows for a clicked cell.
+        """
+        with self.model.hooks(fwd_hooks=self.site_hooks(sites)):
+            resid = self.model(self._inputs["corrupt"], stop_at_layer=self.model.cfg.n_layers,
+                               **({"padding_side": "right"} if self.model.tokenizer is not None else {}))
+        return logprobs_at(self.model, resid[0, self.n_prompt - 1]).cpu()
+
+    def site_hooks(self, sites: Mapping[str, object]) -> list:
+        """The ``(hook name, fn)`` pairs that patch ``sites`` (see :meth:`patch`) into the corrupt run."""
         hooks = []
         width = self.prompt_mask.shape[1]
         for name, where in sites.items():
@@ -263,10 +285,7 @@ class PatchSetup:
                 return torch.where(_m, _c, acts)
 
             hooks.append((name, hook))
-        with self.model.hooks(fwd_hooks=hooks):
-            resid = self._forward(self._inputs["corrupt"])
-        raw = float(self.metric(self.model, resid, self.n_prompt).reshape(-1)[0])
-        return float(self.normalise(raw)) if normalise else raw
+        return hooks
 
     @torch.no_grad()
     def activation_patch(self, grid: str = "resid", *, layers=None, positions=None, heads=None,

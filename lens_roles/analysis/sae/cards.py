@@ -122,37 +122,46 @@ def _token_html(text: str, act: float, peak: float) -> str:
             f'title="{act:.2f}">{shown or "&nbsp;"}</span>')
 
 
+#: the style rules the card HTML (:func:`card_html`) uses
+CARD_CSS = (".card{border:1px solid #ccc;border-radius:6px;padding:1em;margin:1em 0}"
+            ".ctx{font-family:ui-monospace,monospace;font-size:13px;margin:.3em 0;white-space:pre-wrap}"
+            ".t{border-radius:2px}.tok{font-family:ui-monospace,monospace;background:#eef;padding:0 3px;"
+            "margin:0 2px}.neg{background:#fee}table{border-collapse:collapse}"
+            "td,th{padding:2px 8px;text-align:left}h2{margin:.2em 0}.muted{color:#666}")
+
+
+def card_html(c: Card) -> str:
+    """One card as an HTML fragment (a ``div.card``; style rules in :data:`CARD_CSS`)."""
+    parts = [f"<div class='card' id='f{c.feature}'><h2>Feature {c.feature}</h2>"]
+    if c.note:
+        parts.append(f"<p>{html.escape(c.note)}</p>")
+    parts.append(f"<p class='muted'>density {c.density:.3g} of corpus tokens · max activation "
+                 f"{c.max_activation:.2f}</p>")
+    if c.alignment:
+        cells = "".join(f"<td>{html.escape(k)}</td><td>{v:+.3f}</td>" for k, v in c.alignment.items())
+        parts.append(f"<table><tr><th>cosine with</th>{cells}</tr></table>")
+    promoted = "".join(f"<span class='tok'>{html.escape(t)}</span>" for t, _ in c.promoted)
+    suppressed = "".join(f"<span class='tok neg'>{html.escape(t)}</span>" for t, _ in c.suppressed)
+    parts.append(f"<p>promotes {promoted}</p><p>suppresses {suppressed}</p>")
+    if not c.contexts:
+        parts.append("<p class='muted'>never fires on this corpus</p>")
+    for ctx in c.contexts:
+        toks = "".join(_token_html(t, a, ctx.peak) for t, a in zip(ctx.tokens, ctx.activations))
+        parts.append(f"<div class='ctx'><span class='muted'>[{ctx.peak:.2f}]</span> {toks}</div>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
 def write_cards(cards: Sequence[Card], path: str | Path, *, title: str, subtitle: str = "",
                 meta: dict | None = None) -> Path:
     """One self-contained HTML page with a card per feature (and ``path`` ``.json`` with the data)."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             ".card{border:1px solid #ccc;border-radius:6px;padding:1em;margin:1em 0}"
-             ".ctx{font-family:ui-monospace,monospace;font-size:13px;margin:.3em 0;white-space:pre-wrap}"
-             ".t{border-radius:2px}.tok{font-family:ui-monospace,monospace;background:#eef;padding:0 3px;"
-             "margin:0 2px}.neg{background:#fee}table{border-collapse:collapse}"
-             "td,th{padding:2px 8px;text-align:left}h2{margin:.2em 0}.muted{color:#666}</style></head><body>",
+             f"{CARD_CSS}</style></head><body>",
              f"<h1>{html.escape(title)}</h1><p class='muted'>{html.escape(subtitle)}</p>",
              "<p class='muted'>Shading: the feature's activation on each token relative to the context's "
              "peak (hover for the value). Output tokens: decoder row · W_U (direct path only).</p>"]
-    for c in cards:
-        parts.append(f"<div class='card' id='f{c.feature}'><h2>Feature {c.feature}</h2>")
-        if c.note:
-            parts.append(f"<p>{html.escape(c.note)}</p>")
-        parts.append(f"<p class='muted'>density {c.density:.3g} of corpus tokens · max activation "
-                     f"{c.max_activation:.2f}</p>")
-        if c.alignment:
-            cells = "".join(f"<td>{html.escape(k)}</td><td>{v:+.3f}</td>" for k, v in c.alignment.items())
-            parts.append(f"<table><tr><th>cosine with</th>{cells}</tr></table>")
-        promoted = "".join(f"<span class='tok'>{html.escape(t)}</span>" for t, _ in c.promoted)
-        suppressed = "".join(f"<span class='tok neg'>{html.escape(t)}</span>" for t, _ in c.suppressed)
-        parts.append(f"<p>promotes {promoted}</p><p>suppresses {suppressed}</p>")
-        if not c.contexts:
-            parts.append("<p class='muted'>never fires on this corpus</p>")
-        for ctx in c.contexts:
-            toks = "".join(_token_html(t, a, ctx.peak) for t, a in zip(ctx.tokens, ctx.activations))
-            parts.append(f"<div class='ctx'><span class='muted'>[{ctx.peak:.2f}]</span> {toks}</div>")
-        parts.append("</div>")
+    parts += [card_html(c) for c in cards]
     parts.append("</body></html>")
     path = Path(path)
     atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(
