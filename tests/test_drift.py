@@ -101,6 +101,32 @@ def test_message_spans_hold_exactly_each_content(tiny_model, template):
         assert sorted(set(owner) - {-1}) == list(range(len(c.messages)))
 
 
+def _same_as_single_turn_prompts(model):
+    from lens_roles.inputs.positions import encode
+
+    c = conv(("Where can I find old maps?", "In the local history room."), system="Be brief.")
+    one = Conversation("1", "t", c.messages[:2])
+    head = encode_conversation(model, one, generation_prompt=True).tokens
+    assert head == encode(model, [Prompt(c.messages[1].content, system="Be brief.")])[0].tokens
+    full = encode_conversation(model, c).tokens
+    with_reply = encode(model, [Prompt(c.messages[1].content, "Be brief.", c.messages[2].content)])[0].tokens
+    assert full[: len(with_reply)] == with_reply
+
+
+def test_conversations_render_like_single_turn_prompts(tiny_model):
+    """A conversation's first exchange is tokenised exactly as the one-turn Prompt the rest of the project uses."""
+    _same_as_single_turn_prompts(tiny_model)
+
+
+@pytest.mark.integration
+def test_conversations_render_like_single_turn_prompts_real(real_model):
+    _same_as_single_turn_prompts(real_model)
+    c = load_conversations("meta")[0]
+    enc = encode_conversation(real_model, c)
+    assert [real_model.tokenizer.decode(enc.tokens[a:b]).strip() for a, b in enc.spans] == \
+        [m.content for m in c.messages]
+
+
 # ----------------------------------------------------------------- the monitor
 
 
