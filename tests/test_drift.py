@@ -400,12 +400,12 @@ def test_drift_study_writes_every_number(tiny_model, tmp_path):
     convs = tmp_path / "c.jsonl"
     convs.write_text("".join(json.dumps(c.to_record()) + "\n" for c in CONVS))
     summary = run_drift_study(tiny_model, out=tmp_path, read_layer=2, cap_layers=[1], categories=convs,
-                              n_roles=2, per_role=1, n_ordinary=2, max_new_tokens=4, n_pairs=4, n_boot=50,
+                              n_roles=2, per_role=1, n_ordinary=2, max_new_tokens=4, n_pairs=4, n_self=1, n_boot=50,
                               progress=False)
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["correlation"]["n"] == 12 and set(saved["adherence"]) == {"uncapped", "capped"}
     table = pd.read_csv(tmp_path / "drift_table.csv")
-    assert set(table.condition) == {"given", "self", "self+cap"} and set(table.category) == {"x", "y"}
+    assert set(table.condition) == {"given", "given+cap", "self", "self+cap"} and set(table.category) == {"x", "y"}
     assert summary["axis"].startswith("stand-in") and (tmp_path / "explain_heatmap.html").exists()
     axis = Direction.load(tmp_path / "axis.safetensors")
     assert axis.layers == (1, 2)

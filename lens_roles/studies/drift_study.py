@@ -15,9 +15,11 @@ so the notebook's fast mode and the full run share the code):
    default assistant's replies at ``cap_layers`` (quantile ``cap_quantile`` from
    below, open above: the axis points towards the assistant, and drift goes down).
 3. **Drift.** :func:`~lens_roles.measures.drift.drift_traces` on the shipped
-   conversations with their written replies (``given``), and with the model's own
-   replies (:func:`~lens_roles.measures.drift.self_play`) uncapped (``self``) and
-   capped (``self+cap``); ``drift_table.csv`` per condition × category.
+   conversations with their written replies, read uncapped (``given``) and capped
+   (``given+cap``), and with the model's own replies
+   (:func:`~lens_roles.measures.drift.self_play`; the first ``n_self`` conversations of
+   each category, all when None) generated and read uncapped (``self``) and capped
+   (``self+cap``); ``drift_table.csv`` per condition × category.
 4. **Cost of capping.** :func:`~lens_roles.measures.drift.cap_cost` on ordinary
    prompts (``roles/baseline``) with the model's own replies; persona adherence
    (mean librarian log-prob margin) with and without the cap.
@@ -96,7 +98,7 @@ def standin_axis(model, *, n_roles: int = 8, per_role: int = 2, max_new_tokens: 
 def run_drift_study(model, *, out: Path, read_layer: int, cap_layers, direction: Direction | None = None,
                     categories=None, n_roles: int = 8, per_role: int = 2, n_ordinary: int = 8,
                     max_new_tokens: int = 24, cap_quantile: float = 0.25, explain_layers=None,
-                    n_pairs: int | None = None, n_boot: int = 2000, batch_size: int = 12,
+                    n_pairs: int | None = None, n_self: int | None = None, n_boot: int = 2000, batch_size: int = 12,
                     progress: bool = True) -> dict:
     """Run the study (module docs) and write its outputs to ``out``; returns the summary dict."""
     out = Path(out)
@@ -120,6 +122,13 @@ def run_drift_study(model, *, out: Path, read_layer: int, cap_layers, direction:
     # ---- drift: given replies, own replies, own replies under the cap
     convs = load_conversations(categories)
     traces = {"given": drift_traces(model, convs, direction, layers=[read_layer], batch_size=batch_size)}
+    with cap(model, direction, bounds, layers=cap_layers):
+        traces["given+cap"] = drift_traces(model, convs, direction, layers=[read_layer], batch_size=batch_size)
+    if n_self is not None:  # the first n_self conversations of each category play themselves
+        kept: dict[str, list] = {}
+        for c in convs:
+            kept.setdefault(c.category, []).append(c)
+        convs = [c for group in kept.values() for c in group[:n_self]]
     played = {}
     for cond in ("self", "self+cap"):
         with cap(model, direction, bounds, layers=cap_layers) if cond == "self+cap" else contextlib.nullcontext():
