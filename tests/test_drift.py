@@ -229,6 +229,28 @@ def test_cap_leaves_inside_bit_identical_and_puts_the_rest_on_the_boundary(tiny_
     assert torch.equal(one[proj >= low], before[proj >= low])
 
 
+def test_cap_leaves_attention_sinks_alone(tiny_model, direction):
+    """A position whose residual norm is far above its row's median (an attention sink) is not capped."""
+    tokens = torch.tensor([encode_conversation(tiny_model, CONVS[0]).tokens])
+    layer, name = 1, "blocks.1.hook_resid_post"
+
+    def sink(acts, hook):
+        acts = acts.clone()
+        acts[:, 0] = acts[:, 0] * 100
+        return acts
+
+    with tiny_model.hooks(fwd_hooks=[(name, sink)]):
+        before = _resid(tiny_model, tokens, layer)
+        proj = before @ direction.unit(layer)
+        low = float(proj[0, 1:].median())
+        with torch.no_grad(), cap(tiny_model, direction, (low, low + 1e-3), layers=[layer]):
+            after = _resid(tiny_model, tokens, layer)
+        with torch.no_grad(), cap(tiny_model, direction, (low, low + 1e-3), layers=[layer], sink_ratio=None):
+            all_capped = _resid(tiny_model, tokens, layer)
+    assert torch.equal(after[0, 0], before[0, 0]) and not torch.equal(after[0, 1:], before[0, 1:])
+    assert not torch.equal(all_capped[0, 0], before[0, 0])
+
+
 def test_cap_bad_input_and_no_leak_on_error(tiny_model, direction):
     with pytest.raises(DirectionError, match="low 2 > high 1"):
         with cap(tiny_model, direction, (2.0, 1.0), layers=[1]):
@@ -246,6 +268,9 @@ def test_cap_bad_input_and_no_leak_on_error(tiny_model, direction):
     with pytest.raises(RuntimeError, match="boom"):
         with cap(tiny_model, direction, (0.0, 1.0), layers=[1]):
             raise RuntimeError("boom")
+    with pytest.raises(DirectionError, match="sink_ratio"):
+        with cap(tiny_model, direction, (0.0, 1.0), sink_ratio=0.5):
+            pass
     with pytest.raises(DirectionError, match="quantiles"):
         cap_range(tiny_model, ["hi"], direction, quantiles=(0.9, 0.1))
 

@@ -308,9 +308,12 @@ def cap_bounds(bounds, layers: Sequence[int]) -> dict[int, tuple[float, float]]:
     return out
 
 
-def capping_hooks(model, direction: Direction, bounds, *, layers=None, positions="all") -> list:
+def capping_hooks(model, direction: Direction, bounds, *, layers=None, positions="all",
+                  sink_ratio: float | None = 10.0) -> list:
     """Hooks that keep the projection on ``v̂_l`` within ``bounds`` at each chosen layer (see :func:`cap`)."""
     _check_positions(positions)
+    if sink_ratio is not None and not (math.isfinite(sink_ratio) and sink_ratio > 1):
+        raise DirectionError(f"sink_ratio must be a finite number > 1 or None, got {sink_ratio}")
     units = _layer_vectors(model, direction, layers, unit=True)
     ranges = cap_bounds(bounds, list(units))
 
@@ -319,6 +322,9 @@ def capping_hooks(model, direction: Direction, bounds, *, layers=None, positions
             proj = acts @ u  # [batch, pos]
             target = proj.clamp(low, high)
             outside = target != proj
+            if sink_ratio is not None and acts.shape[1] > 1:  # leave attention sinks alone
+                norms = acts.norm(dim=-1)
+                outside &= norms <= sink_ratio * norms.median(dim=-1, keepdim=True).values
             gate = _gate(positions, acts)
             if gate is not None:
                 outside &= gate[..., 0].bool()
@@ -331,7 +337,7 @@ def capping_hooks(model, direction: Direction, bounds, *, layers=None, positions
 
 
 @contextmanager
-def cap(model, direction: Direction, bounds, *, layers=None, positions="all"):
+def cap(model, direction: Direction, bounds, *, layers=None, positions="all", sink_ratio: float | None = 10.0):
     """Activation capping: keep ``x·v̂_l`` within ``[low, high]`` at ``blocks.{l}.hook_resid_post``.
 
     A position whose projection is already inside is left exactly as it was (bit
@@ -343,12 +349,19 @@ def cap(model, direction: Direction, bounds, *, layers=None, positions="all"):
             :func:`cap_range`); ``None`` leaves a side open.
         layers: capped layers (default: every layer of ``direction``).
         positions: ``"all"``, ``"prompt"``, ``"generated"`` or a bool mask ``[batch, pos]``.
+        sink_ratio: positions whose residual norm exceeds this multiple of the median
+            norm of their row in the forward (attention sinks: the first token's norm is
+            often tens of times the others') are left alone; None caps them too. Their
+            projection lies hundreds of times outside any range read from ordinary
+            tokens, and moving them disturbs every later token (on SmolLM2-135M, capping
+            the sink too raised the next-token KL on ordinary replies from 0.0004 to 0.37).
 
     Raises:
-        DirectionError: ``low > high``, NaN bounds, a direction of another width, a
+        DirectionError: ``low > high``, NaN bounds, a bad ``sink_ratio``, a direction of another width, a
             layer the direction lacks — before any hook is attached.
     """
-    with intervene(model, capping_hooks(model, direction, bounds, layers=layers, positions=positions)):
+    with intervene(model, capping_hooks(model, direction, bounds, layers=layers, positions=positions,
+                                        sink_ratio=sink_ratio)):
         yield model
 
 
