@@ -5,13 +5,13 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from lens_roles.cli import directions, evaluation, interop, patching, persona, psr, sae, steering
+from lens_roles.cli import directions, drift, evaluation, interop, patching, persona, psr, sae, steering
 from lens_roles.cli.options import CommandParser, ModelLoader, check_paths, join_negative_values
 from lens_roles.errors import LensRolesError, UsageError
 from lens_roles.runtime.models import load_model as default_loader
 
 #: The command modules, in the order ``lens-roles --help`` lists their commands.
-COMMAND_MODULES = (directions, steering, evaluation, patching, psr, sae, interop, persona)
+COMMAND_MODULES = (directions, steering, evaluation, patching, psr, sae, interop, persona, drift)
 
 
 def build_parser() -> CommandParser:

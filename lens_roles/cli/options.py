@@ -50,7 +50,7 @@ BATCH_SIZES = {
 ModelLoader = Callable[..., object]
 
 #: Options whose value is a comma-separated number list and may start with "-".
-NUMBER_LIST_OPTIONS = frozenset({"--alphas", "--multipliers", "--layers", "--layer", "--select-layers"})
+NUMBER_LIST_OPTIONS = frozenset({"--alphas", "--multipliers", "--layers", "--layer", "--select-layers", "--cap"})
 _NEGATIVE_VALUE = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lens_roles.cli.drift import add_cap_options
 from lens_roles.cli.options import (
     ModelLoader,
     add_command,
@@ -21,7 +22,8 @@ from lens_roles.cli.options import (
 )
 from lens_roles.directions.direction import Direction
 from lens_roles.inputs.prompts import load_pairs
-from lens_roles.interventions.steering import residual_norms, steer
+from lens_roles.errors import UsageError
+from lens_roles.interventions.steering import cap, residual_norms, steer
 from lens_roles.runtime.generation import generate
 from lens_roles.studies.steering_report import run_steering_report
 
@@ -49,23 +51,32 @@ def run_sweep(args: argparse.Namespace, load_model: ModelLoader) -> int:
 
 
 def run_generate(args: argparse.Namespace, load_model: ModelLoader) -> int:
-    """``lens-roles generate``: each prompt unsteered, steered by +α and by -α."""
+    """``lens-roles generate``: each prompt unsteered, steered by +α and by -α, and/or capped (``--cap``)."""
+    if args.alpha is None and args.cap is None:
+        raise UsageError("generate needs --alpha (steer by ±α), --cap LOW,HIGH (activation capping) or both")
     direction = Direction.load(args.vector)
     model = open_model(args, load_model)
     check_model_match(direction, model)
-    relative = None if args.absolute else residual_norms(model, args.prompt, layers=[args.layer])
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     base = generate(model, args.prompt, **kw)
-    with steer(model, direction, args.alpha, layers=[args.layer], relative=relative):
-        plus = generate(model, args.prompt, **kw)
-    with steer(model, direction, -args.alpha, layers=[args.layer], relative=relative):
-        minus = generate(model, args.prompt, **kw)
+    rows = [("unsteered", base)]
+    if args.alpha is not None:
+        relative = None if args.absolute else residual_norms(model, args.prompt, layers=[args.layer])
+        with steer(model, direction, args.alpha, layers=[args.layer], relative=relative):
+            rows.append((f"+{args.alpha:g}", generate(model, args.prompt, **kw)))
+        with steer(model, direction, -args.alpha, layers=[args.layer], relative=relative):
+            rows.append((f"-{args.alpha:g}", generate(model, args.prompt, **kw)))
+    if args.cap is not None:
+        cap_layers = [args.layer] if args.cap_layers is None else list(args.cap_layers.resolve(model))
+        with cap(model, direction, args.cap, layers=cap_layers):
+            low, high = ("none" if b is None else f"{b:g}" for b in args.cap)
+            rows.append((f"capped [{low}, {high}]", generate(model, args.prompt, **kw)))
     unit = "residual units" if args.absolute else "x typical residual norm"
-    for b, p, m in zip(base, plus, minus):
-        print(f"prompt: {b.prompt}")
-        print(f"  unsteered      : {b.text.strip()}")
-        print(f"  +{args.alpha:g} ({unit}): {p.text.strip()}")
-        print(f"  -{args.alpha:g} ({unit}): {m.text.strip()}")
+    for i, prompt in enumerate(base):
+        print(f"prompt: {prompt.prompt}")
+        for label, gens in rows:
+            suffix = f" ({unit})" if label[0] in "+-" else ""
+            print(f"  {label + suffix:<15}: {gens[i].text.strip()}")
     return 0
 
 
@@ -100,10 +111,11 @@ def register(sub) -> None:
     p.add_argument("prompt", nargs="+", help="user prompt(s)")
     add_input(p, "--vector", required=True, help="direction .safetensors")
     p.add_argument("--layer", type=int, required=True, help="steered layer")
-    p.add_argument("--alpha", type=finite_float("--alpha"), required=True,
-                   help="α (× typical residual norm unless --absolute)")
+    p.add_argument("--alpha", type=finite_float("--alpha"), default=None,
+                   help="α (× typical residual norm unless --absolute); steer by +α and -α")
     p.add_argument("--absolute", action="store_true")
     p.add_argument("--max-new-tokens", type=int_at_least("--max-new-tokens", 1), default=48)
     p.add_argument("--temperature", type=finite_float("--temperature", minimum=0), default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    add_cap_options(p, layer_default="--layer")
     add_model_options(p, batch=None)

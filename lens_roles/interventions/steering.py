@@ -260,7 +260,155 @@ def projection(acts: Float[Tensor, "batch pos d_model"], direction: Direction,
     return acts @ direction.unit(layer).to(acts.device, acts.dtype)
 
 
+# ------------------------------------------------------------------ capping
+#
+# Activation capping (Lu et al. 2026, "The Assistant Axis"): keep the projection on
+# v̂_l within [low, high]; positions already inside are left bit for bit as they were.
+
+
+def check_direction(model, direction: Direction, layers=None) -> tuple[int, ...]:
+    """The validated layers ``direction`` is used at on ``model`` (default: all of its layers).
+
+    Raises:
+        DirectionError: a direction of another width (naming both), or a layer the
+            direction lacks; ModelError for a layer the model lacks.
+    """
+    return tuple(_layer_vectors(model, direction, layers, unit=False))
+
+
+def cap_bounds(bounds, layers: Sequence[int]) -> dict[int, tuple[float, float]]:
+    """``bounds`` — one ``(low, high)`` for every layer, or a map layer → ``(low, high)`` — per layer.
+
+    ``None`` (or ±inf) leaves a side open.
+
+    Raises:
+        DirectionError: ``low > high``, a NaN bound, a malformed pair, or a layer without bounds.
+    """
+    if isinstance(bounds, Mapping):
+        missing = [layer for layer in layers if layer not in bounds]
+        if missing:
+            raise DirectionError(f"cap bounds given for layers {sorted(bounds)} but not for layer(s) {missing}")
+        per = {layer: bounds[layer] for layer in layers}
+    else:
+        per = dict.fromkeys(layers, bounds)
+    out = {}
+    for layer, pair in per.items():
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise DirectionError(f"cap bounds at layer {layer} must be a pair (low, high), got {pair!r}")
+        try:
+            low, high = (float(-math.inf if pair[0] is None else pair[0]),
+                         float(math.inf if pair[1] is None else pair[1]))
+        except (TypeError, ValueError):
+            raise DirectionError(f"cap bounds at layer {layer} must be numbers or None, got {pair!r}") from None
+        if math.isnan(low) or math.isnan(high):
+            raise DirectionError(f"cap bounds at layer {layer} must not be NaN, got {pair!r}")
+        if low > high:
+            raise DirectionError(f"cap range at layer {layer} has low {low:g} > high {high:g}; pass low <= high")
+        out[layer] = (low, high)
+    return out
+
+
+def capping_hooks(model, direction: Direction, bounds, *, layers=None, positions="all",
+                  sink_ratio: float | None = 10.0) -> list:
+    """Hooks that keep the projection on ``v̂_l`` within ``bounds`` at each chosen layer (see :func:`cap`)."""
+    _check_positions(positions)
+    if sink_ratio is not None and not (math.isfinite(sink_ratio) and sink_ratio > 1):
+        raise DirectionError(f"sink_ratio must be a finite number > 1 or None, got {sink_ratio}")
+    units = _layer_vectors(model, direction, layers, unit=True)
+    ranges = cap_bounds(bounds, list(units))
+
+    def make(u: Tensor, low: float, high: float):
+        def hook(acts, hook):
+            proj = acts @ u  # [batch, pos]
+            target = proj.clamp(low, high)
+            outside = target != proj
+            if sink_ratio is not None and acts.shape[1] > 1:  # leave attention sinks alone
+                norms = acts.norm(dim=-1)
+                outside &= norms <= sink_ratio * norms.median(dim=-1, keepdim=True).values
+            gate = _gate(positions, acts)
+            if gate is not None:
+                outside &= gate[..., 0].bool()
+            moved = acts + (target - proj)[..., None] * u
+            return torch.where(outside[..., None], moved, acts)
+
+        return hook
+
+    return [(resid_hook(layer), make(u, *ranges[layer])) for layer, u in units.items()]
+
+
+@contextmanager
+def cap(model, direction: Direction, bounds, *, layers=None, positions="all", sink_ratio: float | None = 10.0):
+    """Activation capping: keep ``x·v̂_l`` within ``[low, high]`` at ``blocks.{l}.hook_resid_post``.
+
+    A position whose projection is already inside is left exactly as it was (bit
+    for bit); one outside is moved along ``v̂_l`` onto the nearer bound
+    (``x + (bound − x·v̂_l) v̂_l``; on the bound up to float rounding).
+
+    Args:
+        bounds: ``(low, high)`` for every layer, or layer → ``(low, high)`` (e.g. from
+            :func:`cap_range`); ``None`` leaves a side open.
+        layers: capped layers (default: every layer of ``direction``).
+        positions: ``"all"``, ``"prompt"``, ``"generated"`` or a bool mask ``[batch, pos]``.
+        sink_ratio: positions whose residual norm exceeds this multiple of the median
+            norm of their row in the forward (attention sinks: the first token's norm is
+            often tens of times the others') are left alone; None caps them too. Their
+            projection lies hundreds of times outside any range read from ordinary
+            tokens, and moving them disturbs every later token (on SmolLM2-135M, capping
+            the sink too raised the next-token KL on ordinary replies from 0.0004 to 0.37).
+
+    Raises:
+        DirectionError: ``low > high``, NaN bounds, a bad ``sink_ratio``, a direction of another width, a
+            layer the direction lacks — before any hook is attached.
+    """
+    with intervene(model, capping_hooks(model, direction, bounds, layers=layers, positions=positions,
+                                        sink_ratio=sink_ratio)):
+        yield model
+
+
+@torch.no_grad()
+def cap_range(model, prompts, direction: Direction, *, layers=None, quantiles=(0.05, 0.95),
+              positions="reply", batch_size: int = 16, template: str | None = None) -> dict[int, tuple[float, float]]:
+    """Per layer, a capping range from quantiles of the projections on ``v̂_l`` over ``prompts``' tokens.
+
+    ``prompts`` are the default assistant's turns (e.g. ordinary prompts with the
+    model's own replies, read at ``positions="reply"``); ``quantiles`` is
+    ``(q_low, q_high)``, either None for an open side (Lu et al. cap from below
+    only: ``(0.25, None)``). Every selected token of every prompt counts once.
+
+    Raises:
+        DirectionError: quantiles outside [0, 1] or out of order, or a direction that
+            does not fit the model.
+    """
+    qs = tuple(quantiles) if isinstance(quantiles, Sequence) and not isinstance(quantiles, str) else ()
+    if len(qs) != 2 or any(q is not None and (isinstance(q, bool) or not 0 <= q <= 1) for q in qs):
+        raise DirectionError(f"quantiles must be a pair (q_low, q_high) in [0, 1] or None, got {quantiles!r}")
+    if qs[0] is not None and qs[1] is not None and qs[0] > qs[1]:
+        raise DirectionError(f"quantiles {quantiles!r} run backwards; pass q_low <= q_high")
+    units = _layer_vectors(model, direction, layers, unit=True)
+    items = encode(model, as_prompts(prompts), template=template)
+    pos = select_positions(items, positions)
+    values: dict[int, list[Tensor]] = {layer: [] for layer in units}
+
+    def project(acts, weights, layer):  # the projections at the read positions, flat
+        values[layer].append((acts @ units[layer])[weights > 0].double().cpu())
+
+    for batch in token_batches(model, [it.tokens for it in items], batch_size):
+        weights = torch.zeros(batch.tokens.shape)
+        for row, i in enumerate(batch.index):
+            weights[row, pos[i]] = 1.0
+        with capture(model, list(units), project, weights=weights.to(model.cfg.device)) as cap_:
+            batch.forward(model, stop_at_layer=cap_.stop_at_layer)
+    out = {}
+    for layer, chunks in values.items():
+        flat = torch.cat(chunks)
+        low = float(torch.quantile(flat, qs[0])) if qs[0] is not None else None
+        high = float(torch.quantile(flat, qs[1])) if qs[1] is not None else None
+        out[layer] = (low, high)
+    return out
+
+
 __all__ = [
     "steer", "ablate", "clamp", "ablate_then_add", "intervene",
     "steering_hooks", "ablation_hooks", "residual_norms", "projection",
+    "cap", "capping_hooks", "cap_bounds", "cap_range", "check_direction",
 ]

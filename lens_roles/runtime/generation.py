@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextvars
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -86,20 +87,66 @@ def generate(
         stop_at_eos: stop a row at the tokenizer's EOS token (the row is padded after).
         progress: show a bar counting the decoding steps (new tokens).
     """
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    check_sampling(max_new_tokens, temperature)
+    plist = as_prompts(prompts)
+    items = encode(model, plist, template=template)
+    check_context(model, items, plist, extra=max_new_tokens)
+    return generate_from_tokens(model, [it.tokens for it in items], labels=[p.user for p in plist],
+                                max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                use_kv_cache=use_kv_cache, stop_at_eos=stop_at_eos, progress=progress)
 
+
+def check_sampling(max_new_tokens, temperature) -> None:
+    """Refuse a non-positive ``max_new_tokens`` or a negative / non-finite ``temperature`` (DataError)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise DataError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not (temperature >= 0 and temperature == temperature and temperature != float("inf")):
         raise DataError(f"temperature must be finite and >= 0, got {temperature}")
-    plist = as_prompts(prompts)
-    items = encode(model, plist, template=template)
-    check_context(model, items, plist, extra=max_new_tokens)
+
+
+@torch.no_grad()
+def generate_from_tokens(
+    model,
+    rows: Sequence[Sequence[int]],
+    *,
+    labels: Sequence[str] | None = None,
+    max_new_tokens: int = 40,
+    temperature: float = 0.0,
+    seed: int = 0,
+    use_kv_cache: bool = True,
+    stop_at_eos: bool = True,
+    progress: bool = False,
+) -> list[Generation]:
+    """Continue already-tokenised rows (e.g. a multi-turn conversation ending in the assistant header).
+
+    The decoding loop of :func:`generate` (which renders and tokenises prompts and
+    calls this), with the same arguments; ``labels`` fill ``Generation.prompt``
+    (default: the decoded row).
+
+    Raises:
+        DataError: no rows, an empty row, bad sampling settings, or a row that with
+            ``max_new_tokens`` exceeds the model's context.
+    """
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    check_sampling(max_new_tokens, temperature)
+    rows = [list(r) for r in rows]
+    if not rows or any(not r for r in rows):
+        raise DataError("generate_from_tokens needs at least one row and no empty row of token ids")
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    for i, r in enumerate(rows):
+        if n_ctx and len(r) + max_new_tokens > n_ctx:
+            raise DataError(f"row {i} is {len(r)} tokens plus {max_new_tokens} tokens to generate, more than "
+                            f"{model.cfg.model_name}'s context of {n_ctx} tokens; shorten it")
+    if labels is None:
+        labels = [model.tokenizer.decode(r) for r in rows]
+    if len(labels) != len(rows):
+        raise DataError(f"{len(labels)} labels for {len(rows)} rows")
     device = model.cfg.device
     tok = model.tokenizer
     pad = pad_id(model)
     eos = tok.eos_token_id if stop_at_eos else None
-    tokens, mask = pad_batch([it.tokens for it in items], pad, side="left")
+    tokens, mask = pad_batch(rows, pad, side="left")
     tokens, mask = tokens.to(device), mask.to(device)
     batch, prompt_len = tokens.shape
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -140,5 +187,5 @@ def generate(
         ids = new[row].tolist()
         if eos is not None and eos in ids:
             ids = ids[: ids.index(eos)]
-        out.append(Generation(prompt=plist[row].user, text=tok.decode(ids), tokens=tuple(ids)))
+        out.append(Generation(prompt=labels[row], text=tok.decode(ids), tokens=tuple(ids)))
     return out
