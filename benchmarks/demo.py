@@ -18,8 +18,8 @@ Run (serially, on an otherwise idle machine)::
     git worktree add /tmp/demo_base <old commit>
     .venv/bin/python benchmarks/demo.py --baseline /tmp/demo_base --repeats 2
 
-``--quick`` runs a reduced demo (layers 0 and 1, no steering) once per tree, to show
-that the script works.
+``--quick`` runs a reduced demo (layers 0 and 1, no steering), to show that the script
+works (with ``--repeats 2``, that two runs write identical files).
 """
 
 from __future__ import annotations
@@ -83,10 +83,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", type=Path, default=None, help="another checkout of lens_roles to compare")
     parser.add_argument("--repeats", type=int, default=1, help="runs per tree (alternating; default 1)")
-    parser.add_argument("--quick", action="store_true", help="reduced demo (layers 0,1, no steering), one run")
+    parser.add_argument("--quick", action="store_true", help="reduced demo (layers 0,1, no steering)")
     args = parser.parse_args()
     extra = ["--layers", "0,1", "--no-steering"] if args.quick else []
-    repeats = 1 if args.quick else args.repeats
+    repeats = args.repeats
     trees = {"this tree": HERE}
     if args.baseline is not None:
         trees["baseline"] = args.baseline.resolve()
