@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import numpy as np
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -38,6 +39,10 @@ from lens_roles.errors import DataError, OutputError
 MAX_TEXT_BYTES = 256 * 1024 * 1024
 #: deepest nesting of JSON arrays/objects accepted (records are a few levels deep)
 MAX_JSON_DEPTH = 64
+#: significant digits of the floats written to tables, figure data and figure metadata. A float32
+#: result carries about seven, and the seventh changes with the order of a summation (thread
+#: count, batch shapes); six keep a rerun's files identical to the last one's in all but rare cases
+SIGNIFICANT_DIGITS = 6
 
 
 # ------------------------------------------------------------------------ reading
@@ -321,9 +326,37 @@ def atomic_write_all(writes: Mapping[Path, Callable[[str], None]]) -> list[Path]
     return list(temps)
 
 
-def write_csv(frame, path: str | Path) -> Path:
-    """``frame.to_csv(path, index=False)``, atomically."""
-    return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+def write_csv(frame, path: str | Path, *, significant: int | None = SIGNIFICANT_DIGITS) -> Path:
+    """``frame.to_csv(path, index=False)``, atomically, float columns to ``significant`` digits.
+
+    ``significant=None`` writes every float in full (``repr``) precision.
+    """
+    float_format = None if significant is None else f"%.{significant}g"
+    return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False, float_format=float_format))
+
+
+def round_significant(value, significant: int = SIGNIFICANT_DIGITS):
+    """``value`` with every float in it rounded to ``significant`` significant digits.
+
+    Walks dicts, lists and tuples (a tuple becomes a list, as JSON would write it);
+    a floating-point numpy array of any shape comes back as a float64 array of the
+    rounded values; everything else (ints, bools, strings, other arrays) as it is.
+    Figures and their metadata go through it before they are written, so that their
+    files depend on the values to the precision they carry and not on float noise.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (float, np.floating)):
+        x = float(value)
+        return float(f"{x:.{significant}g}") if x == x and abs(x) != float("inf") else x
+    if isinstance(value, dict):
+        return {k: round_significant(v, significant) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [round_significant(v, significant) for v in value]
+    if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+        flat = [round_significant(float(x), significant) for x in value.ravel()]
+        return np.array(flat, dtype=np.float64).reshape(value.shape)
+    return value
 
 
 def save_tensors(path: str | Path, tensors: Mapping, info: dict) -> Path:

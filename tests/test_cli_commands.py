@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import functools
+import json
 
 import pandas as pd
 import pytest
@@ -40,8 +41,11 @@ def test_extract_roles_and_demo(main, tmp_path, capsys):
                                                                                     "lawyer.safetensors"]
     assert lr.Direction.load(tmp_path / "roles" / "lawyer.safetensors").layers == (2,)
     assert main(["demo", "--out", str(tmp_path / "fig"), "--directions-out", str(tmp_path / "dirs"), "--no-steering",
-                 "--layers", "1"]) == 0
+                 "--layers", "1", "--timings", str(tmp_path / "t.json")]) == 0
     assert (tmp_path / "dirs" / "librarian.safetensors").is_file() and any((tmp_path / "fig").glob("*.html"))
+    timings = json.loads((tmp_path / "t.json").read_text())
+    assert list(timings)[0] == "load model" and list(timings)[-1] == "total" and "role activations" in timings
+    assert timings["total"] >= sum(v for k, v in timings.items() if k != "total")
     assert main.asked == ["tiny", None, None]
     assert "wrote 2 role vectors (1 layers each)" in capsys.readouterr().out
 

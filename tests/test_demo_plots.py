@@ -174,3 +174,51 @@ def test_demo_progress_goes_to_stderr_only(tiny_model, tmp_path, capsys):
     pd.testing.assert_frame_equal(summary, quiet)
     for csv in (tmp_path / "f").rglob("*.csv"):
         assert "%|" not in csv.read_text()
+
+
+def test_a_rerun_writes_the_same_files(demo_run, tiny_model, tmp_path):
+    """``make demo`` twice leaves ``git status`` clean: every file of a second run, figures and vectors,
+    is byte-identical to the first run's (no random div ids, values to the precision they carry)."""
+    _, out, vectors = demo_run
+    timings: dict = {}
+    run_demo(tiny_model, out=tmp_path / "f", directions_out=tmp_path / "d", roles=["chemist", "lawyer", "nurse"],
+             steer_layers=[1], batch_size=32, timings=timings)
+    for first, second in ((out, tmp_path / "f"), (vectors, tmp_path / "d")):
+        files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+        assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
+        changed = [str(f) for f in files if (first / f).read_bytes() != (second / f).read_bytes()]
+        assert not changed
+    assert list(timings) == ["persona", "role activations", "role vectors", "held-out AUCs", "figures",
+                             "role geometry", "steering"]
+    assert all(t >= 0 for t in timings.values())
+
+
+def test_figure_files_round_float_noise_and_use_a_fixed_div_id(tmp_path):
+    import numpy as np
+    import plotly.graph_objects as go
+
+    from lens_roles.io import write_csv
+
+    z = np.float32([[0.1234567, 0.7654321], [1e-9, 12345.678]])
+    noisy = np.nextafter(z, np.float32(1))  # the last bit of every value differs
+    for name, values in (("a", z), ("b", noisy)):
+        fig = go.Figure(go.Heatmap(z=values))
+        viz.save_figure(fig, tmp_path / name / "fig", meta={"norm": float(values[0, 0])}, png=False)
+        write_csv(pd.DataFrame({"v": values.ravel(), "k": range(4)}), tmp_path / name / "t.csv")
+    for file in ("fig.html", "fig.json", "t.csv"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file
+    html = (tmp_path / "a" / "fig.html").read_text()
+    assert 'id="lens-roles-fig"' in html and "[[0.123457,0.765432],[1e-09,12345.7]]" in html
+    assert json.loads((tmp_path / "a" / "fig.json").read_text()) == {"norm": 0.123457}
+    assert pd.read_csv(tmp_path / "a" / "t.csv").v.tolist() == [0.123457, 0.765432, 1e-09, 12345.7]
+
+
+def test_round_significant_leaves_non_floats_alone():
+    import numpy as np
+
+    from lens_roles.io import round_significant
+
+    value = {"a": (1, 2.123456789), "b": True, "c": "x", "d": np.arange(3), "e": float("nan"), "f": [np.float32(0.5)]}
+    out = round_significant(value, 3)
+    assert out["a"] == [1, 2.12] and out["b"] is True and out["c"] == "x" and out["d"] is value["d"]
+    assert out["e"] != out["e"] and out["f"] == [0.5]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import time
 from pathlib import Path
 
 from lens_roles.cli.options import (
@@ -19,6 +21,7 @@ from lens_roles.cli.options import (
 )
 from lens_roles.directions.builders import persona_vector, role_vectors
 from lens_roles.inputs.prompts import load_baseline, load_pairs, load_role, resolve_roles
+from lens_roles.io import atomic_write
 from lens_roles.studies.demo import default_steer_layers, run_demo
 
 
@@ -53,17 +56,27 @@ def run_roles(args: argparse.Namespace, load_model: ModelLoader) -> int:
 
 
 def run_demo_command(args: argparse.Namespace, load_model: ModelLoader) -> int:
-    """``lens-roles demo``: the librarian persona and every role, figures to ``--out``."""
+    """``lens-roles demo``: the librarian persona and every role, figures to ``--out``.
+
+    With ``--timings`` the seconds of each phase (loading the model first, then
+    :func:`~lens_roles.studies.demo.run_demo`'s phases, and ``total``) are written there as JSON.
+    """
+    t0 = time.perf_counter()
     model = open_model(args, load_model)
+    timings = {"load model": time.perf_counter() - t0}
     steer_layers = [] if args.no_steering else default_steer_layers(model.cfg.n_layers)
     run_demo(
         model,
+        timings=timings,
         out=Path(args.out),
         directions_out=Path(args.directions_out),
         layers=args.layers.resolve(model),
         steer_layers=steer_layers,
         **collect_kw(args),
     )
+    if args.timings is not None:
+        timings["total"] = time.perf_counter() - t0
+        atomic_write(args.timings, lambda tmp: Path(tmp).write_text(json.dumps(timings, indent=2)))
     return 0
 
 
@@ -95,5 +108,7 @@ def register(sub) -> None:
     add_output(p, "--directions-out", default="build/directions",
                help="where the vectors are saved (default: build/directions)")
     p.add_argument("--no-steering", action="store_true", help="skip the steering sweep")
+    add_output(p, "--timings", kind="file", suffix=".json", default=None,
+               help="write the seconds of each phase there as JSON (for benchmarks/demo.py)")
     add_collect_options(p)
     add_model_options(p, batch="read")

@@ -30,7 +30,7 @@ from torch import Tensor
 from lens_roles.directions.direction import Direction
 from lens_roles.errors import DirectionError
 from lens_roles.inputs.prompts import PairSet, PromptSet
-from lens_roles.runtime.activations import Activations, collect, collect_sets
+from lens_roles.runtime.activations import Activations, collect_sets
 from lens_roles.runtime.models import validate_layers
 
 
@@ -76,15 +76,16 @@ def role_vector(
 def role_vectors(
     model, roles: Sequence[PromptSet], baseline: PromptSet, *, layers=None, positions="eoi", **collect_kw
 ) -> dict[str, Direction]:
-    """One role vector per prompt set, sharing one pass over the baseline."""
+    """One role vector per prompt set, from one run over the baseline and every role together.
+
+    The baseline is read once for all roles, and all sets share batches and the chat
+    template's common prefix (:func:`~lens_roles.runtime.activations.collect_sets`).
+    """
     _collect_kw(collect_kw)
     layers = validate_layers(model, layers)
-    base = collect(model, baseline, layers=layers, positions=positions, **collect_kw)
-    out = {}
-    for role in roles:
-        acts = collect(model, role, layers=layers, positions=positions, **collect_kw)
-        out[role.name] = diff_in_means(acts, base, method="role_vector", name=role.name, baseline=baseline.name)
-    return out
+    base, *acts = collect_sets(model, [baseline, *roles], layers=layers, positions=positions, **collect_kw)
+    return {role.name: diff_in_means(role_acts, base, method="role_vector", name=role.name, baseline=baseline.name)
+            for role, role_acts in zip(roles, acts)}
 
 
 def persona_vector(

@@ -24,6 +24,11 @@ Writes to ``out`` (default ``figures/``):
   cosine-vs-α per layer and adherence/coherence-vs-α figures;
 
 and the vectors themselves to ``directions_out`` (one ``.safetensors`` + ``.json`` each).
+
+A rerun writes the same files (values to :data:`lens_roles.io.SIGNIFICANT_DIGITS`
+significant digits, no random ids: see :mod:`lens_roles.viz.export`). The wall time of
+each phase goes to ``timings`` when a dict is passed (``lens-roles demo --timings``
+writes it as JSON, for ``benchmarks/demo.py``).
 """
 
 from __future__ import annotations
@@ -33,7 +38,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from lens_roles._version import __version__
 from lens_roles.directions.builders import diff_in_means
@@ -44,6 +48,7 @@ from lens_roles.inputs.sets import split_indices
 from lens_roles.io import write_csv
 from lens_roles.runtime.activations import collect_sets
 from lens_roles.runtime.models import parse_layers, validate_layers
+from lens_roles.runtime.progress import progress_bar
 from lens_roles.studies.role_study import load_role_domains
 from lens_roles.studies.steering_report import run_steering_report
 from lens_roles.viz import (
@@ -65,16 +70,43 @@ def default_steer_layers(n_layers: int) -> list[int]:
     return sorted({round(n_layers * f) for f in (0.2, 0.4, 0.6)})
 
 
+class PhaseTimer:
+    """Wall time per named phase, in seconds, into a dict (in the order the phases ran).
+
+    ``with timer("roles"): ...`` adds the block's time to ``timings["roles"]``.
+    """
+
+    def __init__(self, timings: dict[str, float]):
+        self.timings = timings
+
+    def __call__(self, name: str) -> "PhaseTimer":
+        self.name = name
+        return self
+
+    def __enter__(self) -> "PhaseTimer":
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.t0
+
+
 def run_demo(model, *, out: Path, directions_out: Path, layers="all", roles="all", steer_layers=None,
-             progress: bool = True, **collect_kw) -> pd.DataFrame:
+             progress: bool = True, timings: dict[str, float] | None = None, **collect_kw) -> pd.DataFrame:
     """Run the main job on ``model``; returns the summary frame (also written as CSV).
 
     With ``progress`` every phase a user waits on shows a tqdm bar on stderr, one
-    after another: the activations of the persona pairs and of the roles, the
-    held-out AUCs, the figures, the role geometry and the steering study (its
-    sweeps and generations). stdout gets the report alone.
+    after another: the activations of the persona pairs and of the roles, the role
+    vectors, the held-out AUCs, the figures, the role geometry and the steering study
+    (its sweeps, generations and figures). stdout gets the report alone.
+
+    Args:
+        timings: a dict that receives the seconds of each phase (``persona``, ``role
+            activations``, ``role vectors``, ``held-out AUCs``, ``figures``, ``role
+            geometry``, ``steering``), e.g. for a benchmark.
     """
     t_start = time.perf_counter()
+    phase = PhaseTimer(timings if timings is not None else {})
     layers = validate_layers(model, parse_layers(layers) if isinstance(layers, str) else layers)
     rows: list[dict] = []
 
@@ -84,39 +116,46 @@ def run_demo(model, *, out: Path, directions_out: Path, layers="all", roles="all
 
     # -- the librarian persona, read over the reply tokens -----------------------------------
     pairs = load_pairs(data_dir() / "personas" / "librarian.jsonl", "librarian")
-    pos, neg = collect_sets(model, [pairs.positives(), pairs.negatives()], layers=layers, positions="reply",
-                            keep_per_prompt=True, progress=progress, **collect_kw)
-    pair_train, pair_held = split_indices(len(pairs), TRAIN_FRACTION)
-    persona = diff_in_means(pos.subset(pair_train), neg.subset(pair_train), method="mean_diff", name="librarian",
-                            dataset=pairs.fingerprint(), split=f"first {len(pair_train)} of {len(pairs)} pairs")
-    persona.save(directions_out / "librarian.safetensors")
-    add("librarian", "persona", persona.to_frame())
-    add("librarian", "persona", separation_auc(persona, pos.subset(pair_held), neg.subset(pair_held)))
-    add("librarian", "persona", split_half_agreement(model, pairs, activations=(pos, neg)))
+    with phase("persona"):
+        pos, neg = collect_sets(model, [pairs.positives(), pairs.negatives()], layers=layers, positions="reply",
+                                keep_per_prompt=True, progress=progress, **collect_kw)
+        pair_train, pair_held = split_indices(len(pairs), TRAIN_FRACTION)
+        persona = diff_in_means(pos.subset(pair_train), neg.subset(pair_train), method="mean_diff",
+                                name="librarian", dataset=pairs.fingerprint(),
+                                split=f"first {len(pair_train)} of {len(pairs)} pairs")
+        persona.save(directions_out / "librarian.safetensors")
+        add("librarian", "persona", persona.to_frame())
+        add("librarian", "persona", separation_auc(persona, pos.subset(pair_held), neg.subset(pair_held)))
+        add("librarian", "persona", split_half_agreement(model, pairs, activations=(pos, neg)))
 
     # -- every role against the baseline, read at the end-of-instruction tokens ----------------
     # the baseline and every role in one run (shared template prefix, full batches)
     baseline = load_baseline()
     names = available_roles() if roles == "all" else list(roles)
     role_sets = [load_role(name) for name in names]
-    base, *all_role_acts = collect_sets(model, [baseline, *role_sets], layers=layers, positions="eoi",
-                                        keep_per_prompt=True, progress=progress, **collect_kw)
+    with phase("role activations"):
+        base, *all_role_acts = collect_sets(model, [baseline, *role_sets], layers=layers, positions="eoi",
+                                            keep_per_prompt=True, progress=progress, **collect_kw)
     base_train, base_held = split_indices(len(baseline), TRAIN_FRACTION)
     base_train_acts, base_held_acts = base.subset(base_train), base.subset(base_held)
     role_acts, vectors = {}, {}
-    for name, role_set, acts in zip(names, role_sets, all_role_acts):
-        role_train, role_held = split_indices(len(role_set), TRAIN_FRACTION)
-        role_acts[name] = acts.subset(role_held)
-        vectors[name] = diff_in_means(acts.subset(role_train), base_train_acts, method="role_vector", name=name,
-                                      baseline="baseline", dataset=role_set.fingerprint(),
-                                      split=f"first {len(role_train)} of {len(role_set)} instructions")
-        vectors[name].save(directions_out / "roles" / f"{name}.safetensors")
-    for name, vector in tqdm(vectors.items(), desc="held-out AUCs", unit="role", disable=not progress):
-        add(name, "role", vector.to_frame())
-        add(name, "role", separation_auc(vector, role_acts[name], base_held_acts))
-        if len(names) > 1:  # specificity: this role's held-out prompts against every other role's, pooled
-            others = [role_acts[other] for other in names if other != name]
-            add(name, "role", separation_auc(vector, role_acts[name], others).assign(metric="auc_vs_roles"))
+    with phase("role vectors"), progress_bar(progress, len(names), "role vectors", unit="role") as bar:
+        for name, role_set, acts in zip(names, role_sets, all_role_acts):
+            role_train, role_held = split_indices(len(role_set), TRAIN_FRACTION)
+            role_acts[name] = acts.subset(role_held)
+            vectors[name] = diff_in_means(acts.subset(role_train), base_train_acts, method="role_vector",
+                                          name=name, baseline="baseline", dataset=role_set.fingerprint(),
+                                          split=f"first {len(role_train)} of {len(role_set)} instructions")
+            vectors[name].save(directions_out / "roles" / f"{name}.safetensors")
+            bar.update(1)
+    with phase("held-out AUCs"), progress_bar(progress, len(vectors), "held-out AUCs", unit="role") as bar:
+        for name, vector in vectors.items():
+            add(name, "role", vector.to_frame())
+            add(name, "role", separation_auc(vector, role_acts[name], base_held_acts))
+            if len(names) > 1:  # specificity: this role's held-out prompts against every other role's, pooled
+                others = [role_acts[other] for other in names if other != name]
+                add(name, "role", separation_auc(vector, role_acts[name], others).assign(metric="auc_vs_roles"))
+            bar.update(1)
 
     summary = pd.DataFrame(rows)
     meta = {
@@ -129,17 +168,21 @@ def run_demo(model, *, out: Path, directions_out: Path, layers="all", roles="all
         "split": f"first {TRAIN_FRACTION:.0%} build, rest held out",
         "lens_roles": __version__,
     }
-    write_outputs(summary, out, meta, progress=progress)
+    with phase("figures"):
+        write_outputs(summary, out, meta, progress=progress)
     if len(vectors) > 1:
-        write_geometry(vectors, summary, out / "roles", meta, progress=progress)
+        with phase("role geometry"):
+            write_geometry(vectors, summary, out / "roles", meta, progress=progress)
 
     # -- steering with the librarian vector, evaluated on the held-out pairs ---------------------
     if steer_layers:
         held_pairs = PairSet("librarian", tuple(pairs.pairs[i] for i in pair_held), pairs.source)
         print("steering the librarian persona (held-out pairs):")
-        run_steering_report(model, persona, held_pairs, layers=[layer for layer in steer_layers if layer in layers],
-                            alphas=STEER_ALPHAS, relative=True, out=out / "steering", n_generate=3,
-                            max_new_tokens=32, progress=progress)
+        with phase("steering"):
+            run_steering_report(model, persona, held_pairs,
+                                layers=[layer for layer in steer_layers if layer in layers],
+                                alphas=STEER_ALPHAS, relative=True, out=out / "steering", n_generate=3,
+                                max_new_tokens=32, progress=progress)
     report(summary)
     print(f"demo finished in {time.perf_counter() - t_start:.1f} s; figures in {out}/, vectors in {directions_out}/")
     return summary
@@ -151,8 +194,10 @@ def save_figures(figures: list, meta: dict, *, desc: str, progress: bool = False
     Figures are built first and saved here, one by one: the PNG export (a
     browser) is what takes seconds, and the bar shows it.
     """
-    for fig, stem in tqdm(figures, desc=desc, unit="figure", disable=not progress):
-        save_figure(fig, stem, meta=meta)
+    with progress_bar(progress, len(figures), desc, unit="figure") as bar:
+        for fig, stem in figures:
+            save_figure(fig, stem, meta=meta)
+            bar.update(1)
 
 
 def write_outputs(summary: pd.DataFrame, out: Path, meta: dict, *, progress: bool = False) -> None:

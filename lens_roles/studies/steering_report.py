@@ -26,6 +26,7 @@ from lens_roles.interventions.steering import residual_norms
 from lens_roles.io import write_csv
 from lens_roles.measures.sweeps import adherence_sweep, cosine_sweep, generation_sweep
 from lens_roles.runtime.models import validate_layers
+from lens_roles.runtime.progress import progress_bar
 from lens_roles.viz import behaviour_vs_alpha, cosine_vs_alpha, save_figure
 
 
@@ -35,7 +36,7 @@ def run_steering_report(model, direction: Direction, pairs: PairSet, *, layers, 
     """Run the sweeps on ``pairs`` (held out from the direction's data) and write the outputs.
 
     With ``progress`` each step (residual norms, the cosine and adherence sweeps,
-    the generations) shows a tqdm bar on stderr; the report goes to ``file``
+    the generations, the figures) shows a tqdm bar on stderr; the report goes to ``file``
     (default stdout).
     """
     layers = list(validate_layers(model, layers))
@@ -69,10 +70,14 @@ def run_steering_report(model, direction: Direction, pairs: PairSet, *, layers, 
     write_csv(sweep, out / "sweep.csv")
     write_csv(texts, out / "generations.csv")
     sub = f"{model.cfg.model_name} · {meta['direction']} · steered at resid_post, all positions"
-    for layer in layers:
-        save_figure(cosine_vs_alpha(sweep, layer, subtitle=sub), out / f"cosine_vs_alpha_layer{layer}", meta=meta)
-    save_figure(behaviour_vs_alpha(sweep, subtitle=sub + f" · {len(pairs)} held-out pairs"),
-                out / "steering_behaviour", meta=meta)
+    with progress_bar(progress, len(layers) + 1, "steering figures", unit="figure") as bar:
+        for layer in layers:
+            save_figure(cosine_vs_alpha(sweep, layer, subtitle=sub), out / f"cosine_vs_alpha_layer{layer}",
+                        meta=meta)
+            bar.update(1)
+        save_figure(behaviour_vs_alpha(sweep, subtitle=sub + f" · {len(pairs)} held-out pairs"),
+                    out / "steering_behaviour", meta=meta)
+        bar.update(1)
     report(sweep, file=file)
     return sweep, texts
 

@@ -4,20 +4,29 @@
 Chrome/Chromium is available to ``kaleido``, a PNG beside it; a missing browser
 only skips the PNG (with one warning), and a browser that hangs is given up after
 ``LENS_ROLES_PNG_TIMEOUT`` seconds (default 120). ``LENS_ROLES_PNG=0`` switches PNG
-export off (the test suite does, so that it needs no browser)."""
+export off (the test suite does, so that it needs no browser).
+
+A rerun writes the same files: the figure's data and metadata are rounded to
+:data:`lens_roles.io.SIGNIFICANT_DIGITS` significant digits (float noise in the
+seventh digit of a float32 result does not reach the files), and the HTML's plot
+``<div>`` takes an id made from the file's name instead of plotly's random UUID."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import shutil
 import threading
 import warnings
 from pathlib import Path
 
+import numpy as np
 import plotly.graph_objects as go
+import plotly.io as pio
 
-from lens_roles.io import atomic_write
+from lens_roles.io import atomic_write, round_significant
 
 #: whether the missing-browser warning was given (once per process)
 _png_warned = False
@@ -50,12 +59,15 @@ def save_figure(fig: go.Figure, stem: str | Path, *, meta: dict | None = None, p
         written.append(atomic_write(path, write))
 
     if meta is not None:
+        meta = round_significant(meta)
         fig.update_layout(meta=meta)
         _atomic(stem.with_suffix(".json"), lambda t: Path(t).write_text(json.dumps(meta, indent=2, default=str)))
     # plotly.js is written once beside the figures, so the HTML works offline; figures in
     # sub-folders reuse a copy up to three folders above them (figures/plotly.min.js).
     plotlyjs = _shared_plotlyjs(stem.parent)
-    _atomic(stem.with_suffix(".html"), lambda t: fig.write_html(t, include_plotlyjs=plotlyjs, full_html=True))
+    data = round_significant(_plain(fig.to_plotly_json()))
+    _atomic(stem.with_suffix(".html"), lambda t: pio.write_html(data, t, include_plotlyjs=plotlyjs, full_html=True,
+                                                                 div_id=div_id(stem), validate=False))
     if png and os.environ.get("LENS_ROLES_PNG", "1") == "0":
         png = False  # PNG export switched off (the test suite does this: it needs no browser)
     if png:
@@ -72,6 +84,28 @@ def save_figure(fig: go.Figure, stem: str | Path, *, meta: dict | None = None, p
             except Exception as exc:  # kaleido/browser failures must not lose the HTML
                 warnings.warn(f"PNG export of {stem} failed ({exc}); HTML written", stacklevel=2)
     return written
+
+
+def _plain(value):
+    """``value`` (a figure's ``to_plotly_json()``) with plotly's base64 typed arrays
+    (``{"dtype", "bdata", "shape"}``) decoded into nested lists of numbers, which
+    :func:`~lens_roles.io.round_significant` then rounds and the HTML writes as JSON numbers."""
+    if isinstance(value, dict):
+        if "bdata" in value and "dtype" in value and set(value) <= {"dtype", "bdata", "shape"}:
+            array = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+            if "shape" in value:
+                array = array.reshape([int(n) for n in str(value["shape"]).split(",")])
+            return array.tolist()
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def div_id(stem: str | Path) -> str:
+    """The id of a figure's plot ``<div>`` in its HTML: ``lens-roles-`` and the file's name, in
+    characters an HTML id and a CSS selector take as they are (the same on every run)."""
+    return "lens-roles-" + re.sub(r"[^A-Za-z0-9_-]", "-", Path(stem).name)
 
 
 #: seconds a PNG export may take before it is given up (a browser can hang on a loaded machine)
