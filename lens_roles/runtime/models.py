@@ -316,6 +316,11 @@ def resid_hook(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
+def resid_pre_hook(layer: int) -> str:
+    """Hook name of the residual stream entering block ``layer``."""
+    return f"blocks.{layer}.hook_resid_pre"
+
+
 def validate_layers(model, layers: int | Iterable[int] | str | None) -> tuple[int, ...]:
     """Turn ``layers`` into a sorted tuple of valid block indices.
 

@@ -28,7 +28,7 @@ from typing import Callable
 import plotly.graph_objects as go
 
 from lens_roles.errors import Cancelled, ModelError, UsageError
-from lens_roles.runtime.models import resid_hook
+from lens_roles.runtime.models import resid_pre_hook
 from lens_roles.viz.style import fit_to_pane, in_kernel
 
 
@@ -99,9 +99,12 @@ class Ticket:
     def watch(self, model):
         """Count the forwards that run in this block and stop the next one after a cancel.
 
-        One hook per ``blocks.{l}.hook_resid_post``: at any layer it checks the flag
+        One hook per ``blocks.{l}.hook_resid_pre``: at any layer it checks the flag
         (so a cancel takes effect within one block), at the last layer it counts a
-        finished forward. The hooks return None, so they never change an activation.
+        forward. The hooks return None, so they never change an activation. They sit on
+        ``hook_resid_pre``, not ``hook_resid_post``, because a branched run
+        (:mod:`lens_roles.runtime.branching`) restarts from ``hook_resid_post`` and refuses
+        outside hooks there.
         """
         last = model.cfg.n_layers - 1
         owner = threading.get_ident()
@@ -118,7 +121,7 @@ class Ticket:
             if self.on_progress is not None:
                 self.on_progress(self.forwards)
 
-        hooks = [(resid_hook(layer), check) for layer in range(last)] + [(resid_hook(last), count)]
+        hooks = [(resid_pre_hook(layer), check) for layer in range(last)] + [(resid_pre_hook(last), count)]
         self.check()
         with model.hooks(fwd_hooks=hooks):
             yield self
