@@ -175,3 +175,21 @@ def test_cuda_without_cuda_raises_before_loading(no_network):
 def test_n_devices_is_checked_before_loading(no_network, n_devices, match):
     with pytest.raises(ModelError, match=match):
         load_model("no-such-model-xyz", n_devices=n_devices)
+
+
+def test_forward_layout_keeps_every_output_bit_for_bit_and_makes_the_unembedding_a_view(tiny_tokenizer):
+    """use_forward_layout changes only strides: the logits are identical, and the unembedding's
+    transposed weight is no longer copied at every call."""
+    from conftest import make_tiny_model
+
+    from lens_roles.runtime.models import use_forward_layout
+
+    model = make_tiny_model(tiny_tokenizer, seed=3)
+    tokens = torch.tensor([[1, 5, 9, 2, 7, 3], [4, 4, 8, 1, 2, 6]])
+    with torch.no_grad():
+        before = model(tokens)
+    assert use_forward_layout(model) > 0
+    w = model.unembed.W_U
+    assert w.T.is_contiguous() and w.T.contiguous().data_ptr() == w.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(model(tokens), before)

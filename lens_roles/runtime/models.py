@@ -255,8 +255,10 @@ def use_forward_layout(model) -> int:
     (``W_in.T.contiguous()``, ``rearrange(W_Q, "h m d -> (h d) m")``), copying each
     matrix each time: about a quarter of a CPU forward of SmolLM2 at batch 16. Here
     each such parameter keeps its shape and values but gets strides that make that
-    re-layout a free view. Outputs are bit-identical. Returns how many parameters
-    were changed.
+    re-layout a free view. The same holds for the unembedding, whose forward makes
+    ``W_U.T.contiguous()`` (``d_vocab × d_model``, 113 MB for SmolLM2) at every call,
+    e.g. at every decoding step of a generation. Outputs are bit-identical. Returns how
+    many parameters were changed.
     """
     changed = 0
 
@@ -278,6 +280,9 @@ def use_forward_layout(model) -> int:
         if mlp is not None:
             for name in ("W_in", "W_gate", "W_out"):
                 relayout(mlp, name, (1, 0))  # used transposed by F.linear
+    unembed = getattr(model, "unembed", None)
+    if unembed is not None:
+        relayout(unembed, "W_U", (1, 0))  # used transposed by F.linear
     return changed
 
 
