@@ -193,3 +193,23 @@ def test_forward_layout_keeps_every_output_bit_for_bit_and_makes_the_unembedding
     assert w.T.is_contiguous() and w.T.contiguous().data_ptr() == w.data_ptr()
     with torch.no_grad():
         assert torch.equal(model(tokens), before)
+
+
+def test_loading_in_one_call_gives_the_per_key_load(tiny_tokenizer):
+    """TransformerLens's per-key loading of processed weights and loads_in_one_call end with the same
+    parameters (folded and centred the same way) and the same logits."""
+    from conftest import make_tiny_model
+
+    from lens_roles.runtime.models import loads_in_one_call
+
+    source = {k: v.clone() for k, v in make_tiny_model(tiny_tokenizer, seed=5).state_dict().items()}
+    per_key, one_call = make_tiny_model(tiny_tokenizer, seed=6), make_tiny_model(tiny_tokenizer, seed=7)
+    per_key.load_and_process_state_dict(dict(source), fold_ln=True, center_writing_weights=True)
+    with loads_in_one_call(one_call):
+        one_call.load_and_process_state_dict(dict(source), fold_ln=True, center_writing_weights=True)
+    a, b = per_key.state_dict(), one_call.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "load_state_dict" not in vars(one_call)  # the model's own method is back
+    tokens = torch.tensor([[1, 5, 9, 2, 7, 3]])
+    with torch.no_grad():
+        assert torch.equal(per_key(tokens), one_call(tokens))
