@@ -183,6 +183,7 @@ def test_forward_layout_keeps_every_output_bit_for_bit_and_makes_the_unembedding
     from conftest import make_tiny_model
 
     from lens_roles.runtime.models import use_forward_layout
+    from lens_roles.runtime.readout import final_logits
 
     model = make_tiny_model(tiny_tokenizer, seed=3)
     tokens = torch.tensor([[1, 5, 9, 2, 7, 3], [4, 4, 8, 1, 2, 6]])
@@ -193,6 +194,8 @@ def test_forward_layout_keeps_every_output_bit_for_bit_and_makes_the_unembedding
     assert w.T.is_contiguous() and w.T.contiguous().data_ptr() == w.data_ptr()
     with torch.no_grad():
         assert torch.equal(model(tokens), before)
+        resid = model(tokens, stop_at_layer=model.cfg.n_layers)
+        assert torch.equal(final_logits(model, resid), before)  # the readout's kept weight is the same view
 
 
 def test_loading_in_one_call_gives_the_per_key_load(tiny_tokenizer):
