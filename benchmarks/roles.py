@@ -25,9 +25,11 @@ With ``--baseline TREE`` it times ``lens-roles evaluate`` end to end (model load
 vectors, the study, its tables and figures; the CLI defaults unless ``--max-test``) in a
 fresh process per run, this checkout's code against another checkout's (e.g. a worktree of
 an older commit), alternated, each with ``PYTHONPATH=<tree>``; prints the wall time of each
-run, the ratio baseline / this tree, and whether the two wrote the same selections
-(``selection.csv``) and the same table (``table.csv``, byte for byte, else the largest
-difference). ``--quick`` makes that a smoke run (2 domains, 4 validation / 4 test questions,
+run, the ratio baseline / this tree, whether the two chose the same layer and α for every
+role (``selection.csv``), and whether each table (``selection.csv``, ``table.csv``, ...) is the
+same byte for byte, else the largest difference of its numbers (values are written to 6
+significant digits since the commit after ab86173, so differences of a unit in the sixth digit
+are expected against it). ``--quick`` makes that a smoke run (2 domains, 4 validation / 4 test questions,
 200 bootstrap draws).
 
 Run: ``.venv/bin/python benchmarks/roles.py [--domain econ] [--questions DIR]``, or
@@ -180,6 +182,9 @@ def against_baseline(args) -> None:
         size = "--quick" if args.quick else f"default size, --max-test {args.max_test}"
         print(f"\nlens-roles evaluate ({size}): baseline {base:.1f} s, this tree {ours:.1f} s, "
               f"baseline / this tree {base / ours:.2f}x (median of {args.repeats})")
+        chosen = [pd.read_csv(outs[name] / "selection.csv").query("chosen")[["role", "layer", "alpha"]]
+                  .reset_index(drop=True) for name in trees]
+        print(f"  same selections (role, layer, alpha chosen on validation): {chosen[0].equals(chosen[1])}")
         for table in ("selection.csv", "table.csv", "scores.csv", "baseline.csv", "summary.csv"):
             a, b = outs["this tree"] / table, outs["baseline"] / table
             same = a.read_bytes() == b.read_bytes()
