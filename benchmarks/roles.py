@@ -28,7 +28,7 @@ an older commit), alternated, each with ``PYTHONPATH=<tree>``; prints the wall t
 run, the ratio baseline / this tree, whether the two chose the same layer and α for every
 role (``selection.csv``), and whether each table (``selection.csv``, ``table.csv``, ...) is the
 same byte for byte, else the largest difference of its numbers (values are written to 6
-significant digits since the commit after ab86173, so differences of a unit in the sixth digit
+significant digits since 204088b, after ab86173, so differences of a unit in the sixth digit
 are expected against it). ``--quick`` makes that a smoke run (2 domains, 4 validation / 4 test questions,
 200 bootstrap draws).
 
