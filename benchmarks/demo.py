@@ -117,7 +117,7 @@ def main() -> None:
                     share = "" if key == "total" else f"{100 * sec / ref:5.1f} %"
                     print(f"  {key:<18s} {sec:8.1f} s  {share}")
             else:
-                print("  (this tree's demo reports no phases)")
+                print("  (no phases: this checkout's demo has no --timings)")
         if "baseline" in trees:
             ours, base = statistics.median(walls["this tree"]), statistics.median(walls["baseline"])
             print(f"\nbaseline / this tree: {base / ours:.2f}x  ({base:.1f} s vs {ours:.1f} s)")

@@ -21,19 +21,37 @@ its own, as before branching), alternated, with the ratio, whether the selection
 are the same and the largest difference between the tables. ``--quick`` is a
 smoke run of that (2 roles × 2 domains, 4 questions).
 
+With ``--baseline TREE`` it times ``lens-roles evaluate`` end to end (model load, role
+vectors, the study, its tables and figures; the CLI defaults unless ``--max-test``) in a
+fresh process per run, this checkout's code against another checkout's (e.g. a worktree of
+an older commit), alternated, each with ``PYTHONPATH=<tree>``; prints the wall time of each
+run, the ratio baseline / this tree, whether the two chose the same layer and α for every
+role (``selection.csv``), and whether each table (``selection.csv``, ``table.csv``, ...) is the
+same byte for byte, else the largest difference of its numbers (values are written to 6
+significant digits since 204088b, after ab86173, so differences of a unit in the sixth digit
+are expected against it). ``--quick`` makes that a smoke run (2 domains, 4 validation / 4 test questions,
+200 bootstrap draws).
+
 Run: ``.venv/bin/python benchmarks/roles.py [--domain econ] [--questions DIR]``, or
-``benchmarks/roles.py --study [--max-test 30|128] [--repeats 1] [--quick]``.
+``benchmarks/roles.py --study [--max-test 30|128] [--repeats 1] [--quick]``, or
+``benchmarks/roles.py --baseline /work/base_ab86173 [--max-test 30|128] [--repeats 1] [--quick]``
+(serially, on an otherwise idle machine; ``git worktree add --detach /work/base_ab86173 ab86173``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 import lens_roles as lr
@@ -43,7 +61,11 @@ from lens_roles.measures.multiple_choice import Condition, evaluate_condition, p
 from lens_roles.studies import role_study
 from lens_roles.studies.role_study import StudyConfig, default_selection_layers, load_role_domains, select_addition
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "role-vectors" / "splits"
+# ../shared/data/role-vectors/splits beside the checkout, or beside a folder above it (a worktree elsewhere)
+SHARED = next((p / "shared" / "data" / "role-vectors" / "splits" for p in Path(__file__).resolve().parents[2:]
+               if (p / "shared" / "data" / "role-vectors" / "splits").is_dir()),
+              Path(__file__).resolve().parents[2] / "shared" / "data" / "role-vectors" / "splits")
+HERE = Path(__file__).resolve().parent.parent
 
 
 def timed(fn):
@@ -107,6 +129,69 @@ def study(model, args) -> None:
           f"same selections: {same_selection}; largest table difference {diff:.1e}")
 
 
+def imported_from(tree: Path) -> Path:
+    """Where ``lens_roles`` comes from with ``PYTHONPATH=tree`` (must be inside ``tree``)."""
+    out = subprocess.run([sys.executable, "-c", "import lens_roles; print(lens_roles.__file__)"], cwd=tree,
+                         env=dict(os.environ, PYTHONPATH=str(tree)), capture_output=True, text=True, check=True)
+    path = Path(out.stdout.strip()).resolve()
+    if tree.resolve() not in path.parents:
+        sys.exit(f"lens_roles from {tree} imports {path}, not that tree's code")
+    return path
+
+
+def evaluate_cli(tree: Path, out: Path, args) -> float:
+    """One ``lens-roles evaluate`` in a fresh process with ``tree``'s code; returns its wall seconds."""
+    cmd = [sys.executable, "-m", "lens_roles.cli", "evaluate", "--questions", str(args.questions), "--out", str(out),
+           "--max-test", str(args.max_test)]
+    if args.quick:
+        domains = sorted(p.stem.removeprefix("target_test_") for p in Path(args.questions).glob("target_test_*.json"))
+        cmd += ["--domains", ",".join(domains[:2]), "--max-val", "4", "--max-test", "4", "--n-boot", "200"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=tree, env=dict(os.environ, PYTHONPATH=str(tree)), check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def largest_difference(a: Path, b: Path) -> float:
+    """The largest absolute difference between the numeric columns of two CSV tables of the same shape."""
+    fa, fb = pd.read_csv(a), pd.read_csv(b)
+    if list(fa.columns) != list(fb.columns) or len(fa) != len(fb):
+        return float("inf")
+    num = fa.select_dtypes("number").columns
+    other = [c for c in fa.columns if c not in num]
+    if not fa[other].equals(fb[other]):
+        return float("inf")
+    return float(np.nanmax(np.abs(fa[num].to_numpy(float) - fb[num].to_numpy(float)))) if len(num) else 0.0
+
+
+def against_baseline(args) -> None:
+    """``lens-roles evaluate`` end to end, this tree against ``--baseline`` (see the module docs)."""
+    trees = {"this tree": HERE, "baseline": args.baseline.resolve()}
+    for name, tree in trees.items():
+        print(f"{name}: {tree} (lens_roles from {imported_from(tree)})")
+    walls: dict[str, list[float]] = {name: [] for name in trees}
+    outs: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_roles_") as work:
+        for r in range(args.repeats):
+            for name in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
+                out = Path(work) / f"{name.replace(' ', '_')}_{r}"
+                walls[name].append(evaluate_cli(trees[name], out, args))
+                outs[name] = out
+                print(f"  run {r + 1} {name}: {walls[name][-1]:.1f} s", flush=True)
+        ours, base = statistics.median(walls["this tree"]), statistics.median(walls["baseline"])
+        size = "--quick" if args.quick else f"default size, --max-test {args.max_test}"
+        print(f"\nlens-roles evaluate ({size}): baseline {base:.1f} s, this tree {ours:.1f} s, "
+              f"baseline / this tree {base / ours:.2f}x (median of {args.repeats})")
+        chosen = [pd.read_csv(outs[name] / "selection.csv").query("chosen")[["role", "layer", "alpha"]]
+                  .reset_index(drop=True) for name in trees]
+        print(f"  same selections (role, layer, alpha chosen on validation): {chosen[0].equals(chosen[1])}")
+        for table in ("selection.csv", "table.csv", "scores.csv", "baseline.csv", "summary.csv"):
+            a, b = outs["this tree"] / table, outs["baseline"] / table
+            same = a.read_bytes() == b.read_bytes()
+            print(f"  {table}: " + ("identical files" if same else f"differ, largest difference "
+                                                                 f"{largest_difference(a, b):.1e}"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--questions", default=str(SHARED))
@@ -116,7 +201,12 @@ def main() -> None:
     parser.add_argument("--max-test", type=int, default=30, help="--study: test questions per domain")
     parser.add_argument("--repeats", type=int, default=1, help="--study: rounds (each runs both, alternated)")
     parser.add_argument("--quick", action="store_true", help="--study smoke run: 2 roles × 2 domains, 4 questions")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="another checkout: time lens-roles evaluate end to end, this tree against it")
     args = parser.parse_args()
+    if args.baseline is not None:
+        against_baseline(args)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     t_load, model = timed(lr.load_model)
     print(f"model {model.cfg.model_name}: loaded in {t_load:.1f} s")

@@ -133,6 +133,8 @@ def test_a_hanging_browser_is_given_up_and_html_kept(tmp_path, monkeypatch):
     monkeypatch.setenv("LENS_ROLES_PNG", "1")
     monkeypatch.setattr(viz.export, "find_browser", lambda: "/usr/bin/true")
     monkeypatch.setattr(viz.export, "PNG_TIMEOUT", 0.2)
+    monkeypatch.setattr(viz.export, "_session", None)
+    monkeypatch.setattr(viz.export, "_session_failed", True)  # the one-off export, a browser per figure
     monkeypatch.setattr(go.Figure, "to_image", lambda self, *a, **k: time.sleep(0.6) or b"late png")
     with pytest.warns(UserWarning, match="did not finish within 0.2 s"):
         viz.save_figure(go.Figure(), tmp_path / "fig")
@@ -142,6 +144,58 @@ def test_a_hanging_browser_is_given_up_and_html_kept(tmp_path, monkeypatch):
     before = sorted(tmp_path.iterdir())
     time.sleep(1.0)
     assert sorted(tmp_path.iterdir()) == before
+
+
+def test_a_hanging_browser_session_is_given_up_and_dropped(tmp_path, monkeypatch):
+    """The kept-open browser: a figure it does not render in time is given up (HTML kept, nothing written
+    late) and the session is dropped, so that the next figure opens a new one."""
+    import asyncio
+    import threading
+    import time
+
+    import plotly.graph_objects as go
+
+    from lens_roles import viz
+
+    class SlowBrowser:
+        async def calc_fig(self, *args, **kwargs):
+            await asyncio.sleep(0.6)
+            return b"late png"
+
+        async def close(self):
+            return None
+
+    session = object.__new__(viz.export.BrowserSession)
+    session.loop = asyncio.new_event_loop()
+    threading.Thread(target=session.loop.run_forever, daemon=True).start()
+    session.browser = SlowBrowser()
+    monkeypatch.setenv("LENS_ROLES_PNG", "1")
+    monkeypatch.setattr(viz.export, "find_browser", lambda: "/usr/bin/true")
+    monkeypatch.setattr(viz.export, "PNG_TIMEOUT", 0.2)
+    monkeypatch.setattr(viz.export, "_session", session)
+    monkeypatch.setattr(viz.export, "_session_failed", False)
+    with pytest.warns(UserWarning, match="did not finish within 0.2 s"):
+        viz.save_figure(go.Figure(), tmp_path / "fig")
+    assert viz.export._session is None
+    assert (tmp_path / "fig.html").is_file() and not (tmp_path / "fig.png").exists()
+    before = sorted(tmp_path.iterdir())
+    time.sleep(1.0)
+    assert sorted(tmp_path.iterdir()) == before and not session.loop.is_running()
+
+
+@pytest.mark.skipif(viz.export.find_browser() is None, reason="needs a Chrome/Chromium")
+def test_browser_session_renders_what_to_image_renders(monkeypatch):
+    """One browser kept open gives the PNG bytes of plotly's one-off export, figure after figure."""
+    monkeypatch.delenv("BROWSER_PATH", raising=False)  # other tests may have left a fake one
+    monkeypatch.setenv("BROWSER_PATH", viz.export.find_browser())
+    frame = pd.DataFrame({"direction": ["a"] * 3 + ["b"] * 3, "layer": [0, 1, 2] * 2, "metric": ["auc"] * 6,
+                          "value": [0.5, 0.6, 0.9, 0.9, 0.6, 0.5]})
+    figures = [viz.line_by_layer(frame, title="t"), viz.layer_heatmap(frame, metric="auc")]
+    session = viz.export.BrowserSession()
+    try:
+        assert [session.render(f, 2.0) for f in figures] == [f.to_image(format="png", scale=2.0) for f in figures]
+    finally:
+        session.close()
 
 
 def test_png_switch(tmp_path, monkeypatch):

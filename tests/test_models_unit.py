@@ -175,3 +175,44 @@ def test_cuda_without_cuda_raises_before_loading(no_network):
 def test_n_devices_is_checked_before_loading(no_network, n_devices, match):
     with pytest.raises(ModelError, match=match):
         load_model("no-such-model-xyz", n_devices=n_devices)
+
+
+def test_forward_layout_keeps_every_output_bit_for_bit_and_makes_the_unembedding_a_view(tiny_tokenizer):
+    """use_forward_layout changes only strides: the logits are identical, and the unembedding's
+    transposed weight is no longer copied at every call."""
+    from conftest import make_tiny_model
+
+    from lens_roles.runtime.models import use_forward_layout
+    from lens_roles.runtime.readout import final_logits
+
+    model = make_tiny_model(tiny_tokenizer, seed=3)
+    tokens = torch.tensor([[1, 5, 9, 2, 7, 3], [4, 4, 8, 1, 2, 6]])
+    with torch.no_grad():
+        before = model(tokens)
+    assert use_forward_layout(model) > 0
+    w = model.unembed.W_U
+    assert w.T.is_contiguous() and w.T.contiguous().data_ptr() == w.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(model(tokens), before)
+        resid = model(tokens, stop_at_layer=model.cfg.n_layers)
+        assert torch.equal(final_logits(model, resid), before)  # the readout's kept weight is the same view
+
+
+def test_loading_in_one_call_gives_the_per_key_load(tiny_tokenizer):
+    """TransformerLens's per-key loading of processed weights and loads_in_one_call end with the same
+    parameters (folded and centred the same way) and the same logits."""
+    from conftest import make_tiny_model
+
+    from lens_roles.runtime.models import loads_in_one_call
+
+    source = {k: v.clone() for k, v in make_tiny_model(tiny_tokenizer, seed=5).state_dict().items()}
+    per_key, one_call = make_tiny_model(tiny_tokenizer, seed=6), make_tiny_model(tiny_tokenizer, seed=7)
+    per_key.load_and_process_state_dict(dict(source), fold_ln=True, center_writing_weights=True)
+    with loads_in_one_call(one_call):
+        one_call.load_and_process_state_dict(dict(source), fold_ln=True, center_writing_weights=True)
+    a, b = per_key.state_dict(), one_call.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "load_state_dict" not in vars(one_call)  # the model's own method is back
+    tokens = torch.tensor([[1, 5, 9, 2, 7, 3]])
+    with torch.no_grad():
+        assert torch.equal(per_key(tokens), one_call(tokens))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -255,8 +256,10 @@ def use_forward_layout(model) -> int:
     (``W_in.T.contiguous()``, ``rearrange(W_Q, "h m d -> (h d) m")``), copying each
     matrix each time: about a quarter of a CPU forward of SmolLM2 at batch 16. Here
     each such parameter keeps its shape and values but gets strides that make that
-    re-layout a free view. Outputs are bit-identical. Returns how many parameters
-    were changed.
+    re-layout a free view. The same holds for the unembedding, whose forward makes
+    ``W_U.T.contiguous()`` (``d_vocab × d_model``, 113 MB for SmolLM2) at every call,
+    e.g. at every decoding step of a generation. Outputs are bit-identical. Returns how
+    many parameters were changed.
     """
     changed = 0
 
@@ -278,6 +281,9 @@ def use_forward_layout(model) -> int:
         if mlp is not None:
             for name in ("W_in", "W_gate", "W_out"):
                 relayout(mlp, name, (1, 0))  # used transposed by F.linear
+    unembed = getattr(model, "unembed", None)
+    if unembed is not None:
+        relayout(unembed, "W_U", (1, 0))  # used transposed by F.linear
     return changed
 
 
@@ -298,14 +304,44 @@ def _hooked_from_local_folder(folder: Path, hf_model, tokenizer, *, fold_ln, cen
     except (ValueError, KeyError, NotImplementedError) as exc:
         raise ModelError(f"TransformerLens cannot convert the model in {folder}: {exc}") from exc
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
-    model.load_and_process_state_dict(
-        state_dict,
-        fold_ln=fold_ln,
-        center_writing_weights=center_writing_weights,
-        center_unembed=center_unembed,
-    )
+    with loads_in_one_call(model):
+        model.load_and_process_state_dict(
+            state_dict,
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights,
+            center_unembed=center_unembed,
+        )
     model.move_model_modules_to_device()
     return model
+
+
+@contextmanager
+def loads_in_one_call(model):
+    """Collect the ``model.load_state_dict`` calls of the block and make them one call at its end.
+
+    TransformerLens's ``load_and_process_state_dict`` loads the processed weights one
+    key at a time, and each call walks every module of the model (574 keys × 940
+    modules for SmolLM2: most of the time a load takes). One call with all the keys
+    copies the same values into the same parameters (``strict=False``, as there).
+    A load with ``assign=True`` (quantized weights) goes through at once, unchanged.
+    Nothing is loaded if the block raises.
+    """
+    pending: dict = {}
+    real = type(model).load_state_dict
+
+    def collect(state_dict, strict: bool = True, assign: bool = False):
+        if assign:
+            return real(model, state_dict, strict=strict, assign=True)
+        pending.update(state_dict)
+        return None
+
+    model.load_state_dict = collect
+    try:
+        yield model
+    finally:
+        del model.load_state_dict
+    if pending:
+        real(model, pending, strict=False)
 
 
 # --------------------------------------------------------------------------- hooks

@@ -26,7 +26,6 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
-from scipy.optimize import nnls
 from torch import Tensor
 
 from lens_roles.analysis.sae.core import (
@@ -118,6 +117,9 @@ def decompose(sae, direction: Direction | Tensor, *, max_features: int = 16, tol
     """
     if max_features < 1:
         raise SAEError(f"decompose: max_features must be >= 1, got {max_features!r}")
+    # deferred: scipy.optimize takes seconds to import, and every lens-roles command imports this module
+    from scipy.optimize import nnls
+
     v = _direction_at(direction, sae).double()
     rows = decoder_directions(sae).double()
     chosen: list[int] = []
