@@ -144,11 +144,14 @@ def test_sweep_and_psr_comparison_average_coherence_the_same_way(tiny_model, dir
     # generation rows of the sweep: (prompt 0, α 0), (0, 3), (1, 0), (1, 3)
     made = {0: (40, 41, 42, 43), 1: (), 2: (7, 9, 7, 9, 7), 3: (50, 51)}
 
-    def fake_generate(model, prompts, **kwargs):
-        return [Generation(str(p), "", made[r] if len(prompts) == 4 else made[2 * r + 1])
-                for r, p in enumerate(prompts)]
+    def fake_generate(model, prompts, **kwargs):  # the PSR comparison's α = 3 generations
+        return [Generation(str(p), "", made[2 * r + 1]) for r, p in enumerate(prompts)]
 
-    monkeypatch.setattr(sweeps, "generate", fake_generate)
+    def fake_branched(model, rows, branches, **kwargs):  # the sweep's: branch 0 unsteered, branch 1 α = 3
+        assert len(branches) == 2
+        return [[Generation(str(r), "", made[2 * r + b]) for r in range(len(rows))] for b in range(2)]
+
+    monkeypatch.setattr(sweeps, "generate_branched", fake_branched)
     monkeypatch.setattr(psr_compare, "generate", fake_generate)
     metrics, _ = sweeps.generation_sweep(tiny_model, direction, users, steer_layers=[1], alphas=[3.0])
     value = metrics.set_index(["alpha", "metric"]).value
