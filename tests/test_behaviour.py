@@ -4,7 +4,6 @@ on the tiny model; the patching and SAE projection metrics compute the same proj
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 
 import pytest
 import torch
@@ -161,6 +160,6 @@ def test_sweep_and_psr_comparison_average_coherence_the_same_way(tiny_model, dir
     assert value[(3.0, "perplexity")] == pytest.approx(ppl[3], rel=1e-6)  # not (1 + ppl[3]) / 2
     assert value[(3.0, "repetition")] == 0.0 and value[(0.0, "repetition")] == pytest.approx(1 / 6)
     # the PSR comparison's coherence of the α = 3 generations (rows 1 and 3) is the same number
-    perplexity, repetition = psr_compare._coherence(tiny_model, nullcontext(), [lr.Prompt(u) for u in users], None, 4)
+    perplexity, repetition = psr_compare._coherence(tiny_model, [lr.Prompt(u) for u in users], None, 4)
     assert perplexity == pytest.approx(value[(3.0, "perplexity")], rel=1e-6)
     assert repetition == value[(3.0, "repetition")]

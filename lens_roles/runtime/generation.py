@@ -299,6 +299,48 @@ def _row_hooks(branches: Sequence[Branch], rows: int) -> list:
     return [(name, make(per_branch)) for name, per_branch in by_point.items()]
 
 
+@dataclass(frozen=True)
+class Prefill:
+    """The unhooked prefill of left-padded rows up to some layers, for branches to resume from.
+
+    Attributes:
+        rows: the token rows, as given.
+        tokens, mask: ``[row, prompt_len]`` left-padded tokens and attention mask.
+        cache: the keys and values of the blocks run (``[row, prompt_len, ...]`` each).
+        resid: per layer, the unhooked ``resid_post`` ``[row, prompt_len, d_model]`` there
+            (empty for a model that cannot branch, :func:`~lens_roles.runtime.branching.can_branch`).
+    """
+
+    rows: tuple[tuple[int, ...], ...]
+    tokens: Tensor
+    mask: Tensor
+    cache: object
+    resid: dict
+
+
+@torch.no_grad()
+def prefill(model, rows: Sequence[Sequence[int]], layers: Sequence[int]) -> Prefill:
+    """Run ``rows`` once, unhooked, up to the deepest of ``layers``, keeping ``resid_post`` at each of them.
+
+    Any number of :func:`generate_branched` calls whose branches start at these
+    layers can resume from it (a bisection over α calls one at a time): the blocks
+    below a branch's layer are never run again for these rows.
+    """
+    rows = tuple(tuple(int(t) for t in r) for r in rows)
+    if not rows or any(not r for r in rows):
+        raise DataError("prefill needs at least one row and no empty row of token ids")
+    tokens, mask = pad_batch(rows, pad_id(model), side="left")
+    tokens, mask = tokens.to(model.cfg.device), mask.to(model.cfg.device)
+    layers = sorted({int(layer) % model.cfg.n_layers for layer in layers})
+    cache = _empty_cache(model, len(rows))
+    if not can_branch(model) or not layers:
+        return Prefill(rows, tokens, mask, cache, {})
+    with position_state(PositionState(offset=0, prompt_len=tokens.shape[1])):
+        with capture(model, layers) as cap:
+            model(tokens, attention_mask=mask, past_kv_cache=cache, stop_at_layer=cap.stop_at_layer)
+    return Prefill(rows, tokens, mask, cache, {layer: cap[layer] for layer in layers})
+
+
 @torch.no_grad()
 def generate_branched(
     model,
@@ -311,11 +353,13 @@ def generate_branched(
     seed: int = 0,
     stop_at_eos: bool = True,
     progress: bool = False,
+    shared: Prefill | None = None,
 ) -> list[list[Generation]]:
     """Continue every row under every branch (e.g. one per steering layer and α): one list per branch.
 
     The prompt is prefilled once, unhooked, up to the deepest branch layer
-    (through the KV cache, left-padded as in :func:`generate_from_tokens`); each
+    (through the KV cache, left-padded as in :func:`generate_from_tokens`; or
+    ``shared``, a :func:`prefill` of the same rows made earlier); each
     branch (:class:`~lens_roles.runtime.branching.Branch`) resumes from the
     residual of its layer with its hooks attached and runs only the blocks above
     it, the keys and values of the blocks below being the shared run's
@@ -328,38 +372,37 @@ def generate_branched(
     hooks may be attached around the call at a branch's first hook point.
 
     Raises:
-        DataError: as :func:`generate_from_tokens`, or no branches, or a branch whose
-            hooks sit below its layer.
+        DataError: as :func:`generate_from_tokens`, or no branches, a branch whose
+            hooks sit below its layer, or a ``shared`` prefill of other rows or
+            without a branch's layer.
     """
     rows, labels = _check_rows(model, rows, labels, max_new_tokens, temperature)
     branches = [check_branch(model, b) for b in branches]
     if not branches:
         raise DataError("no branches to generate from")
+    if shared is None:
+        shared = prefill(model, rows, [b.layer for b in branches])
+    elif shared.rows != tuple(tuple(r) for r in rows):
+        raise DataError("the shared prefill was made from other rows than the ones to continue")
+    missing = sorted({b.layer for b in branches} - set(shared.resid))
+    if missing and can_branch(model):
+        raise DataError(f"the shared prefill kept layers {sorted(shared.resid)}, not the branch layer(s) {missing}")
     n_rows = len(rows)
-    tokens, mask = pad_batch(rows, pad_id(model), side="left")
-    tokens, mask = tokens.to(model.cfg.device), mask.to(model.cfg.device)
+    tokens, mask = shared.tokens, shared.mask
     prompt_len = tokens.shape[1]
     firsts, caches = [], []
     with position_state(PositionState(offset=0, prompt_len=prompt_len)):
-        if can_branch(model):
-            layers = sorted({b.layer for b in branches})
-            shared = _empty_cache(model, n_rows)
-            with capture(model, layers) as cap:
-                model(tokens, attention_mask=mask, past_kv_cache=shared, stop_at_layer=cap.stop_at_layer)
-            for branch in branches:
-                own = _branch_cache(model, shared, branch.layer)
-                with model.hooks(fwd_hooks=list(branch.hooks)):
-                    resid = forward_from(model, cap[branch.layer], branch.layer, attention_mask=mask,
+        for branch in branches:
+            with model.hooks(fwd_hooks=list(branch.hooks)):
+                if shared.resid:
+                    own = _branch_cache(model, shared.cache, branch.layer)
+                    resid = forward_from(model, shared.resid[branch.layer], branch.layer, attention_mask=mask,
                                          past_kv_cache=own, stop_at_layer=model.cfg.n_layers)
-                firsts.append(final_logits(model, resid[:, -1]))
-                caches.append(own)
-        else:  # no residual to resume from (see can_branch): each branch prefills in full
-            for branch in branches:
-                own = _empty_cache(model, n_rows)
-                with model.hooks(fwd_hooks=list(branch.hooks)):
+                else:  # no residual to resume from (see can_branch): the branch prefills in full
+                    own = _empty_cache(model, n_rows)
                     resid = model(tokens, attention_mask=mask, past_kv_cache=own, stop_at_layer=model.cfg.n_layers)
-                firsts.append(final_logits(model, resid[:, -1]))
-                caches.append(own)
+            firsts.append(final_logits(model, resid[:, -1]))
+            caches.append(own)
     cache = _stack_caches(caches)
     with model.hooks(fwd_hooks=_row_hooks(branches, n_rows)):
         new = decode(model, torch.cat(firsts), cache, prompt_len, max_new_tokens=max_new_tokens,
