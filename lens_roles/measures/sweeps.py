@@ -231,9 +231,11 @@ def generation_sweep(model, direction: Direction, prompts, *, steer_layers: Sequ
     branches, index = _branches(model, direction, steer_layers, alpha_list, relative)
     outs = generate_branched(model, [it.tokens for it in items], branches, labels=[p.user for p in plist],
                              max_new_tokens=max_new_tokens, seed=seed, progress=progress)
-    # perplexity under the unsteered model and repetition, per generation (empty ones are left out), per branch
-    stats = [generation_coherence(model, [it.tokens for it in items], [o.tokens for o in gens]).nanmean(0)
-             for gens in outs]
+    # perplexity under the unsteered model and repetition, per generation (empty ones are left out), per branch:
+    # every branch's generations scored in one forward
+    coherence = generation_coherence(model, [it.tokens for _ in outs for it in items],
+                                     [o.tokens for gens in outs for o in gens])
+    stats = coherence.reshape(len(outs), len(items), 2).nanmean(1)  # [branch, (perplexity, repetition)]
     rows, texts = [], []
     for layer in steer_layers:
         texts += [{"layer": layer, "alpha": alpha, "prompt": outs[index[(layer, alpha)]][i].prompt,
