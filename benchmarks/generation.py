@@ -4,10 +4,11 @@ Prints, on the default model:
 
 * **one generation** (the SAE corpus's sampling: ``--prompts`` corpus prompts, ``--tokens`` new
   tokens, temperature 1, one batch): :func:`~lens_roles.runtime.generation.generate`
-  (the prefill and every step unembed only the position that predicts the next token)
-  against the loop it replaced (``model(...)[:, -1]``: the prefill unembeds every prompt
-  position and each step copies the transposed unembedding), alternated; the ratio and
-  whether the sampled tokens are the same;
+  (the prefill and every step unembed only the position that predicts the next token,
+  and each step rotates only the new key) against the loop it replaced (``model(...)[:, -1]``:
+  the prefill unembeds every prompt position, each step copies the transposed unembedding
+  and TransformerLens re-rotates every cached key), alternated; the ratio and whether the
+  sampled tokens are the same;
 * **the generation sweep** (:func:`~lens_roles.measures.sweeps.generation_sweep`, greedy,
   ``--sweep-prompts`` prompts × the α values + 0 at ``--layers``): branched (the prompt
   prefilled once below each layer, α = 0 once, every setting decoded in one batch) against
