@@ -89,12 +89,41 @@ browser-test: setup browser
 hostile: setup
 	HYPOTHESIS_PROFILE=large $(BIN)/python -m pytest tests/test_properties.py --hypothesis-show-statistics
 
+# Every benchmark in benchmarks/, at its real size, one after the other (each prints its ratios, measured
+# alternately in one run, with the absolute times); each one's output also goes to build/bench/<name>.log.
+# QUICK=1 passes --quick to those that have it (a smoke run, not a result); BENCH=branch,sae runs a subset;
+# DEMO_BASELINE=<checkout> gives benchmarks/demo.py its baseline tree. Those needing an optional extra
+# (Ray, llama.cpp) are skipped, saying so, when it is not installed (make distributed / make interop); a
+# failing benchmark does not stop the others, and make fails at the end naming it.
 # steering-vectors is the baseline of benchmarks/extract.py; its declared pin on
 # transformers<5 is stale, so it is installed without dependencies.
+BENCHMARKS := branch generation steer extract patch sae psr roles demo distributed llama_cpp_agreement drift_study
+BENCH_ARGS_roles := --study
+BENCH_ARGS_demo = $(if $(DEMO_BASELINE),--baseline $(DEMO_BASELINE) --repeats 2)
+BENCH_ARGS_drift_study := --out build/bench/drift_study
+BENCH_NEEDS_distributed := ray
+BENCH_NEEDS_llama_cpp_agreement := llama_cpp
+define RUN_BENCH
+@if [ -n "$(BENCH)" ] && ! echo ",$(BENCH)," | grep -q ",$(1),"; then :; \
+elif [ -n "$(BENCH_NEEDS_$(1))" ] && ! $(BIN)/python -c "import $(BENCH_NEEDS_$(1))" 2>/dev/null; then \
+  echo "=== benchmarks/$(1).py: skipped ($(BENCH_NEEDS_$(1)) is not installed)"; \
+else \
+  args="$(BENCH_ARGS_$(1))"; \
+  if [ -n "$(QUICK)" ] && grep -q -- '"--quick"' benchmarks/$(1).py; then args="$$args --quick"; fi; \
+  echo "=== benchmarks/$(1).py $$args" | tee build/bench/$(1).log; \
+  { $(BIN)/python benchmarks/$(1).py $$args; echo $$? > build/bench/$(1).rc; } 2>&1 | tee -a build/bench/$(1).log; \
+  rc=$$(cat build/bench/$(1).rc); [ "$$rc" = 0 ] || { echo "benchmarks/$(1).py failed ($$rc)"; \
+    echo "$(1)" >> build/bench/failed; }; \
+fi
+
+endef
 bench: setup
 	$(BIN)/python -m pip install -q scikit-learn
 	$(BIN)/python -m pip install -q --no-deps steering-vectors==0.12.2
-	$(BIN)/python benchmarks/extract.py
+	@mkdir -p build/bench && rm -f build/bench/failed
+	$(foreach b,$(BENCHMARKS),$(call RUN_BENCH,$(b)))
+	@if [ -s build/bench/failed ]; then echo "failed: $$(tr '\n' ' ' < build/bench/failed)(see build/bench/*.log)"; \
+	  exit 1; fi
 
 # Ray (the distributed extra), then the tests that start a local Ray cluster and check that
 # distributed extraction equals the single-process result, survives a dying worker and fails clearly.

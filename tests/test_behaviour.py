@@ -4,7 +4,6 @@ on the tiny model; the patching and SAE projection metrics compute the same proj
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 
 import pytest
 import torch
@@ -144,11 +143,14 @@ def test_sweep_and_psr_comparison_average_coherence_the_same_way(tiny_model, dir
     # generation rows of the sweep: (prompt 0, α 0), (0, 3), (1, 0), (1, 3)
     made = {0: (40, 41, 42, 43), 1: (), 2: (7, 9, 7, 9, 7), 3: (50, 51)}
 
-    def fake_generate(model, prompts, **kwargs):
-        return [Generation(str(p), "", made[r] if len(prompts) == 4 else made[2 * r + 1])
-                for r, p in enumerate(prompts)]
+    def fake_generate(model, prompts, **kwargs):  # the PSR comparison's α = 3 generations
+        return [Generation(str(p), "", made[2 * r + 1]) for r, p in enumerate(prompts)]
 
-    monkeypatch.setattr(sweeps, "generate", fake_generate)
+    def fake_branched(model, rows, branches, **kwargs):  # the sweep's: branch 0 unsteered, branch 1 α = 3
+        assert len(branches) == 2
+        return [[Generation(str(r), "", made[2 * r + b]) for r in range(len(rows))] for b in range(2)]
+
+    monkeypatch.setattr(sweeps, "generate_branched", fake_branched)
     monkeypatch.setattr(psr_compare, "generate", fake_generate)
     metrics, _ = sweeps.generation_sweep(tiny_model, direction, users, steer_layers=[1], alphas=[3.0])
     value = metrics.set_index(["alpha", "metric"]).value
@@ -158,6 +160,6 @@ def test_sweep_and_psr_comparison_average_coherence_the_same_way(tiny_model, dir
     assert value[(3.0, "perplexity")] == pytest.approx(ppl[3], rel=1e-6)  # not (1 + ppl[3]) / 2
     assert value[(3.0, "repetition")] == 0.0 and value[(0.0, "repetition")] == pytest.approx(1 / 6)
     # the PSR comparison's coherence of the α = 3 generations (rows 1 and 3) is the same number
-    perplexity, repetition = psr_compare._coherence(tiny_model, nullcontext(), [lr.Prompt(u) for u in users], None, 4)
+    perplexity, repetition = psr_compare._coherence(tiny_model, [lr.Prompt(u) for u in users], None, 4)
     assert perplexity == pytest.approx(value[(3.0, "perplexity")], rel=1e-6)
     assert repetition == value[(3.0, "repetition")]

@@ -88,21 +88,20 @@ def generation_perplexity(model, prompts: Sequence[Sequence[int]], generations: 
     """Perplexity of each generation's tokens after its prompt's tokens, under the model as it is now.
 
     Call it outside any intervention to score steered generations under the
-    unsteered model. All sequences go through one right-padded forward;
+    unsteered model. All sequences go through one right-padded forward, and only the
+    positions that predict generated tokens are unembedded (:func:`reply_logprobs`);
     ``exp(−mean log p)`` over the generated tokens, float64 on the CPU; NaN for an
     empty generation (nothing to score).
     """
     if len(prompts) != len(generations):
         raise DataError(f"{len(prompts)} prompts for {len(generations)} generations; pass one prompt per generation")
     full = [list(p) + list(g) for p, g in zip(prompts, generations)]
-    batch = padded(model, full)
-    tokens = batch.tokens.cpu()
-    logp = torch.log_softmax(batch.forward(model).float(), dim=-1).cpu()  # [generation, pos, d_vocab]
+    resid = padded(model, full).forward(model, stop_at_layer=model.cfg.n_layers)  # [generation, pos, d_model]
     out = torch.full((len(full),), float("nan"), dtype=torch.float64)
     for r, (p, g) in enumerate(zip(prompts, generations)):
-        if len(g):
-            idx = torch.arange(len(p), len(p) + len(g))
-            out[r] = float((-logp[r, idx - 1, tokens[r, idx]].mean()).exp())
+        if len(g):  # only the positions that predict generated tokens are unembedded
+            logp = reply_logprobs(model, resid[r], (len(p), len(p) + len(g))).cpu()
+            out[r] = float((-reply_logprob(logp, list(g)).double()).exp())
     return out
 
 

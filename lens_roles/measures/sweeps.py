@@ -19,7 +19,8 @@ layers for the cosine, the final output for the behaviour metrics).
   KL(unsteered ‖ steered) over the reply positions;
 * :func:`generation_sweep` — coherence of steered generations: their perplexity
   under the unsteered model, and the fraction of repeated token 3-grams (averaged
-  over the non-empty generations; NaN when every one is empty).
+  over the non-empty generations; NaN when every one is empty). The prompts are
+  prefilled once below each steering layer and all settings decode in one batch.
 
 The behaviour metrics themselves (reply log-prob margin, perplexity, repetition)
 are those of :mod:`lens_roles.measures.behaviour`, the KL that of the readout.
@@ -38,7 +39,7 @@ from lens_roles.directions.direction import Direction
 from lens_roles.errors import DataError
 from lens_roles.inputs.positions import encode, select_positions
 from lens_roles.inputs.prompts import PairSet, Prompt, as_prompts
-from lens_roles.interventions.steering import intervene, steering_hooks
+from lens_roles.interventions.steering import steering_hooks
 from lens_roles.measures.behaviour import (
     generation_coherence,
     logprob_margin,
@@ -47,7 +48,7 @@ from lens_roles.measures.behaviour import (
 from lens_roles.runtime.batching import run_branched, token_batches
 from lens_roles.runtime.branching import Branch, branched_batches, unsteered
 from lens_roles.runtime.capture import Capture
-from lens_roles.runtime.generation import generate
+from lens_roles.runtime.generation import generate_branched
 from lens_roles.runtime.models import validate_layers
 from lens_roles.runtime.progress import progress_bar
 from lens_roles.runtime.readout import kl_divergence, logprobs_at
@@ -216,31 +217,32 @@ def generation_sweep(model, direction: Direction, prompts, *, steer_layers: Sequ
 
     Returns ``(metrics, texts)``: tidy metrics ``perplexity`` (of the generated
     tokens under the unsteered model) and ``repetition`` (repeated 3-grams), and a
-    frame of the generations (``layer, alpha, prompt, text``). ``progress`` shows a
-    bar counting generated tokens (``max_new_tokens`` per steering layer).
+    frame of the generations (``layer, alpha, prompt, text``). The generations branch
+    at the steering layer (:func:`~lens_roles.runtime.generation.generate_branched`):
+    the prompts are prefilled once below each steering layer, the unsteered
+    generation (α = 0 at every layer) is made once, and every steering layer and α
+    decode together in one batch. ``progress`` shows a bar counting the decoding steps
+    (``max_new_tokens``).
     """
     alpha_list = _alphas(alphas)
     steer_layers = validate_layers(model, steer_layers)
     plist = as_prompts(prompts)
     items = encode(model, plist)
+    branches, index = _branches(model, direction, steer_layers, alpha_list, relative)
+    outs = generate_branched(model, [it.tokens for it in items], branches, labels=[p.user for p in plist],
+                             max_new_tokens=max_new_tokens, seed=seed, progress=progress)
+    # perplexity under the unsteered model and repetition, per generation (empty ones are left out), per branch:
+    # every branch's generations scored in one forward
+    coherence = generation_coherence(model, [it.tokens for _ in outs for it in items],
+                                     [o.tokens for gens in outs for o in gens])
+    stats = coherence.reshape(len(outs), len(items), 2).nanmean(1)  # [branch, (perplexity, repetition)]
     rows, texts = [], []
-    bar = progress_bar(progress, len(steer_layers) * max_new_tokens, "generation sweep", unit="token")
     for layer in steer_layers:
-        batch = [p for p in plist for _ in alpha_list]
-        alpha_rows = torch.tensor(alpha_list).repeat(len(plist))
-        hooks = steering_hooks(model, direction, alpha_rows, layers=[layer], relative=relative)
-        with intervene(model, hooks):
-            outs = generate(model, batch, max_new_tokens=max_new_tokens, seed=seed)
-        bar.update(max_new_tokens)
-        # perplexity under the unsteered model and repetition, per generation; empty ones are left out
-        coherence = generation_coherence(model, [items[r // len(alpha_list)].tokens for r in range(len(outs))],
-                                         [o.tokens for o in outs])
-        stats = coherence.reshape(len(plist), len(alpha_list), 2).nanmean(0)  # [alpha, (perplexity, repetition)]
-        texts += [{"layer": layer, "alpha": alpha_list[r % len(alpha_list)], "prompt": o.prompt, "text": o.text}
-                  for r, o in enumerate(outs)]
-        for a, alpha in enumerate(alpha_list):
+        texts += [{"layer": layer, "alpha": alpha, "prompt": outs[index[(layer, alpha)]][i].prompt,
+                   "text": outs[index[(layer, alpha)]][i].text} for i in range(len(plist)) for alpha in alpha_list]
+        for alpha in alpha_list:
+            ppl, rep = stats[index[(layer, alpha)]]
             base = {"layer": layer, "alpha": alpha, "alpha_mode": _mode(relative), "read_layer": model.cfg.n_layers - 1}
-            rows.append({**base, "metric": "perplexity", "value": float(stats[a, 0])})
-            rows.append({**base, "metric": "repetition", "value": float(stats[a, 1])})
-    bar.close()
+            rows.append({**base, "metric": "perplexity", "value": float(ppl)})
+            rows.append({**base, "metric": "repetition", "value": float(rep)})
     return pd.DataFrame(rows), pd.DataFrame(texts)

@@ -1,11 +1,19 @@
-"""Constant steering, PSR and prompting compared at matched coherence (``lens-roles psr compare``)."""
+"""Constant steering, PSR and prompting compared at matched coherence (``lens-roles psr compare``).
+
+Every point the bisection tries steers from the first steered layer on, so the
+blocks below it are run once per comparison, unsteered, and each point branches
+from there (:mod:`lens_roles.runtime.branching`): the generations resume from one
+prefill of the coherence prompts (:func:`~lens_roles.runtime.generation.generate_branched`),
+the behaviour margin from one run of each batch of pairs, and the matched points'
+multiple-choice scores share one branched run
+(:func:`~lens_roles.measures.multiple_choice.branched_choice_logprobs`).
+"""
 
 from __future__ import annotations
 
 import math
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,13 +24,13 @@ from lens_roles._version import __version__
 from lens_roles.config import Config
 from lens_roles.directions.direction import Direction
 from lens_roles.errors import ConfigError, PSRError
-from lens_roles.inputs.positions import encode
+from lens_roles.inputs.positions import check_context, encode
 from lens_roles.inputs.prompts import PairSet, Prompt, PromptSet, as_prompts
 from lens_roles.inputs.sets import fingerprint
 from lens_roles.interventions.psr.align import check_direction
 from lens_roles.interventions.psr.evaluate import token_coefficients
 from lens_roles.interventions.psr.model import PSR
-from lens_roles.interventions.steering import steer
+from lens_roles.interventions.steering import steering_hooks
 from lens_roles.io import to_plain
 from lens_roles.measures.behaviour import (
     generation_coherence,
@@ -30,9 +38,10 @@ from lens_roles.measures.behaviour import (
     reply_logprob,
     reply_logprobs,
 )
-from lens_roles.measures.multiple_choice import score_questions
+from lens_roles.measures.multiple_choice import branched_choice_logprobs, choice_items, score_questions
 from lens_roles.runtime.batching import token_batches
-from lens_roles.runtime.generation import generate
+from lens_roles.runtime.branching import Branch, branch_batch, shared_run, unsteered
+from lens_roles.runtime.generation import Prefill, generate, generate_branched, prefill
 from lens_roles.runtime.progress import progress_bar
 
 METHODS = ("none", "constant", "psr", "prompting")
@@ -82,35 +91,91 @@ class Comparison:
     meta: dict
 
 
-def _context(model, method: str, direction: Direction, psr: PSR, alpha: float):
+def _branch(model, method: str, direction: Direction, psr: PSR, alpha: float) -> Branch | None:
+    """A steering method at strength ``alpha`` as a branch of the unsteered run (None for ``none`` and
+    ``prompting``, which do not steer): its hooks, from the first steered layer on."""
     if method == "constant":
         if psr.has_sink:  # the same tokens as the PSR: every one but the sink
-            return psr.constant_twin(alpha).applied(model)
-        return steer(model, direction, alpha, layers=list(psr.layers))
-    if method == "psr":
-        return psr.applied(model, alpha=alpha)
-    return nullcontext(model)
+            hooks = psr.constant_twin(alpha).hooks(model)
+        else:
+            hooks = steering_hooks(model, direction, alpha, layers=list(psr.layers))
+    elif method == "psr":
+        hooks = psr.hooks(model, alpha=alpha)
+    else:
+        return None
+    return Branch(min(psr.layers), tuple(hooks))
 
 
-def _coherence(model, ctx, prompts: list[Prompt], system: str | None, max_new_tokens: int
-               ) -> tuple[float, float]:
-    """Mean perplexity (under the unsteered, unprompted model) and repetition of greedy non-empty generations."""
+class _Shared:
+    """The unsteered runs below the first steered layer, made once per comparison and branched from at
+    every α the bisection tries (:mod:`lens_roles.runtime.branching`).
+
+    ``prefill`` is that of the coherence prompts' generations, ``margin`` the
+    forwards of the behaviour prompts, one :class:`~lens_roles.runtime.branching.Shared`
+    per batch; each is made on first use.
+    """
+
+    def __init__(self, model, layer: int):
+        self.model, self.layer = model, layer
+        self.prefills: dict = {}
+        self.margins: dict = {}
+
+    def prefill(self, rows: list[list[int]]) -> Prefill:
+        key = tuple(map(tuple, rows))
+        if key not in self.prefills:
+            self.prefills[key] = prefill(self.model, rows, [self.layer])
+        return self.prefills[key]
+
+    def margin(self, key, batches) -> list:
+        if key not in self.margins:
+            self.margins[key] = [shared_run(self.model, batch, [self.layer]) for batch in batches]
+        return self.margins[key]
+
+
+def _coherence(model, prompts: list[Prompt], system: str | None, max_new_tokens: int, *,
+               branch: Branch | None = None, shared: _Shared | None = None) -> tuple[float, float]:
+    """Mean perplexity (under the unsteered, unprompted model) and repetition of greedy non-empty generations.
+
+    With ``branch`` the generations run under it, resuming from ``shared``'s prefill of the
+    prompts (the blocks below the branch's layer run once per comparison).
+    """
     gen_prompts = [Prompt(p.user, system) for p in prompts]
-    with torch.no_grad(), ctx:
-        outs = generate(model, gen_prompts, max_new_tokens=max_new_tokens)
+    with torch.no_grad():
+        if branch is None:
+            outs = generate(model, gen_prompts, max_new_tokens=max_new_tokens)
+        else:
+            plist = as_prompts(gen_prompts)
+            items = encode(model, plist)
+            check_context(model, items, plist, extra=max_new_tokens)
+            rows = [it.tokens for it in items]
+            outs = generate_branched(model, rows, [branch], labels=[p.user for p in plist],
+                                     max_new_tokens=max_new_tokens,
+                                     shared=None if shared is None else shared.prefill(rows))[0]
     items = encode(model, [Prompt(p.user) for p in prompts])
     ppl, rep = generation_coherence(model, [it.tokens for it in items], [o.tokens for o in outs]).nanmean(0)
     return float(ppl), float(rep)
 
 
-def _margin(model, ctx, pairs: PairSet, system: str | None, batch_size: int = 8) -> float:
-    """Persona adherence: mean log p(positive reply) − mean log p(negative reply), per token, over pairs."""
+def _margin(model, pairs: PairSet, system: str | None, batch_size: int = 8, *, branch: Branch | None = None,
+            shared: _Shared | None = None) -> float:
+    """Persona adherence: mean log p(positive reply) − mean log p(negative reply), per token, over pairs.
+
+    With ``branch`` each batch runs under it from ``shared``'s unsteered run of the batch
+    below the branch's layer (made once per comparison), else in full.
+    """
     prompts = [Prompt(p.user, system, r) for p in pairs.pairs for r in (p.positive, p.negative)]
     items = encode(model, prompts)
     lps = []
-    with torch.no_grad(), ctx:
-        for batch in token_batches(model, [it.tokens for it in items], batch_size, sort=False):
-            resid = batch.forward(model, stop_at_layer=model.cfg.n_layers)
+    batches = list(token_batches(model, [it.tokens for it in items], batch_size, sort=False))
+    runs = None
+    if branch is not None:
+        runs = (shared or _Shared(model, branch.layer)).margin((system, batch_size), batches)
+    with torch.no_grad():
+        for k, batch in enumerate(batches):
+            if runs is None:
+                resid = batch.forward(model, stop_at_layer=model.cfg.n_layers)
+            else:
+                resid = branch_batch(model, runs[k], branch, stop_at_layer=model.cfg.n_layers)
             for r, it in enumerate(items[i] for i in batch.index):
                 a, b = it.reply
                 lps.append(reply_logprob(reply_logprobs(model, resid[r], it.reply).cpu(), it.tokens[a:b]))
@@ -118,11 +183,21 @@ def _margin(model, ctx, pairs: PairSet, system: str | None, batch_size: int = 8)
     return float(logprob_margin(lp[0::2], lp[1::2]).mean())
 
 
-def _mc(model, ctx, questions, system: str | None) -> tuple[float, float]:
-    """Multiple-choice accuracy and mean probability of the right letter under ``ctx``."""
-    with ctx:
-        frame = score_questions(model, questions, system=system)
-    return float(frame.correct.mean()), float(frame.p_correct.mean())
+def _mc(model, questions, branches: dict[str, Branch | None], system: str) -> dict[str, tuple[float, float]]:
+    """Multiple-choice accuracy and mean probability of the right letter per method: the branches (None:
+    unsteered) scored in one branched run, ``prompting`` with ``system`` on its own."""
+    qs = list(questions)
+    items = choice_items(model, qs)
+    names = list(branches)
+    logps = branched_choice_logprobs(model, items, [branches[m] or unsteered(model) for m in names])
+    out = {}
+    for m, branch_logps in zip(names, logps):  # the rows of score_questions: softmax over the letters
+        probs = [torch.softmax(lp.double(), -1) for lp in branch_logps]
+        correct = [float(int(p.argmax()) == it.answer) for p, it in zip(probs, items)]
+        out[m] = (sum(correct) / len(items), sum(float(p[it.answer]) for p, it in zip(probs, items)) / len(items))
+    frame = score_questions(model, qs, system=system)
+    out["prompting"] = (float(frame.correct.mean()), float(frame.p_correct.mean()))
+    return out
 
 
 def bisect_to_target(evaluate: Callable[[float], dict], hi: float, target: float, steps: int, *,
@@ -204,12 +279,13 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
     bar = progress_bar(progress, 2 + 2 * (1 + config.steps) + (4 if questions is not None else 0),
                        "matched coherence", unit="point")
 
+    shared = _Shared(model, min(psr.layers))
+
     def evaluate(method: str, alpha: float) -> dict:
         system_ = system if method == "prompting" else None
-        ppl, rep = _coherence(model, _context(model, method, direction, psr, alpha), users, system_,
-                              config.max_new_tokens)
-        margin = (_margin(model, _context(model, method, direction, psr, alpha), pairs, system_) if has_pairs
-                  else float("nan"))
+        branch = _branch(model, method, direction, psr, alpha)
+        ppl, rep = _coherence(model, users, system_, config.max_new_tokens, branch=branch, shared=shared)
+        margin = (_margin(model, pairs, system_, branch=branch, shared=shared) if has_pairs else float("nan"))
         row = {"method": method, "alpha": alpha, "perplexity": ppl, "repetition": rep, "margin": margin}
         points.append(row)
         bar.set_postfix_str(f"{method} α={alpha:.3g}: perplexity {ppl:.2f}"
@@ -242,13 +318,11 @@ def compare_at_matched_coherence(model, direction: Direction, psr: PSR, pairs: P
     table["mean_strength"] = table.alpha * table.method.map(strength)
     table["margin_gain"] = table.margin - base["margin"]
     if questions is not None:
-        accs = {}
-        for method in ("none", "prompting", "constant", "psr"):
-            system_ = system if method == "prompting" else None
-            accs[method] = _mc(model, _context(model, method, direction, psr, matched[method]["alpha"]), questions,
-                               system_)
-            bar.set_postfix_str(f"{method}: multiple-choice accuracy {accs[method][0]:.3f}", refresh=False)
-            bar.update()
+        accs = _mc(model, questions, {m: _branch(model, m, direction, psr, matched[m]["alpha"])
+                                      for m in ("none", "constant", "psr")}, system)
+        bar.set_postfix_str("multiple-choice accuracy " + ", ".join(f"{m} {accs[m][0]:.3f}" for m in accs),
+                            refresh=False)
+        bar.update(4)
         table["mc_accuracy"] = table.method.map(lambda m: accs[m][0])
         table["mc_p_correct"] = table.method.map(lambda m: accs[m][1])
         table["mc_effect"] = table.mc_p_correct - accs["none"][1]
