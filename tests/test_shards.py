@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import lens_roles as lr
+from lens_roles.analysis.sae.core import harvest, harvest_shards, read_harvest
 from lens_roles.directions.builders import persona_vector
-from lens_roles.errors import DataError, UsageError
+from lens_roles.errors import DataError, SAEError, UsageError
 from lens_roles.inputs.prompts import ContrastPair, PairSet, load_pairs
 from lens_roles.inputs.questions import load_domains
 from lens_roles.measures import multiple_choice as mc
@@ -174,3 +175,37 @@ def test_persona_space_on_shards_equals_one_process(tiny_model, tmp_path, one_th
         dim=-1)
     assert rel.max() <= 1e-12
     pd.testing.assert_frame_equal(one.table, many.table, check_exact=False, rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------- SAE harvest shards
+
+
+class RerunFirst(InProcess):
+    """Runs the first shard twice (as after a worker died holding it), then the rest."""
+
+    def map(self, fn, shared, payloads, *, desc, progress):
+        fn(self.model, shared, payloads[0])
+        return super().map(fn, shared, payloads, desc=desc, progress=progress)
+
+
+def test_harvest_shards_read_back_equal_harvest(tiny_model, tmp_path, one_thread):
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, tiny_model.cfg.d_vocab, (int(n),), generator=gen).tolist()
+            for n in torch.randint(4, 12, (11,), generator=gen)]
+    one = harvest(tiny_model, seqs, [0, 2], batch_size=2)
+    ex = RerunFirst(4)
+    ex.model = tiny_model
+    files = harvest_shards(tiny_model, seqs, [0, 2], tmp_path / "h", batch_size=2, executor=ex)
+    assert [f.name for f in files] == [f"shard-{i:05d}-of-00004.safetensors" for i in range(4)]
+    back = read_harvest(tmp_path / "h")
+    assert set(back) == {0, 2} and all(torch.equal(back[k], one[k]) for k in one)  # the re-run shard counted once
+    again = InProcess(4)
+    again.model = tiny_model
+    harvest_shards(tiny_model, seqs, [0, 2], tmp_path / "h", batch_size=2, executor=again)
+    assert again.calls == []  # a resumed job finds its shards on disk and runs none
+    local = harvest_shards(tiny_model, seqs, [0, 2], tmp_path / "one", batch_size=2)  # no executor: one shard
+    assert len(local) == 1 and all(torch.equal(read_harvest(tmp_path / "one")[k], one[k]) for k in one)
+    # a shard of another job among the listed ones is refused
+    (tmp_path / "h" / files[1].name).write_bytes((tmp_path / "one" / local[0].name).read_bytes())
+    with pytest.raises(SAEError, match="belongs to another harvest"):
+        read_harvest(tmp_path / "h")
