@@ -96,9 +96,8 @@ def _question(i: int, answer: str) -> dict:
             "target_score": answer, "dataset": "law"}
 
 
-@pytest.fixture(scope="module")
-def study_inputs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("splits")
+def make_study_inputs(folder: Path):
+    """Three random role directions, two 14-question domains written to ``folder``, and a small study config."""
     for k, name in enumerate(["econ", "law"]):
         (folder / f"target_test_{name}.json").write_text(json.dumps([_question(i, "ABCD"[(i * 3 + k) % 4])
                                                                      for i in range(14)]))
@@ -107,6 +106,11 @@ def study_inputs(tmp_path_factory):
              for name in ("economist", "lawyer", "historian")}
     config = rs.StudyConfig(layers=(0, 2), alphas=(1.0, 4.0), max_val=4, max_test=8, n_boot=200, batch_size=2)
     return roles, load_domains(folder), {"economist": "econ", "lawyer": "law"}, config
+
+
+@pytest.fixture(scope="module")
+def study_inputs(tmp_path_factory):
+    return make_study_inputs(tmp_path_factory.mktemp("splits"))
 
 
 def mc_counts(scores) -> dict:
