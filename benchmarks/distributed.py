@@ -28,13 +28,12 @@ machine the two workers share the cores with each other and the driver: expect l
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
 
 import lens_roles as lr
-from lens_roles.distributed import RayExecutor
+from lens_roles.distributed import LocalCluster, RayExecutor
 from lens_roles.inputs.prompts import PromptSet
 from lens_roles.runtime.activations import ShardSums, SumsJob, collect, merge_sums
 from lens_roles.runtime.batching import Schedule
@@ -121,11 +120,21 @@ def main() -> None:
         args.prompts, args.repeats, args.batch_size = 16, 1, 4
     import ray
 
-    if args.address:
+    cluster = None
+    if not args.address:  # ray start --head with fixed agent ports: ray.init(num_cpus=...) aborts on loaded cores
+        cluster = LocalCluster(args.cpus)
+        args.address = cluster.address
+    try:
         ray.init(address=args.address, log_to_driver=False)
-    else:
-        os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")  # slow agents on loaded cores
-        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        run(args, ray)
+    finally:
+        ray.shutdown()
+        if cluster is not None:
+            cluster.stop()
+
+
+def run(args, ray) -> None:
+    """The measurements, on the Ray session ``main`` joined."""
     model = lr.load_model()
     data = prompts(args.prompts)
     kw = dict(layers="all", positions="eoi", batch_size=args.batch_size, keep_per_prompt=True)
@@ -170,7 +179,6 @@ def main() -> None:
     readout = readout_cost(model, 3 if args.quick else 11)
     print(f"driver letter readout: {readout * 1e6:.0f} µs per question (d_vocab {model.cfg.d_vocab})")
     plan(args.prompts / med["1 worker"], trip + max(per_shard), readout)
-    ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""Extraction on a local Ray cluster equals the single-process result, survives a dying worker,
-and fails clearly on bad input.
+"""Extraction, the role study and the SAE harvest on a local Ray cluster equal the single-process
+result, survive a dying worker, and fail clearly on bad input.
 
-One Ray session per module (``ray.init(num_cpus=2)``: slow to start on a small
-machine); its workers build the same tiny model from a file the driver saved.
+One 2-CPU Ray cluster per module (1-3 min to start on a small machine); its workers build the
+same tiny model from a file the driver saved, or load the default model.
 """
 
 from __future__ import annotations
@@ -10,11 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -25,6 +21,7 @@ from test_shards import make_study_inputs, mc_counts
 
 from lens_roles.analysis.sae.core import harvest, harvest_shards, read_harvest
 from lens_roles.distributed import ModelSpec, RayExecutor, check_address
+from lens_roles.distributed.cluster import LocalCluster
 from lens_roles.directions.builders import persona_vector, role_vectors
 from lens_roles.errors import ModelError, UsageError
 from lens_roles.inputs.prompts import PairSet, PromptSet, load_pairs, load_prompt_set
@@ -42,74 +39,29 @@ pytestmark = [
 DATA = Path(__file__).resolve().parent.parent / "lens_roles" / "data"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_head(log_path: Path):
-    """`ray start --head --block` on free ports: `(process, address)` once it takes drivers, else `(None, None)`."""
-    port, agent, metrics = free_port(), free_port(), free_port()
-    with log_path.open("w") as log_file:
-        head = subprocess.Popen(
-            [str(Path(sys.executable).with_name("ray")), "start", "--head", "--num-cpus=2", f"--port={port}",
-             "--include-dashboard=false", f"--dashboard-agent-grpc-port={agent}", f"--metrics-export-port={metrics}",
-             "--disable-usage-stats", "--block"], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and head.poll() is None:
-        if "block forever" in log_path.read_text():
-            return head, f"127.0.0.1:{port}"
-        time.sleep(1)
-    stop_head(head)
-    return None, None
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A 2-CPU Ray cluster for this module: ``$LENS_ROLES_RAY_ADDRESS`` if set, else one started here.
-
-    It is started with ``ray start --head`` rather than ``ray.init(num_cpus=2)``
-    so that the dashboard agent's ports can be fixed: Ray 2.60's raylet gives the
-    agent 15 s to report each dynamic port and aborts when its Python start-up is
-    slower, as it is on two loaded cores. Up to 3 attempts; stopped by its
-    process group.
-    """
+    """A 2-CPU Ray cluster for this module: ``$LENS_ROLES_RAY_ADDRESS`` if set, else a
+    :class:`~lens_roles.distributed.cluster.LocalCluster` (``ray start --head`` with fixed agent
+    ports, up to 3 attempts: ``ray.init(num_cpus=2)`` aborts when the agents start slowly, as they
+    do on two loaded cores). Every Ray process is stopped at the end, whatever failed."""
     address = os.environ.get("LENS_ROLES_RAY_ADDRESS")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throw-away cluster on the loopback
-    # the raylet's wait for its agents to register, raised from Ray's default for loaded cores
-    os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
     head = None
-    if address is None:
-        for _ in range(3):  # the raylet aborts when its agents start slowly; try again
-            head, address = start_head(tmp_path_factory.mktemp("ray") / "head.log")
-            if head is not None:
-                break
-        if head is None:
-            pytest.fail("a local Ray head did not start in 3 attempts (see the head.log files under pytest's tmp)")
     try:
+        if address is None:
+            try:
+                head = LocalCluster(2, log_dir=tmp_path_factory.mktemp("ray"))
+            except UsageError as exc:
+                pytest.fail(str(exc))
+            address = head.address
         ray.init(address=address, log_to_driver=False)
         # this module's helpers (CrashOnce) travel to the workers by value
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
         yield address
-    finally:  # whatever failed: no Ray process outlives the module
+    finally:
         ray.shutdown()
         if head is not None:
-            stop_head(head)
-
-
-def stop_head(head: subprocess.Popen) -> None:
-    """Stop the head and every process of its session (raylet, GCS, workers): SIGTERM, then SIGKILL."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(head.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            head.wait(30)
-        except subprocess.TimeoutExpired:
-            continue
-        time.sleep(2)  # the session's other processes leave after the head
+            head.stop()
 
 
 @pytest.fixture(scope="module")
