@@ -3,8 +3,9 @@
 ``ray.init(num_cpus=2)`` starts a local Ray instance whose raylet gives its agents
 15 s to report each dynamically chosen port and aborts when their Python start-up
 is slower — as it is on two loaded cores ("Timed out waiting for file
-…/metrics_agent_port_…"). :class:`LocalCluster` instead runs ``ray start --head
---block`` with every agent port fixed in advance (nothing to wait for), the
+…/metrics_agent_port_…", or ``dashboard_agent_listen_port_…``). :class:`LocalCluster`
+instead runs ``ray start --head --block`` with every agent port fixed in advance
+(the metrics agent's, the dashboard agent's, the runtime-env agent's), the
 dashboard off, a long agent-registration timeout, and up to ``attempts`` tries.
 :meth:`LocalCluster.stop` ends the head's whole process group (SIGTERM, then
 SIGKILL) and removes the ``ray_current_cluster`` record that ``ray start`` left,
@@ -59,13 +60,14 @@ class LocalCluster:
         self.address = ""
         logs = []
         for attempt in range(attempts):
-            port, agent, metrics = free_port(), free_port(), free_port()
+            port, agent, listen, runtime_env, metrics = (free_port() for _ in range(5))
             log_path = log_dir / f"head-{attempt}.log"
             logs.append(str(log_path))
             with log_path.open("w") as log_file:
                 head = subprocess.Popen(
                     [str(Path(sys.executable).with_name("ray")), "start", "--head", f"--num-cpus={num_cpus}",
                      f"--port={port}", "--include-dashboard=false", f"--dashboard-agent-grpc-port={agent}",
+                     f"--dashboard-agent-listen-port={listen}", f"--runtime-env-agent-port={runtime_env}",
                      f"--metrics-export-port={metrics}", "--disable-usage-stats", "--block"],
                     stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env)
             self.process, self.address = head, f"127.0.0.1:{port}"
