@@ -43,7 +43,7 @@ DATA = Path(__file__).resolve().parent.parent / "lens_roles" / "data"
 def cluster(tmp_path_factory):
     """A 2-CPU Ray cluster for this module: ``$LENS_ROLES_RAY_ADDRESS`` if set, else a
     :class:`~lens_roles.distributed.cluster.LocalCluster` (``ray start --head`` with fixed agent
-    ports, up to 3 attempts: ``ray.init(num_cpus=2)`` aborts when the agents start slowly, as they
+    ports, up to 5 attempts: ``ray.init(num_cpus=2)`` aborts when the agents start slowly, as they
     do on two loaded cores). Every Ray process is stopped at the end, whatever failed."""
     address = os.environ.get("LENS_ROLES_RAY_ADDRESS")
     head = None
