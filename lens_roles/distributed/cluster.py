@@ -6,10 +6,12 @@ is slower — as it is on two loaded cores ("Timed out waiting for file
 …/metrics_agent_port_…", or ``dashboard_agent_listen_port_…``). :class:`LocalCluster`
 instead runs ``ray start --head --block`` with every agent port fixed in advance
 (the metrics agent's, the dashboard agent's, the runtime-env agent's), the
-dashboard off, a long agent-registration timeout, and up to ``attempts`` tries;
-where it may (as root), it starts the head at the highest priority (nice -20) so
-that the agents beat the raylet's timer, and puts the whole group back at this
-process's priority once the head takes drivers.
+dashboard off, a long agent-registration timeout, and up to ``attempts`` tries.
+The raylet still waits a fixed 15 s for the agents to write their port files, so
+on a machine whose CPU is saturated by other work (the agents' imports then take
+longer: 3.5 s of CPU spread over 15 s of wall time was seen) every try can fail;
+raising the head's priority did not help there (the CPU pressure came from other
+control groups).
 :meth:`LocalCluster.stop` ends the head's whole process group (SIGTERM, then
 SIGKILL) and removes the ``ray_current_cluster`` record that ``ray start`` left,
 so a later ``ray.init()`` does not try to join a cluster that is gone. Used by the
@@ -38,15 +40,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _set_group_priority(pgid: int, niceness: int) -> bool:
-    """Set the nice value of every process in group ``pgid``; False where not allowed (raising it needs root)."""
-    try:
-        os.setpriority(os.PRIO_PGRP, pgid, niceness)
-    except OSError:
-        return False
-    return True
-
-
 class LocalCluster:
     """A Ray head on this machine with ``num_cpus`` CPUs; ``address`` is ``127.0.0.1:<port>``.
 
@@ -70,7 +63,6 @@ class LocalCluster:
         env.setdefault("RAY_agent_register_timeout_ms", "180000")  # agents start slowly on loaded cores
         self.process: subprocess.Popen | None = None
         self.address = ""
-        own = os.getpriority(os.PRIO_PROCESS, 0)
         logs = []
         for attempt in range(attempts):
             port, agent, listen, runtime_env, metrics = (free_port() for _ in range(5))
@@ -84,12 +76,9 @@ class LocalCluster:
                      f"--metrics-export-port={metrics}", "--disable-usage-stats", "--block"],
                     stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env)
             self.process, self.address = head, f"127.0.0.1:{port}"
-            boosted = _set_group_priority(head.pid, -20)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and head.poll() is None:
                 if "block forever" in log_path.read_text():
-                    if boosted:  # the cluster's work runs at this process's own priority
-                        _set_group_priority(head.pid, own)
                     return
                 time.sleep(1)
             self.stop()
