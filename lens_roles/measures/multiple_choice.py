@@ -265,6 +265,7 @@ def evaluate_condition(model, questions: QuestionSet, condition: Condition, dire
     With an ``executor`` the questions run as shards on its workers (:func:`sharded_choice_logprobs`).
     """
     if executor is not None:
+        condition._check_direction(direction)  # here, before any shard is sent
         qs = list(questions)
         items = choice_items(model, qs, system=condition.system, answer_format=answer_format)
         (logps,) = sharded_choice_logprobs(model, items, [(condition, direction)], batch_size=batch_size,
