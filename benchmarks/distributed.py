@@ -11,11 +11,18 @@ Prints
   ones (should be ≤ 1e-12) and whether the per-prompt rows are identical;
 * the driver's merge cost (``merge_sums``) against the number of shards, for
   shards the size of the default model's (30 layers × 576 floats per prompt set):
-  total and per shard — the driver's only serial work per shard.
+  total and per shard — the driver's serial arithmetic per shard, O(layers × d_model);
+* the Ray round trip per shard (a shard that does nothing, dispatched and collected by
+  ``RayExecutor.map``) and, for the role study, the driver's letter readout per question
+  (one unembedding row: the workers send back final residuals);
+* a plan for N GPUs from those numbers: N × the per-worker throughput, until the driver's
+  serial time per shard (round trip + merge) reaches a worker's time per shard divided
+  by N — the worker count where it stops scaling, printed for a few shard sizes.
 
 Run: ``.venv/bin/python benchmarks/distributed.py [--repeats N] [--prompts N] [--address ADDR]``;
 ``--quick`` is a smoke run (few prompts, one repeat). Needs ``pip install -e '.[distributed]'``.
-Without ``--address`` a local Ray instance with ``--cpus`` CPUs is started.
+Without ``--address`` a local Ray instance with ``--cpus`` CPUs is started (on this 2-core
+machine the two workers share the cores with each other and the driver: expect little gain).
 """
 
 from __future__ import annotations
@@ -26,10 +33,11 @@ import time
 import torch
 
 import lens_roles as lr
-from lens_roles.distributed import RayExecutor
+from lens_roles.distributed import LocalCluster, RayExecutor
 from lens_roles.inputs.prompts import PromptSet
 from lens_roles.runtime.activations import ShardSums, SumsJob, collect, merge_sums
 from lens_roles.runtime.batching import Schedule
+from lens_roles.runtime.readout import logprobs_at
 
 
 def prompts(n: int) -> PromptSet:
@@ -53,6 +61,52 @@ def merge_cost(n_shards: int, n_layers: int, d_model: int, repeats: int) -> floa
     return sorted(times)[len(times) // 2]
 
 
+def _noop(model, shared, payload):
+    """A shard that does nothing: what is left is Ray's dispatch and collection."""
+    return payload
+
+
+def round_trip(executor: RayExecutor, n: int, repeats: int) -> float:
+    """Median seconds per shard of ``executor.map`` over ``n`` shards that do nothing."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        executor.map(_noop, None, list(range(n)))
+        times.append((time.perf_counter() - t0) / n)
+    return sorted(times)[len(times) // 2]
+
+
+def readout_cost(model, repeats: int) -> float:
+    """Median seconds per question of the driver's letter readout (unembedding 64 final residuals at once)."""
+    resid = torch.randn(64, model.cfg.d_model, dtype=model.cfg.dtype)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            logprobs_at(model, resid)
+        times.append((time.perf_counter() - t0) / 64)
+    return sorted(times)[len(times) // 2]
+
+
+def plan(per_worker: float, driver_per_shard: float, readout: float) -> None:
+    """Print the N-GPU plan: throughput N × per_worker until the driver's serial work per shard is the bottleneck."""
+    print("plan for N workers (one GPU each), from the numbers above:")
+    print(f"  one worker: {per_worker:.1f} prompts/s; N workers: N × that while the driver keeps up")
+    print(f"  the driver's serial work per shard: {driver_per_shard * 1e3:.2f} ms (Ray round trip + merge); "
+          "it does not grow with N, the shards per second do")
+    for size in (16, 64, 256):
+        worker_s = size / per_worker  # one worker's time for a shard of `size` prompts
+        n_max = worker_s / driver_per_shard
+        print(f"  shards of {size:4d} prompts: a worker needs {worker_s:.2f} s per shard; the driver saturates "
+              f"at N ≈ {n_max:,.0f} workers ({n_max * per_worker:,.0f} prompts/s)")
+    q_max = 1 / readout
+    print(f"  role study: the driver reads out the letters at {q_max:,.0f} questions/s (unembedding on its CPU); "
+          f"scoring stops scaling at N ≈ {q_max / per_worker:,.0f} workers if a worker scores questions as fast as "
+          "it reads prompts (use bigger shards, or a GPU for the driver's copy, beyond that)")
+    print("  before either limit: the slowest shard (make shards_per_worker × N shards, so the tail is short), "
+          "and model loading (each worker loads once; amortised over the job)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 16 prompts, 1 repeat")
@@ -66,10 +120,21 @@ def main() -> None:
         args.prompts, args.repeats, args.batch_size = 16, 1, 4
     import ray
 
-    if args.address:
+    cluster = None
+    if not args.address:  # ray start --head with fixed agent ports: ray.init(num_cpus=...) aborts on loaded cores
+        cluster = LocalCluster(args.cpus)
+        args.address = cluster.address
+    try:
         ray.init(address=args.address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        run(args, ray)
+    finally:
+        ray.shutdown()
+        if cluster is not None:
+            cluster.stop()
+
+
+def run(args, ray) -> None:
+    """The measurements, on the Ray session ``main`` joined."""
     model = lr.load_model()
     data = prompts(args.prompts)
     kw = dict(layers="all", positions="eoi", batch_size=args.batch_size, keep_per_prompt=True)
@@ -101,13 +166,19 @@ def main() -> None:
         rel = ((got.mean - base.mean).norm(dim=-1) / base.mean.norm(dim=-1)).max().item()
         print(f"  {name}: max relative difference of the means {rel:.2e}; "
               f"rows identical: {torch.equal(got.per_prompt, base.per_prompt)}")
+    trip = round_trip(two_ex, 8 if args.quick else 64, 1 if args.quick else args.repeats)
+    print(f"Ray round trip per shard (2 workers, empty shards): {trip * 1e3:.2f} ms")
     one_ex.close()
     two_ex.close()
     print(f"merge cost ({model.cfg.n_layers} layers × d_model {model.cfg.d_model}, float64):")
+    per_shard = []
     for n in (1, 4, 16, 64) if args.quick else (1, 4, 16, 64, 256, 1024):
         t = merge_cost(n, model.cfg.n_layers, model.cfg.d_model, 3 if args.quick else 11)
+        per_shard.append(t / n)
         print(f"  {n:5d} shards: {t * 1e3:8.3f} ms  ({t / n * 1e6:.1f} µs per shard)")
-    ray.shutdown()
+    readout = readout_cost(model, 3 if args.quick else 11)
+    print(f"driver letter readout: {readout * 1e6:.0f} µs per question (d_vocab {model.cfg.d_vocab})")
+    plan(args.prompts / med["1 worker"], trip + max(per_shard), readout)
 
 
 if __name__ == "__main__":

@@ -260,7 +260,7 @@ def test_shipped_set_names_pass_the_input_check(tmp_path):
             main(argv, load_model=loader)
 
 
-@pytest.mark.parametrize("command", ["extract", "roles", "evaluate"])
+@pytest.mark.parametrize("command", ["extract", "roles", "evaluate", "ab-curve", "train-sae"])
 @pytest.mark.parametrize("option, value", [("--workers", "0"), ("--gpus-per-worker", "-1"),
                                            ("--ray", "127.0.0.1:9"), ("--ray", "nowhere")])
 def test_ray_options_are_checked_before_loading(files, capsys, command, option, value):

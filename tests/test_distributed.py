@@ -1,8 +1,8 @@
-"""Extraction on a local Ray cluster equals the single-process result, survives a dying worker,
-and fails clearly on bad input.
+"""Extraction, the role study and the SAE harvest on a local Ray cluster equal the single-process
+result, survive a dying worker, and fail clearly on bad input.
 
-One Ray session per module (``ray.init(num_cpus=2)``: slow to start on a small
-machine); its workers build the same tiny model from a file the driver saved.
+One 2-CPU Ray cluster per module (1-3 min to start on a small machine); its workers build the
+same tiny model from a file the driver saved, or load the default model.
 """
 
 from __future__ import annotations
@@ -10,22 +10,23 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from conftest import make_tiny_model
+from test_shards import make_study_inputs, mc_counts
 
+from lens_roles.analysis.sae.core import harvest, harvest_shards, read_harvest
 from lens_roles.distributed import ModelSpec, RayExecutor, check_address
+from lens_roles.distributed.cluster import LocalCluster
 from lens_roles.directions.builders import persona_vector, role_vectors
 from lens_roles.errors import ModelError, UsageError
 from lens_roles.inputs.prompts import PairSet, PromptSet, load_pairs, load_prompt_set
 from lens_roles.runtime.activations import collect, collect_sets
+from lens_roles.studies import role_study as rs
 
 ray = pytest.importorskip("ray", reason="needs ray (pip install -e '.[distributed]'; make distributed)")
 
@@ -38,59 +39,29 @@ pytestmark = [
 DATA = Path(__file__).resolve().parent.parent / "lens_roles" / "data"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_head(log_path: Path):
-    """`ray start --head --block` on free ports: `(process, address)` once it takes drivers, else `(None, None)`."""
-    port, agent, metrics = free_port(), free_port(), free_port()
-    with log_path.open("w") as log_file:
-        head = subprocess.Popen(
-            [str(Path(sys.executable).with_name("ray")), "start", "--head", "--num-cpus=2", f"--port={port}",
-             "--include-dashboard=false", f"--dashboard-agent-grpc-port={agent}", f"--metrics-export-port={metrics}",
-             "--disable-usage-stats", "--block"], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and head.poll() is None:
-        if "block forever" in log_path.read_text():
-            return head, f"127.0.0.1:{port}"
-        time.sleep(1)
-    if head.poll() is None:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(60)
-    return None, None
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A 2-CPU Ray cluster for this module: ``$LENS_ROLES_RAY_ADDRESS`` if set, else one started here.
-
-    It is started with ``ray start --head`` rather than ``ray.init(num_cpus=2)``
-    so that the dashboard agent's ports can be fixed: Ray 2.60's raylet gives the
-    agent 15 s to report each dynamic port and aborts when its Python start-up is
-    slower, as it is on two loaded cores. Up to 3 attempts; stopped by its
-    process group.
-    """
+    """A 2-CPU Ray cluster for this module: ``$LENS_ROLES_RAY_ADDRESS`` if set, else a
+    :class:`~lens_roles.distributed.cluster.LocalCluster` (``ray start --head`` with fixed agent
+    ports, up to 5 attempts: ``ray.init(num_cpus=2)`` aborts when the agents start slowly, as they
+    do on two loaded cores). Every Ray process is stopped at the end, whatever failed."""
     address = os.environ.get("LENS_ROLES_RAY_ADDRESS")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throw-away cluster on the loopback
     head = None
-    if address is None:
-        for _ in range(3):  # the raylet aborts when its agents start slowly; try again
-            head, address = start_head(tmp_path_factory.mktemp("ray") / "head.log")
-            if head is not None:
-                break
-        if head is None:
-            pytest.fail("a local Ray head did not start in 3 attempts (see the head.log files under pytest's tmp)")
-    ray.init(address=address, log_to_driver=False)
-    # this module's helpers (CrashOnce) travel to the workers by value
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    yield address
-    ray.shutdown()
-    if head is not None:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(60)
+    try:
+        if address is None:
+            try:
+                head = LocalCluster(2, log_dir=tmp_path_factory.mktemp("ray"))
+            except UsageError as exc:
+                pytest.fail(str(exc))
+            address = head.address
+        ray.init(address=address, log_to_driver=False)
+        # this module's helpers (CrashOnce) travel to the workers by value
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        yield address
+    finally:
+        ray.shutdown()
+        if head is not None:
+            head.stop()
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +144,32 @@ def test_direction_builders_on_ray(executor, tiny_model, pairs, roles, one_threa
         assert rel(b.vectors, a.vectors).max() <= 1e-12, method
 
 
+@pytest.fixture(scope="module")
+def study_inputs(tmp_path_factory):
+    return make_study_inputs(tmp_path_factory.mktemp("splits"))
+
+
+def test_role_study_on_ray_equals_one_process(executor, tiny_model, study_inputs, one_thread):
+    """Every scoring of the study (selection grid, test conditions, prompting) runs as shards on the workers."""
+    roles, domains, role_domains, config = study_inputs
+    one = rs.run_role_study(tiny_model, roles, domains, role_domains=role_domains, config=config, progress=False)
+    many = rs.run_role_study(tiny_model, roles, domains, role_domains=role_domains, config=config, progress=False,
+                             executor=executor)
+    for name in ("scores", "selection", "table", "summary", "baseline"):  # identical per-question rows
+        pd.testing.assert_frame_equal(getattr(one, name), getattr(many, name), check_exact=True, obj=name)
+    assert mc_counts(one.scores) == mc_counts(many.scores)  # correct / total / Σ p(correct) per cell
+
+
+def test_sae_harvest_on_ray_reads_back_equal(executor, tiny_model, tmp_path, one_thread):
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, tiny_model.cfg.d_vocab, (int(n),), generator=gen).tolist()
+            for n in torch.randint(4, 12, (9,), generator=gen)]
+    files = harvest_shards(tiny_model, seqs, [0, 2], tmp_path, batch_size=2, executor=executor)
+    assert len(files) == 5  # 2 workers x 4 shards each, capped at the 5 batches
+    one, back = harvest(tiny_model, seqs, [0, 2], batch_size=2), read_harvest(tmp_path)
+    assert all(torch.equal(back[k], one[k]) for k in one)
+
+
 def test_a_worker_dying_mid_shard_is_replaced_and_its_shard_rerun(executor, tiny_model, pairs, tmp_path,
                                                                   caplog, one_thread):
     flag = tmp_path / "crash-once"
@@ -223,16 +220,29 @@ def test_an_unreachable_address_is_one_clear_error():
 
 
 @pytest.mark.integration
-def test_the_default_model_on_ray_equals_one_process(cluster, real_model, roles, one_thread):
-    """Two workers each load SmolLM2-135M-Instruct with ``load_model``; role vectors and rows match."""
+def test_the_default_model_on_ray_equals_one_process(cluster, real_model, roles, pairs, study_inputs, one_thread):
+    """Two workers each load SmolLM2-135M-Instruct with ``load_model``: role and persona vectors, rows and the
+    role study's multiple-choice counts match the single process."""
     role_sets, base = roles
     role_sets = [PromptSet(r.name, r.prompts[:3]) for r in role_sets]
     base = PromptSet(base.name, base.prompts[:4])
+    few = PairSet(pairs.name, pairs.pairs[:4], pairs.source)
+    _, domains, role_domains, config = study_inputs
+    config = rs.StudyConfig(layers=(10, 20), alphas=(4.0,), max_val=3, max_test=4, n_boot=200, batch_size=2)
+    domains = {"law": domains["law"]}
+    kw = dict(layers="all", batch_size=2)
     with RayExecutor(None, workers=2, cpus_per_worker=0) as ex:  # beside the module's executor
-        many = role_vectors(real_model, role_sets, base, layers="all", batch_size=2, executor=ex)
-        rows = collect(real_model, base, layers="all", batch_size=2, keep_per_prompt=True, executor=ex)
-    one = role_vectors(real_model, role_sets, base, layers="all", batch_size=2)
+        many = role_vectors(real_model, role_sets, base, executor=ex, **kw)
+        rows = collect(real_model, base, keep_per_prompt=True, executor=ex, **kw)
+        persona = {m: persona_vector(real_model, few, method=m, executor=ex, **kw) for m in ("mean_diff", "pca")}
+        study = rs.run_role_study(real_model, many, domains, role_domains=role_domains, config=config,
+                                  progress=False, executor=ex)
+    one = role_vectors(real_model, role_sets, base, **kw)
     for name in one:
         assert rel(many[name].vectors, one[name].vectors).max() <= 1e-12, name
-    assert torch.equal(rows.per_prompt, collect(real_model, base, layers="all", batch_size=2,
-                                                keep_per_prompt=True).per_prompt)
+    assert torch.equal(rows.per_prompt, collect(real_model, base, keep_per_prompt=True, **kw).per_prompt)
+    for method, direction in persona.items():
+        assert rel(direction.vectors, persona_vector(real_model, few, method=method, **kw).vectors).max() <= 1e-12
+    alone = rs.run_role_study(real_model, many, domains, role_domains=role_domains, config=config, progress=False)
+    pd.testing.assert_frame_equal(alone.scores, study.scores, check_exact=True)
+    assert mc_counts(alone.scores) == mc_counts(study.scores)

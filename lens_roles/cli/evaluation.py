@@ -89,7 +89,7 @@ def run_evaluate(args: argparse.Namespace, load_model: ModelLoader) -> int:
     model = open_model(args, load_model)
     if args.select_layers is not None:
         config = dataclasses.replace(config, layers=args.select_layers.resolve(model))
-    with ray_executor(args) as executor:  # --ray: the role vectors are extracted on the workers
+    with ray_executor(args) as executor:  # --ray: role vectors and every scoring run on the workers
         study = run_role_evaluation(
             model,
             role_sets,
@@ -116,19 +116,21 @@ def run_ab_curve(args: argparse.Namespace, load_model: ModelLoader) -> int:
     pair_sets = [load_pairs(p) for p in args.pairs]
     model = open_model(args, load_model)
     layer = args.layer if args.layers is None else list(args.layers.resolve(model))
-    frame, mono, steer = run_ab_report(
-        model,
-        pair_sets,
-        layer=layer,
-        multipliers=args.multipliers,
-        out=Path(args.out),
-        n_train=args.n_train,
-        n_test=args.n_test,
-        seed=args.seed,
-        template=args.template,
-        batch_size=args.batch_size,
-        progress=True,
-    )
+    with ray_executor(args) as executor:  # --ray: vectors and scoring run on the workers
+        frame, mono, steer = run_ab_report(
+            model,
+            pair_sets,
+            layer=layer,
+            multipliers=args.multipliers,
+            out=Path(args.out),
+            n_train=args.n_train,
+            n_test=args.n_test,
+            seed=args.seed,
+            template=args.template,
+            batch_size=args.batch_size,
+            progress=True,
+            executor=executor,
+        )
     if args.layers is None:
         print(frame.round(3).to_string(index=False))
         print(mono.round(3).to_string(index=False))
@@ -201,3 +203,4 @@ def register(sub) -> None:
                help="output folder: curves.csv, scores.csv, monotonicity.csv, steerability.csv, figure")
     add_template_option(p)
     add_model_options(p, batch="read")
+    add_ray_options(p)

@@ -462,8 +462,8 @@ def check_paths(args: argparse.Namespace) -> None:
 def open_model(args: argparse.Namespace, load_model: ModelLoader):
     """Load ``args.model`` on ``args.device`` in ``args.dtype`` with ``load_model``; say so on stderr.
 
-    With ``--ray`` the driver's copy only tokenizes and checks shapes, so it is
-    loaded on the CPU (``--device`` is where the workers load theirs).
+    With ``--ray`` the driver's copy only tokenizes, checks shapes and reads out the workers' final
+    residuals (multiple choice), so it is loaded on the CPU (``--device`` is where the workers load theirs).
     """
     t0 = time.perf_counter()
     device = "cpu" if getattr(args, "ray", None) is not None else args.device

@@ -12,11 +12,13 @@ from lens_roles.cli.options import (
     add_input,
     add_model_options,
     add_output,
+    add_ray_options,
     check_model_match,
     finite_float,
     fraction,
     int_at_least,
     open_model,
+    ray_executor,
 )
 from lens_roles.directions.direction import Direction
 from lens_roles.errors import DirectionError
@@ -50,8 +52,9 @@ def run_persona_space_command(args: argparse.Namespace, load_model: ModelLoader)
         n_questions=args.n_questions, held_out=args.held_out, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, seed=args.seed, layers=args.layers.resolve(model), map_layer=args.map_layer,
         batch_size=args.batch_size)
-    result = run_persona_space(model, config=config, replies=replies, template=args.template,
-                               cache_dir=args.cache_dir, progress=True)
+    with ray_executor(args) as executor:  # --ray: the replies and activations are made on the workers
+        result = run_persona_space(model, config=config, replies=replies, template=args.template,
+                                   cache_dir=args.cache_dir, progress=True, executor=executor)
     if colour is not None:
         result.points = result.space.points(colour)
     written = write_persona_space(result, Path(args.out))
@@ -94,3 +97,4 @@ def register(sub) -> None:
                    help="layer of the 3-D map (default: the middle layer read)")
     add_collect_options(p)
     add_model_options(p, batch="read")
+    add_ray_options(p)

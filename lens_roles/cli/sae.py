@@ -17,6 +17,7 @@ from lens_roles.cli.options import (
     add_input,
     add_model_options,
     add_output,
+    add_ray_options,
     check_model_match,
     finite_float,
     fraction,
@@ -24,6 +25,7 @@ from lens_roles.cli.options import (
     layer_spec,
     load_pairs_or_prompts,
     open_model,
+    ray_executor,
 )
 from lens_roles.directions.direction import Direction
 from lens_roles.errors import SAEError, UsageError
@@ -56,16 +58,18 @@ def run_train_sae(args: argparse.Namespace, load_model: ModelLoader) -> int:
         seed=args.seed,
         max_prompts=args.max_prompts or None,
     )
-    train_sae_suite(
-        model,
-        layers,
-        out,
-        config=config,
-        corpus=corpus,
-        eval_fraction=args.eval_fraction,
-        batch_size=args.batch_size,
-        dtype=getattr(torch, args.dtype_out),
-    )
+    with ray_executor(args) as executor:
+        train_sae_suite(
+            model,
+            layers,
+            out,
+            config=config,
+            corpus=corpus,
+            eval_fraction=args.eval_fraction,
+            batch_size=args.batch_size,
+            dtype=getattr(torch, args.dtype_out),
+            executor=executor,
+        )
     print(f"wrote {out}/quality.csv")
     return 0
 
@@ -214,6 +218,7 @@ def register(sub) -> None:
     p.add_argument("--dtype-out", default="float16", choices=["float16", "float32"], help="weights on disk")
     add_output(p, "--out", required=True, help="folder: layer_<L>/ (sae_lens format), quality.csv, corpus.json")
     add_model_options(p, batch="read")
+    add_ray_options(p)  # --ray: the activations are harvested on the workers, as shard files under OUT/harvest/
 
     p = add_command(sub, "sae-align", run_sae_align,
                     help="SAE features aligned with a direction, its sparse decomposition, feature cards")

@@ -120,8 +120,9 @@ class RayExecutor:
         workers: number of actors (each with ``cpus_per_worker`` CPUs and
             ``gpus_per_worker`` GPUs).
         address: a running cluster (``"auto"``, ``"host:port"``, ``"ray://host:port"``);
-            None uses the Ray session already started (``ray.init()`` in a notebook)
-            or starts a local one.
+            None uses the Ray session already started (``ray.init()`` in a notebook),
+            else ``$RAY_ADDRESS`` when set, else starts a local one (never a stale
+            cluster that ``ray start`` once left recorded on this machine).
         shards_per_worker: shards a job is cut into per worker, so fast workers
             take more of them (capped at the job's number of indivisible chunks).
         max_restarts: how often Ray may replace each dead worker.
@@ -158,7 +159,9 @@ class RayExecutor:
             self.loader = model if isinstance(model, ModelSpec) else ModelSpec(model, device, dtype, n_devices)
         self.workers, self.shards_per_worker, self.max_retries = workers, shards_per_worker, max_retries
         if not ray.is_initialized():
-            if address is not None:
+            if address is None:
+                address = os.environ.get("RAY_ADDRESS") or "local"
+            if address != "local":
                 check_address(address)
             try:
                 ray.init(address=address, **(init_kwargs or {}))

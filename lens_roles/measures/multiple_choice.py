@@ -38,11 +38,12 @@ from lens_roles.inputs.positions import Encoded, encode
 from lens_roles.inputs.prompts import Prompt, common_prefix_len
 from lens_roles.inputs.questions import Question, QuestionSet
 from lens_roles.interventions.steering import ablate, ablation_hooks, steer, steering_hooks
-from lens_roles.runtime.batching import run_batches, run_branched
+from lens_roles.runtime.batching import Schedule, run_batches, run_branched, schedule
 from lens_roles.runtime.branching import Branch, unsteered
 from lens_roles.runtime.capture import Capture, position_mean
 from lens_roles.runtime.progress import progress_bar
 from lens_roles.runtime.readout import logprobs_at
+from lens_roles.runtime.shards import Executor, check_cover, split_units
 
 CONDITIONS = ("none", "addition", "ablation", "prompting")
 #: the persona prompt of the prompting condition; ``{article}`` is "a" or "an"
@@ -257,8 +258,20 @@ class Condition(Config):
 
 
 def evaluate_condition(model, questions: QuestionSet, condition: Condition, direction: Direction | None = None,
-                       *, answer_format: str = "{letter}", batch_size: int = 16) -> pd.DataFrame:
-    """:func:`score_questions` under ``condition``; adds ``condition, layer, alpha`` columns."""
+                       *, answer_format: str = "{letter}", batch_size: int = 16,
+                       executor: Executor | None = None) -> pd.DataFrame:
+    """:func:`score_questions` under ``condition``; adds ``condition, layer, alpha`` columns.
+
+    With an ``executor`` the questions run as shards on its workers (:func:`sharded_choice_logprobs`).
+    """
+    if executor is not None:
+        condition._check_direction(direction)  # here, before any shard is sent
+        qs = list(questions)
+        items = choice_items(model, qs, system=condition.system, answer_format=answer_format)
+        (logps,) = sharded_choice_logprobs(model, items, [(condition, direction)], batch_size=batch_size,
+                                           executor=executor, branched=False)
+        return _frame(qs, items, logps).assign(condition=condition.kind, layer=condition.layer,
+                                               alpha=condition.alpha)
     with condition.applied(model, direction):
         frame = score_questions(model, questions, system=condition.system, answer_format=answer_format,
                                 batch_size=batch_size)
@@ -267,7 +280,8 @@ def evaluate_condition(model, questions: QuestionSet, condition: Condition, dire
 
 def evaluate_conditions(model, questions: QuestionSet | Sequence[Question],
                         conditions: Sequence[tuple[Condition, Direction | None]], *, answer_format: str = "{letter}",
-                        batch_size: int = 16, progress: bool = False) -> list[pd.DataFrame]:
+                        batch_size: int = 16, progress: bool = False,
+                        executor: Executor | None = None) -> list[pd.DataFrame]:
     """:func:`evaluate_condition` for each ``(condition, direction)``, sharing what they have in common.
 
     The conditions that branch off the unprompted run (``none``, every
@@ -276,7 +290,8 @@ def evaluate_conditions(model, questions: QuestionSet | Sequence[Question],
     addition layer, then each condition runs only the blocks above its layer
     (:func:`branched_choice_logprobs`). ``prompting`` runs on its own. The frames come back in the order of
     ``conditions`` and equal :func:`evaluate_condition`'s (to float rounding where
-    batching differs). ``progress`` shows a bar per shared run.
+    batching differs). ``progress`` shows a bar per shared run. With an ``executor`` the questions run as
+    shards on its workers (:func:`sharded_choice_logprobs`): the same frames, bit for bit.
     """
     qs = list(questions)
     out: list[pd.DataFrame | None] = [None] * len(conditions)
@@ -284,12 +299,117 @@ def evaluate_conditions(model, questions: QuestionSet | Sequence[Question],
     shared = [k for k, b in branches.items() if b is not None]
     if shared:
         items = choice_items(model, qs, answer_format=answer_format)
-        logps = branched_choice_logprobs(model, items, [branches[k] for k in shared], batch_size=batch_size,
-                                         progress=progress)
+        if executor is None:
+            logps = branched_choice_logprobs(model, items, [branches[k] for k in shared], batch_size=batch_size,
+                                             progress=progress)
+        else:
+            logps = sharded_choice_logprobs(model, items, [conditions[k] for k in shared], batch_size=batch_size,
+                                            executor=executor, progress=progress)
         for k, lp in zip(shared, logps):
             c = conditions[k][0]
             out[k] = _frame(qs, items, lp).assign(condition=c.kind, layer=c.layer, alpha=c.alpha)
     for k, (c, d) in enumerate(conditions):
         if out[k] is None:
-            out[k] = evaluate_condition(model, qs, c, d, answer_format=answer_format, batch_size=batch_size)
+            out[k] = evaluate_condition(model, qs, c, d, answer_format=answer_format, batch_size=batch_size,
+                                        executor=executor)
     return out
+
+
+@dataclass(frozen=True)
+class ChoiceJob:
+    """What every shard of one sharded scoring shares (sent to each worker once).
+
+    ``items`` are scored under each of ``conditions`` (``(Condition, Direction | None)``
+    pairs, built into hooks on the worker's own model): as branches of one run when
+    ``branched`` (every condition but ``prompting``), else the one condition's hooks
+    around a plain run. ``schedule`` is the items' forward passes, whose chunks the
+    shards divide between them.
+    """
+
+    items: tuple[ChoiceItem, ...]
+    conditions: tuple[tuple[Condition, Direction | None], ...]
+    branched: bool
+    batch_size: int
+    schedule: Schedule
+
+
+@dataclass(frozen=True)
+class ChoiceShard:
+    """One shard's final residuals at the items' answer positions.
+
+    Attributes:
+        chunks: the schedule chunks this shard ran (its identity).
+        index: ``[n]`` indices into ``ChoiceJob.items`` (long).
+        finals: ``[condition, n, d_model]`` on the CPU, in the model's dtype.
+    """
+
+    chunks: tuple[int, ...]
+    index: Tensor
+    finals: Float[Tensor, "condition n d_model"]
+
+
+@torch.no_grad()
+def choice_finals(model, job: ChoiceJob, chunks: Sequence[int]) -> ChoiceShard:
+    """Run the given chunks of ``job.schedule`` under every condition; the per-shard computation of
+    :func:`sharded_choice_logprobs` (the same batches as :func:`branched_choice_logprobs` /
+    :func:`choice_logprobs` run, so the same residuals)."""
+    last = model.cfg.n_layers - 1
+    encoded, positions = _encoded(job.items)
+    cap = Capture([last], position_mean)
+    rows: list[list[Tensor]] = [[] for _ in job.conditions]
+    order: list[list[int]] = [[] for _ in job.conditions]
+
+    def keep(b: int, members: list[int]) -> None:
+        order[b].extend(members)
+        rows[b].append(cap[last].cpu())
+
+    kw = dict(batch_size=job.batch_size, stop_at_layer=cap.stop_at_layer, capture=cap,
+              only=job.schedule.subset(chunks))
+    if job.branched:
+        branches = [c.branch(model, d) for c, d in job.conditions]
+        run_branched(model, encoded, positions, branches, on_batch=keep, **kw)
+    else:
+        ((condition, direction),) = job.conditions
+        with condition.applied(model, direction):
+            run_batches(model, encoded, positions, on_batch=lambda members: keep(0, members), **kw)
+    finals = torch.stack([torch.cat(r) if r else torch.zeros(0, model.cfg.d_model, dtype=model.cfg.dtype)
+                          for r in rows])
+    return ChoiceShard(tuple(chunks), torch.tensor(order[0], dtype=torch.long), finals)
+
+
+@torch.no_grad()
+def sharded_choice_logprobs(model, items: Sequence[ChoiceItem],
+                            conditions: Sequence[tuple[Condition, Direction | None]], *, batch_size: int = 16,
+                            executor: Executor, branched: bool = True, progress: bool = False
+                            ) -> list[list[Float[Tensor, " choice"]]]:
+    """:func:`branched_choice_logprobs` under each condition (``branched``), or :func:`choice_logprobs` under
+    the one condition's hooks (not ``branched``; as :func:`evaluate_condition` scores), with the forward
+    passes run as identified shards on ``executor``'s workers.
+
+    Each worker builds the conditions' hooks on its own model and returns the final
+    residual of its shard's questions; the driver puts them in question order (each
+    chunk exactly once, however often a shard ran) and reads out the letters here,
+    so the log-probabilities equal the single-process ones bit for bit.
+
+    Raises:
+        DataError: no questions; a ``prompting`` condition among branches (its prompt shares
+            nothing with the others), or several conditions not ``branched``.
+    """
+    if not items:
+        raise DataError("no questions to score")
+    if branched and any(c.kind == "prompting" for c, _ in conditions):
+        raise DataError("a prompting condition is scored on its own (branched=False): its prompt shares nothing")
+    if not branched and len(conditions) != 1:
+        raise DataError(f"branched=False scores one condition, got {len(conditions)}")
+    executor.check(model)
+    encoded, positions = _encoded(items)
+    job = ChoiceJob(tuple(items), tuple(conditions), branched, batch_size,
+                    schedule(encoded, positions, batch_size=batch_size))
+    n_chunks = len(job.schedule.chunks)
+    payloads = split_units([len(job.schedule.members(c)) for c in range(n_chunks)], executor.shards(n_chunks))
+    shards = executor.map(choice_finals, job, payloads, desc="question shards", progress=progress)
+    check_cover([s.chunks for s in shards], n_chunks)
+    finals = torch.zeros(len(conditions), len(items), model.cfg.d_model, dtype=shards[0].finals.dtype)
+    for s in shards:
+        finals[:, s.index] = s.finals
+    return [_readout(model, items, list(f.to(model.cfg.device))) for f in finals]

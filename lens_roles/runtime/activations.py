@@ -44,7 +44,7 @@ from lens_roles.runtime.batching import Schedule, run_batches, schedule, token_b
 from lens_roles.runtime.capture import Capture, capture, position_mean
 from lens_roles.runtime.models import model_id, resid_hook, validate_layers
 from lens_roles.runtime.progress import progress_bar
-from lens_roles.runtime.shards import Executor, split_units
+from lens_roles.runtime.shards import Executor, check_cover, split_units
 
 
 @dataclass(frozen=True)
@@ -213,9 +213,7 @@ def merge_sums(job: SumsJob, shards: Sequence[ShardSums]):
     Raises:
         DataError: a chunk of the schedule is missing from the shards or in two of them.
     """
-    seen = sorted(c for s in shards for c in s.chunks)
-    if seen != list(range(len(job.schedule.chunks))):
-        raise DataError(f"the shards cover chunks {seen}, not each of 0..{len(job.schedule.chunks) - 1} once")
+    check_cover([s.chunks for s in shards], len(job.schedule.chunks))
     sums = torch.zeros_like(shards[0].sums)
     counts = torch.zeros_like(shards[0].counts)
     for s in shards:

@@ -369,6 +369,7 @@ def run_branched(
     on_batch: Callable[[int, list[int]], None],
     share_prefixes: bool = True,
     progress: Callable[[int], None] | None = None,
+    only: Schedule | None = None,
 ) -> None:
     """:func:`run_batches` for several branches (:mod:`lens_roles.runtime.branching`) at once.
 
@@ -380,7 +381,8 @@ def run_branched(
     stage of each branch, its ``weights`` set as in :func:`run_batches`, and
     ``on_batch(branch index, item indices)`` is called after each branch of each
     suffix batch. ``progress(n)`` is called after each branch of each suffix batch with its number of
-    prompts (it counts prompts × branches).
+    prompts (it counts prompts × branches). ``only``: run just this part of the items'
+    :func:`schedule` (a shard), as in :func:`run_batches`; every branch runs the same batches.
     """
     from lens_roles.runtime.branching import can_branch, check_branch, forward_from
 
@@ -392,15 +394,16 @@ def run_branched(
             with model.hooks(fwd_hooks=list(branch.hooks)):
                 run_batches(model, items, positions, batch_size=batch_size, stop_at_layer=stop_at_layer,
                             capture=capture, on_batch=lambda members, _b=b: on_batch(_b, members),
-                            share_prefixes=share_prefixes, progress=progress)
+                            share_prefixes=share_prefixes, progress=progress, only=only)
         return
     device = model.cfg.device
     pad = pad_id(model)
     layers = sorted({b.layer for b in branches})
     shared_stop = max(layers) + 1
     keep = Capture(layers)  # resid_post at every branch layer, of the unhooked shared run
-    p = plan(items, positions, share=share_prefixes)
-    t = len(p.trunk)
+    sched = only if only is not None else schedule(items, positions, batch_size=batch_size,
+                                                   share_prefixes=share_prefixes)
+    t = len(sched.trunk)
     needed = [max(pos) + 1 for pos in positions]
 
     def shared_forward(tokens: Tensor, mask: Tensor, cache) -> dict[int, Tensor]:
@@ -417,13 +420,13 @@ def run_branched(
     trunk_cache, trunk_branch = None, [None] * len(branches)
     if t:
         trunk_cache = _empty_cache(model, 1)
-        tokens = torch.tensor([p.trunk], dtype=torch.long, device=device)
+        tokens = torch.tensor([sched.trunk], dtype=torch.long, device=device)
         resid = shared_forward(tokens, torch.ones_like(tokens), trunk_cache)
         for b, branch in enumerate(branches):
             trunk_branch[b] = _branch_cache(trunk_cache, None, branch.layer)
             branch_forward(branch, resid, trunk_cache.previous_attention_mask, trunk_branch[b])
 
-    for chunk in _chunks(p, batch_size, lambda i: needed[i] - t):
+    for chunk in sched.chunks:
         prefixes = [prefix for prefix, _ in chunk]
         # each branch's keys and values above its layer: those of the trunk (one row, shared by every group)
         # until the chunk has prefixes of its own; ``branch_row`` maps a group to its row there

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol, Sequence
 
-from lens_roles.errors import UsageError
+from lens_roles.errors import DataError, UsageError
 
 
 class Executor(Protocol):
@@ -60,3 +60,14 @@ def split_units(sizes: Sequence[int], n_shards: int) -> list[list[int]]:
     if current:
         out.append(current)
     return out
+
+
+def check_cover(shard_chunks: Sequence[Sequence[int]], n_chunks: int) -> None:
+    """Check that the shards' chunks are each of ``0..n_chunks-1`` exactly once (none lost or merged twice).
+
+    Raises:
+        DataError: a chunk is missing from the shards or in two of them.
+    """
+    seen = sorted(c for chunks in shard_chunks for c in chunks)
+    if seen != list(range(n_chunks)):
+        raise DataError(f"the shards cover chunks {seen}, not each of 0..{n_chunks - 1} once")

@@ -39,11 +39,17 @@ from lens_roles.errors import DataError
 from lens_roles.inputs.positions import encode
 from lens_roles.inputs.prompts import PairSet, common_prefix_len
 from lens_roles.interventions.steering import steering_hooks
-from lens_roles.measures.multiple_choice import ChoiceItem, branched_choice_logprobs
+from lens_roles.measures.multiple_choice import (
+    ChoiceItem,
+    Condition,
+    branched_choice_logprobs,
+    sharded_choice_logprobs,
+)
 from lens_roles.measures.statistics import bootstrap_indices, bootstrap_mean, pearson, percentile_interval
 from lens_roles.runtime.activations import collect_sets
 from lens_roles.runtime.branching import Branch, unsteered
 from lens_roles.runtime.models import validate_layers
+from lens_roles.runtime.shards import Executor
 
 DEFAULT_MULTIPLIERS = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
 
@@ -68,14 +74,16 @@ def ab_items(model, pairs: PairSet, *, template: str | None = None) -> tuple[lis
     return items, letter_at
 
 
-def ab_vector(model, pairs: PairSet, layers, *, template: str | None = None, batch_size: int = 16) -> Direction:
-    """CAA steering vector: mean(positive) − mean(negative) at the answer-letter token."""
+def ab_vector(model, pairs: PairSet, layers, *, template: str | None = None, batch_size: int = 16,
+              executor: Executor | None = None) -> Direction:
+    """CAA steering vector: mean(positive) − mean(negative) at the answer-letter token (``executor``: the
+    collection runs as shards on its workers)."""
     layers = validate_layers(model, layers)
     _, letter_at = ab_items(model, pairs, template=template)
     # one position list per prompt of both sets, in order: the positives, then the negatives
     positions = [[n] for n in letter_at] * 2
     pos, neg = collect_sets(model, [pairs.positives(), pairs.negatives()], layers=layers,
-                            positions=positions, template=template, batch_size=batch_size)
+                            positions=positions, template=template, batch_size=batch_size, executor=executor)
     return diff_in_means(pos, neg, method="caa", name=pairs.name, dataset=pairs.fingerprint(), source=pairs.source,
                          positions="answer_letter")
 
@@ -96,7 +104,8 @@ class ABCurve:
 @torch.no_grad()
 def ab_curve(model, pairs: PairSet, *, layer: int | Sequence[int], multipliers: Sequence[float] = DEFAULT_MULTIPLIERS,
              n_train: int = 128, n_test: int = 64, seed: int = 0, n_boot: int = 2000, level: float = 0.95,
-             template: str | None = None, batch_size: int = 16, progress: bool = True) -> ABCurve:
+             template: str | None = None, batch_size: int = 16, progress: bool = True,
+             executor: Executor | None = None) -> ABCurve:
     """p(matching answer) against the multiplier of the behaviour's CAA vector at ``layer`` (one or several).
 
     With several layers the vector is read at each of them and the curve of each
@@ -105,7 +114,9 @@ def ab_curve(model, pairs: PairSet, *, layer: int | Sequence[int], multipliers: 
     (:func:`~lens_roles.measures.multiple_choice.branched_choice_logprobs`); the
     bootstrap resamples the same questions for every layer and multiplier. With
     ``progress`` a tqdm bar on stderr counts the test questions × runs (one per layer and non-zero multiplier,
-    and the unsteered one).
+    and the unsteered one). With an ``executor`` the vector's collection and the scoring run as
+    shards on its workers (:func:`~lens_roles.measures.multiple_choice.sharded_choice_logprobs`): the
+    same per-question probabilities, so the same curve sums.
     """
     layers = validate_layers(model, [layer] if isinstance(layer, int) else list(layer))
     if len(set(layers)) != len(layers):
@@ -114,7 +125,7 @@ def ab_curve(model, pairs: PairSet, *, layer: int | Sequence[int], multipliers: 
     if not mults or any(not np.isfinite(m) for m in mults):
         raise DataError(f"multipliers must be finite numbers, got {list(multipliers)}")
     train, test = pairs.split(n_train, seed=seed, rest=n_test, names=(f"{pairs.name}[train]", f"{pairs.name}[test]"))
-    vector = ab_vector(model, train, layers, template=template, batch_size=batch_size)
+    vector = ab_vector(model, train, layers, template=template, batch_size=batch_size, executor=executor)
     items, _ = ab_items(model, test, template=template)
     draws = bootstrap_indices(len(items), n_boot, seed)
     # one unsteered branch (multiplier 0 at any layer adds nothing), one per layer and non-zero multiplier
@@ -126,8 +137,14 @@ def ab_curve(model, pairs: PairSet, *, layer: int | Sequence[int], multipliers: 
             else:
                 index[(ly, m)] = len(branches)
                 branches.append(Branch(ly, tuple(steering_hooks(model, vector, m, layers=[ly]))))
-    logps = branched_choice_logprobs(model, items, branches, batch_size=batch_size, progress=progress,
-                                     desc=f"A/B curve {pairs.name}")
+    if executor is None:
+        logps = branched_choice_logprobs(model, items, branches, batch_size=batch_size, progress=progress,
+                                         desc=f"A/B curve {pairs.name}")
+    else:  # the same branches, as conditions each worker builds on its own model
+        conditions = [(Condition("none"), None)] + [(Condition("addition", ly, m), vector) for ly in layers
+                                                    for m in mults if m != 0.0]
+        logps = sharded_choice_logprobs(model, items, conditions, batch_size=batch_size, executor=executor,
+                                        progress=progress)
     probs = [np.array([float(torch.softmax(lp.double(), -1)[0]) for lp in branch]) for branch in logps]
     rows, scores = [], []
     for ly in layers:

@@ -18,27 +18,30 @@ import pandas as pd
 
 from lens_roles.inputs.prompts import PairSet
 from lens_roles.io import write_csv
+from lens_roles.runtime.shards import Executor
 from lens_roles.studies.ab_curves import ab_curve, monotonicity
 from lens_roles.viz import ab_curves, save_figure, steerability_heatmap
 
 
 def run_ab_report(model, pair_sets: Sequence[PairSet], *, layer: int | Sequence[int], multipliers: Sequence[float],
                   out: Path, n_train: int = 128, n_test: int = 64, seed: int = 0, template: str | None = None,
-                  batch_size: int = 16, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+                  batch_size: int = 16, progress: bool = True, executor: Executor | None = None
+                  ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Curves of p(matching answer) against the multiplier at ``layer`` (one or several), one per behaviour.
 
     Returns ``(curves, monotonicity, steerability)``: the tidy curve rows of every
     behaviour (and layer), their monotonicity summary and their steerability per
     layer (slope of p(match) against the multiplier, bootstrap interval), all also
     written under ``out``. With ``progress``, a bar per behaviour and a one-line
-    summary of each on stderr.
+    summary of each on stderr. ``executor``: the forward passes run as shards on its workers.
     """
     out = Path(out)
     several = not isinstance(layer, int)
     curves = []
     for pairs in pair_sets:
         curve = ab_curve(model, pairs, layer=layer, multipliers=multipliers, n_train=n_train, n_test=n_test,
-                         seed=seed, template=template, batch_size=batch_size, progress=progress)
+                         seed=seed, template=template, batch_size=batch_size, progress=progress,
+                         executor=executor)
         curve.vector.save(out / "vectors" / f"{pairs.name}.safetensors")
         curves.append(curve)
         if progress:

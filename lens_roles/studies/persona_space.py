@@ -58,6 +58,7 @@ from lens_roles.measures.multiple_choice import SYSTEM_TEMPLATE, persona_prompt
 from lens_roles.runtime.activations import collect_sets
 from lens_roles.runtime.generation import generate
 from lens_roles.runtime.models import model_id
+from lens_roles.runtime.shards import Executor, split_units
 from lens_roles.runtime.progress import progress_bar
 from lens_roles.studies.role_study import load_role_domains
 from lens_roles.viz.export import save_figure
@@ -172,13 +173,15 @@ def load_replies(path: str | Path) -> list[dict]:
 
 def persona_replies(model, personas: Sequence[Persona], questions: PromptSet, *, template: str,
                     max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0, batch_size: int = 16,
-                    cache_dir: str | Path | None = None, progress: bool = False) -> list[dict]:
+                    cache_dir: str | Path | None = None, progress: bool = False,
+                    executor: Executor | None = None) -> list[dict]:
     """The model's replies to every question in every persona, ``{persona, system, user, reply}``.
 
     Generated in batches of ``batch_size`` (each batch seeded with ``seed`` plus its index), and
     cached as ``cache_dir/replies-<key>.jsonl``, the key hashing the model, template, personas'
     system prompts, questions and generation settings (the seed only when sampling: greedy replies
-    do not depend on it, so another question split reuses them).
+    do not depend on it, so another question split reuses them). With an ``executor`` the batches run as
+    shards on its workers: each batch is generated as it would be here (same prompts, same seed).
     """
     jobs = [(p, q.user) for p in personas for q in questions]
     key = fingerprint({"model": model_id(model), "template": template, "max_new_tokens": max_new_tokens,
@@ -189,24 +192,43 @@ def persona_replies(model, personas: Sequence[Persona], questions: PromptSet, *,
         cached = load_replies(path)
         if [(r["persona"], r["user"]) for r in cached] == [(p.name, user) for p, user in jobs]:
             return cached
-    records = []
-    with progress_bar(progress, len(jobs), "replies") as bar:
-        for b, start in enumerate(range(0, len(jobs), batch_size)):
-            chunk = jobs[start:start + batch_size]
-            outs = generate(model, [Prompt(user, p.system) for p, user in chunk], max_new_tokens=max_new_tokens,
-                            temperature=temperature, seed=seed + b, template=template)
-            records += [{"persona": p.name, "system": p.system, "user": user, "reply": g.text}
-                        for (p, user), g in zip(chunk, outs)]
-            bar.update(len(chunk))
+    batches = [jobs[start:start + batch_size] for start in range(0, len(jobs), batch_size)]
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, template=template)
+    if executor is None:
+        replies = []
+        with progress_bar(progress, len(jobs), "replies") as bar:
+            for b in range(len(batches)):
+                replies += _reply_batches(model, (batches, settings), [b])
+                bar.update(len(batches[b]))
+    else:
+        executor.check(model)
+        payloads = split_units([len(c) for c in batches], executor.shards(len(batches)))
+        shards = executor.map(_reply_batches, (batches, settings), payloads, desc="reply shards", progress=progress)
+        replies = [text for shard in shards for text in shard]  # payloads cut the batches in order
+    records = [{"persona": p.name, "system": p.system, "user": user, "reply": text}
+               for (p, user), text in zip(jobs, replies)]
     if path is not None:
         atomic_write(path, lambda tmp: Path(tmp).write_text(
             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)))
     return records
 
 
+def _reply_batches(model, shared, batch_indices: Sequence[int]) -> list[str]:
+    """The replies of the given batches of :func:`persona_replies`, in order (one shard; batch ``b`` seeded
+    with ``seed + b``)."""
+    batches, settings = shared
+    out = []
+    for b in batch_indices:
+        gens = generate(model, [Prompt(user, p.system) for p, user in batches[b]], max_new_tokens=settings[
+            "max_new_tokens"], temperature=settings["temperature"], seed=settings["seed"] + b,
+            template=settings["template"])
+        out += [g.text for g in gens]
+    return out
+
+
 def run_persona_space(model, *, config: PersonaSpaceConfig | None = None, replies: Sequence[dict] | None = None,
                       template: str | None = None, cache_dir: str | Path | None = None,
-                      progress: bool = False) -> PersonaSpaceResult:
+                      progress: bool = False, executor: Executor | None = None) -> PersonaSpaceResult:
     """Persona space, the assistant axis and its held-out AUC for ``model`` (protocol in the module docs).
 
     Args:
@@ -214,6 +236,9 @@ def run_persona_space(model, *, config: PersonaSpaceConfig | None = None, replie
             question of the study must have one.
         template: ``"chat"`` or ``"plain"`` (default: the model's own chat template if any).
         cache_dir: caches the generated replies and the activations.
+        executor: generation and activation collection run as shards on its workers
+            (:class:`lens_roles.distributed.RayExecutor`); the replies, per-prompt rows and
+            role vectors are those of one process.
     """
     config = config or PersonaSpaceConfig()
     template = template or template_name(model.tokenizer)
@@ -228,7 +253,7 @@ def run_persona_space(model, *, config: PersonaSpaceConfig | None = None, replie
         replies = persona_replies(model, personas, questions, template=template,
                                   max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                   seed=config.seed, batch_size=config.batch_size, cache_dir=cache_dir,
-                                  progress=progress)
+                                  progress=progress, executor=executor)
     given = {(r["persona"], r["user"]): r["reply"] for r in replies}
     missing = [f"{p.name} / {q.user[:30]!r}" for p in personas for q in questions if (p.name, q.user) not in given]
     if missing:
@@ -247,7 +272,8 @@ def run_persona_space(model, *, config: PersonaSpaceConfig | None = None, replie
             records += [{"persona": p.name, "system": p.system, "user": x.user, "reply": x.reply, "split": part}
                         for x in prompts]
     acts = collect_sets(model, sets, layers=config.layers, positions="reply", batch_size=config.batch_size,
-                        template=template, keep_per_prompt=True, cache_dir=cache_dir, progress=progress)
+                        template=template, keep_per_prompt=True, cache_dir=cache_dir, progress=progress,
+                        executor=executor)
     by_name = {p.name: (acts[2 * i], acts[2 * i + 1]) for i, p in enumerate(personas)}
     role_names = [p.name for p in personas if p.kind != "default"]
     default_names = [p.name for p in personas if p.kind == "default"]

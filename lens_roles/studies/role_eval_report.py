@@ -26,10 +26,14 @@ def run_role_evaluation(model, role_sets: Sequence[PromptSet], baseline: PromptS
                         domains: Mapping[str, QuestionSet], *, role_domains: Mapping[str, str], config: StudyConfig,
                         out: Path, collect_kw: dict | None = None,
                         progress: bool = True) -> RoleStudy:
-    """Build the role vectors (``collect_kw`` goes to the activation collection), run and write the study."""
+    """Build the role vectors (``collect_kw`` goes to the activation collection), run and write the study.
+
+    An ``executor`` in ``collect_kw`` runs both the extraction and the study's scoring on its workers.
+    """
     vectors = role_vectors(model, role_sets, baseline, **(collect_kw or {}))
     out = Path(out)
-    study = run_role_study(model, vectors, domains, role_domains=role_domains, config=config, progress=progress)
+    study = run_role_study(model, vectors, domains, role_domains=role_domains, config=config, progress=progress,
+                           executor=(collect_kw or {}).get("executor"))
     write_role_study(study, out)
     for name, direction in vectors.items():
         direction.save(out / "vectors" / f"{name}.safetensors")

@@ -60,6 +60,7 @@ from lens_roles.measures.multiple_choice import (
 )
 from lens_roles.measures.statistics import bootstrap_indices, bootstrap_mean, percentile_interval
 from lens_roles.runtime.progress import progress_bar
+from lens_roles.runtime.shards import Executor
 from lens_roles.viz import in_off_domain_bars, role_domain_heatmap, save_figure, selection_heatmap
 
 #: metric name → the per-question column it averages
@@ -188,8 +189,8 @@ def select_addition(model, direction: Direction, val: QuestionSet, *, layers: Se
 
 
 def select_additions(model, directions: Mapping[str, Direction], val: QuestionSet, *, layers: Sequence[int],
-                     alphas: Sequence[float], answer_format: str = "{letter}", batch_size: int = 16
-                     ) -> dict[str, tuple[Condition, pd.DataFrame]]:
+                     alphas: Sequence[float], answer_format: str = "{letter}", batch_size: int = 16,
+                     executor: Executor | None = None) -> dict[str, tuple[Condition, pd.DataFrame]]:
     """:func:`select_addition` for several directions on the same validation questions, in one branched run.
 
     Every question runs once up to the deepest layer of the grid; each direction,
@@ -203,7 +204,7 @@ def select_additions(model, directions: Mapping[str, Direction], val: QuestionSe
     grid = [(name, layer, float(alpha)) for name in directions for layer in layers for alpha in alphas]
     frames = evaluate_conditions(model, val, [(Condition("addition", layer, alpha), directions[name])
                                               for name, layer, alpha in grid],
-                                 answer_format=answer_format, batch_size=batch_size)
+                                 answer_format=answer_format, batch_size=batch_size, executor=executor)
     out = {}
     for name in directions:
         rows = [{"layer": layer, "alpha": alpha, "accuracy": float(f.correct.mean()),
@@ -226,8 +227,11 @@ def _boot_indices(domains: Mapping[str, int], n_boot: int, seed: int) -> dict[st
 
 def run_role_study(model, roles: Mapping[str, Direction], domains: Mapping[str, QuestionSet], *,
                    role_domains: Mapping[str, str] | None = None, config: StudyConfig | None = None,
-                   progress: bool = True) -> RoleStudy:
+                   progress: bool = True, executor: Executor | None = None) -> RoleStudy:
     """Run the roles × domains evaluation (see the module docs for the protocol).
+
+    With an ``executor`` (:class:`lens_roles.distributed.RayExecutor`) every scoring runs its
+    questions as shards on the workers; the per-question rows, hence every count, are the same.
 
     With ``progress`` a tqdm bar on stderr counts the evaluations (no
     intervention per domain, each role's layer/α selection, each role × condition ×
@@ -246,7 +250,7 @@ def run_role_study(model, roles: Mapping[str, Direction], domains: Mapping[str, 
     for name, qs in domains.items():
         v, t = qs.split(config.validation, seed=config.seed, names=(f"{qs.name}[val]", None))
         val[name], test[name] = v.head(config.max_val), t.head(config.max_test)
-    kw = dict(answer_format=config.answer_format, batch_size=config.batch_size)
+    kw = dict(answer_format=config.answer_format, batch_size=config.batch_size, executor=executor)
     needs_layer = "addition" in config.conditions or "ablation" in config.conditions
     n_conditions = sum(c in config.conditions for c in ("addition", "ablation", "prompting"))
     bar = progress_bar(progress, len(test) + len(roles) * (needs_layer + n_conditions * len(test)), "role study",

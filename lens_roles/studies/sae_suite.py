@@ -16,12 +16,13 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from lens_roles.analysis.sae.core import harvest
+from lens_roles.analysis.sae.core import harvest, harvest_shards, read_harvest
 from lens_roles.analysis.sae.corpus import Corpus, build_corpus
 from lens_roles.analysis.sae.quality import sae_quality
 from lens_roles.analysis.sae.training import SAETrainConfig, save_sae, train_sae
 from lens_roles.errors import SAEError
 from lens_roles.io import write_csv
+from lens_roles.runtime.shards import Executor
 from lens_roles.studies.reporting import report
 
 #: Prompts per generation batch while building a corpus.
@@ -60,7 +61,7 @@ def corpus_for(model, path: Path, *, max_new_tokens: int, seed: int, max_prompts
 
 def train_sae_suite(model, layers: Sequence[int], out: Path, *, config: SAETrainConfig, corpus: Corpus,
                     eval_fraction: float = 0.1, batch_size: int = 16, dtype: torch.dtype = torch.float16,
-                    progress: bool = True) -> pd.DataFrame:
+                    progress: bool = True, executor: Executor | None = None) -> pd.DataFrame:
     """Train one SAE per layer of ``layers`` on ``corpus`` and write them with their quality table.
 
     The corpus is split by sequence (``eval_fraction`` held out, seeded by
@@ -68,13 +69,21 @@ def train_sae_suite(model, layers: Sequence[int], out: Path, *, config: SAETrain
     pass per split (``batch_size`` sequences per forward). Each SAE is saved as
     ``out/layer_<L>/`` in ``dtype``; its quality row (explained variance, L0, dead
     fraction, CE clean/SAE/zero, loss recovered, time, size) goes into the returned
-    frame, which is also written to ``out/quality.csv``.
+    frame, which is also written to ``out/quality.csv``. With an ``executor`` the activations are
+    harvested on its workers as shard files under ``out/harvest/{train,held_out}/``
+    (:func:`~lens_roles.analysis.sae.core.harvest_shards`) and read back here: the same tensors.
     """
     out = Path(out)
     train, held = corpus.split(eval_fraction, seed=config.seed)
     t0 = time.perf_counter()
-    acts = harvest(model, train.sequences, layers, batch_size=batch_size, progress=progress)
-    held_acts = harvest(model, held.sequences, layers, batch_size=batch_size)
+    if executor is None:
+        acts = harvest(model, train.sequences, layers, batch_size=batch_size, progress=progress)
+        held_acts = harvest(model, held.sequences, layers, batch_size=batch_size)
+    else:
+        for part, seqs in (("train", train.sequences), ("held_out", held.sequences)):
+            harvest_shards(model, seqs, layers, out / "harvest" / part, batch_size=batch_size, executor=executor,
+                           progress=progress)
+        acts, held_acts = read_harvest(out / "harvest" / "train"), read_harvest(out / "harvest" / "held_out")
     report(progress, f"activations: {len(acts[layers[0]])} training tokens per layer in "
                      f"{time.perf_counter() - t0:.0f} s")
     rows = []

@@ -29,6 +29,7 @@ Every forward over a corpus goes through :func:`lens_roles.runtime.batching.toke
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +38,15 @@ from typing import Callable, Sequence
 import torch
 from jaxtyping import Float
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from lens_roles.errors import DataError, SAEError
-from lens_roles.io import parse_json, read_text
+from lens_roles.inputs.sets import fingerprint
+from lens_roles.io import atomic_write, check_writable, parse_json, read_tensors, read_text
 from lens_roles.runtime.activations import residual_rows
-from lens_roles.runtime.models import resid_hook, validate_layers
+from lens_roles.runtime.models import model_id, resid_hook, validate_layers
+from lens_roles.runtime.shards import Executor, split_units
 
 # --------------------------------------------------------------------------- loading
 
@@ -169,6 +173,118 @@ def harvest(model, sequences: Sequence[Sequence[int]], layers: Sequence[int], *,
     rows = residual_rows(model, sequences, layers, start=1, batch_size=batch_size, progress=progress,
                          desc="harvest")  # per sequence [layer, pos - 1, d_model]
     return {layer: torch.cat([r[j] for r in rows]) for j, layer in enumerate(layers)}
+
+
+#: the manifest a sharded harvest writes beside its shard files
+HARVEST_MANIFEST = "harvest.json"
+
+
+def harvest_shards(model, sequences: Sequence[Sequence[int]], layers: Sequence[int], folder: str | Path, *,
+                   batch_size: int = 16, executor: Executor | None = None, progress: bool = False) -> list[Path]:
+    """:func:`harvest` written as identified safetensors shard files under ``folder``; read back with
+    :func:`read_harvest`.
+
+    The sequences run in :func:`harvest`'s own batches (length-sorted, ``batch_size``
+    each); whole batches are cut into shards (``executor.shards``, or one shard
+    without an executor), and shard ``i`` writes ``shard-<i>-of-<n>.safetensors``
+    (one ``[token, d_model]`` float32 tensor per layer, plus each sequence's index
+    and token count), atomically and stamped with the job's key. ``harvest.json``
+    lists the shards. A shard re-run after its worker died rewrites the same file,
+    so it is never counted twice; shards already on disk with the job's key are not
+    run again (a resumed job). With an ``executor`` the workers write the files:
+    ``folder`` must be storage they share (any local path on a one-machine cluster).
+
+    Raises:
+        SAEError: a shard file that did not appear in ``folder`` (not shared with the workers).
+    """
+    layers = validate_layers(model, list(layers))
+    folder = Path(folder)
+    check_writable(folder, "harvest folder")
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # token_batches' order
+    batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+    if not batches:
+        raise DataError("no sequences to harvest")
+    n_shards = executor.shards(len(batches)) if executor is not None else 1
+    cut = split_units([len(b) for b in batches], n_shards)
+    key = fingerprint({"model": model_id(model), "layers": list(layers), "batch_size": batch_size, "shards": len(cut),
+                       "sequences": [list(map(int, s)) for s in sequences]})
+    names = [f"shard-{i:05d}-of-{len(cut):05d}.safetensors" for i in range(len(cut))]
+    payloads = [(i, [r for b in cut[i] for r in batches[b]]) for i in range(len(cut))]
+    todo = [p for p in payloads if _shard_key(folder / names[p[0]]) != key]
+    shared = {"sequences": [list(map(int, s)) for s in sequences], "layers": layers, "batch_size": batch_size,
+              "folder": str(folder), "names": names, "key": key}
+    if todo:
+        if executor is None:
+            for p in todo:
+                _harvest_shard(model, shared, p)
+        else:
+            executor.check(model)
+            executor.map(_harvest_shard, shared, todo, desc="harvest shards", progress=progress)
+    missing = [n for n in names if _shard_key(folder / n) != key]
+    if missing:
+        raise SAEError(f"harvest shard(s) {', '.join(missing[:3])} did not appear in {folder}: the workers must "
+                       "write to storage this process reads (a shared folder on a multi-machine cluster)")
+    manifest = {"key": key, "model": model_id(model), "layers": list(layers), "n_sequences": len(sequences),
+                "shards": names}
+    atomic_write(folder / HARVEST_MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+    return [folder / n for n in names]
+
+
+def _shard_key(path: Path) -> str | None:
+    """The job key stamped in a harvest shard file, or None when there is no readable one."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("meta", "{}")).get("key")
+    except Exception:  # a damaged or foreign file: run the shard again
+        return None
+
+
+@torch.no_grad()
+def _harvest_shard(model, shared: dict, payload: tuple[int, list[int]]) -> str:
+    """One harvest shard: its sequences' residuals (the same batches as :func:`harvest`), written to its file."""
+    shard, index = payload
+    layers = shared["layers"]
+    rows = residual_rows(model, [shared["sequences"][i] for i in index], layers, start=1,
+                         batch_size=shared["batch_size"])  # per sequence [layer, pos - 1, d_model]
+    tensors = {f"layer_{layer}": torch.cat([r[j] for r in rows]).contiguous() for j, layer in enumerate(layers)}
+    tensors["index"] = torch.tensor(index, dtype=torch.long)
+    tensors["tokens"] = torch.tensor([r.shape[1] for r in rows], dtype=torch.long)
+    meta = json.dumps({"key": shared["key"], "shard": shard})
+    path = Path(shared["folder"]) / shared["names"][shard]
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"meta": meta}))
+    return path.name
+
+
+def read_harvest(folder: str | Path) -> dict[int, Float[Tensor, "token d_model"]]:
+    """The activations :func:`harvest_shards` wrote, per layer ``[token, d_model]`` in sequence order —
+    what :func:`harvest` returns.
+
+    Raises:
+        SAEError: no manifest, a listed shard missing or from another job, or the
+            shards not holding every sequence exactly once.
+    """
+    folder = Path(folder)
+    manifest = parse_json(read_text(folder / HARVEST_MANIFEST, "harvest manifest"), str(folder / HARVEST_MANIFEST))
+    if not isinstance(manifest, dict) or not {"key", "layers", "n_sequences", "shards"} <= set(manifest):
+        raise SAEError(f"{folder / HARVEST_MANIFEST} is not a harvest manifest (written by harvest_shards)")
+    layers, n = manifest["layers"], manifest["n_sequences"]
+    pieces: list[list[Tensor] | None] = [None] * n
+    for name in manifest["shards"]:
+        tensors, info = read_tensors(folder / name, "harvest shard", SAEError, required=("index", "tokens"))
+        if info.get("key") != manifest["key"]:
+            raise SAEError(f"{folder / name} belongs to another harvest (key {info.get('key')}, not "
+                           f"{manifest['key']}); harvest again into an empty folder")
+        splits = [torch.split(tensors[f"layer_{layer}"], tensors["tokens"].tolist()) for layer in layers]
+        for k, i in enumerate(tensors["index"].tolist()):
+            if pieces[i] is not None:
+                raise SAEError(f"{folder}: sequence {i} is in two shards")
+            pieces[i] = [sp[k] for sp in splits]
+    lost = [i for i, p in enumerate(pieces) if p is None]
+    if lost:
+        raise SAEError(f"{folder}: {len(lost)} sequence(s) in no shard, e.g. {lost[:5]}")
+    return {layer: torch.cat([p[j] for p in pieces]) for j, layer in enumerate(layers)}
 
 
 # --------------------------------------------------------------------------- splice
