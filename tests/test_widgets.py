@@ -334,3 +334,55 @@ def test_notebook_display_fits_shown_figures_only(tmp_path):
         assert notebook_display(False) == "plotly_mimetype"
     finally:
         pio.renderers.default = before
+
+
+# ----------------------------------------------------------------- widgets whose state is in their creation message
+
+
+@pytest.fixture
+def comm_messages(monkeypatch):
+    """Every widget comm opened and every message sent on one: ``[(kind, data)]``, in order."""
+    import ipywidgets.comm as wcomm
+
+    sent, create = [], wcomm.create_comm
+
+    def recording(*args, **kwargs):
+        sent.append(("open", kwargs.get("data")))
+        made = create(*args, **kwargs)
+        send = made.send
+        made.send = lambda data=None, *a, **k: sent.append(("update", data)) or send(data, *a, **k)
+        return made
+
+    monkeypatch.setattr(wcomm, "create_comm", recording)
+    return sent
+
+
+def test_figure_widget_opens_with_its_data_and_layout(comm_messages):
+    """JupyterLab can lose updates that reach it while it still creates a widget's model, so the
+    patching heatmap's traces and layout go in the creation (comm open) message itself."""
+    from lens_roles.widgets.common import figure_widget
+
+    fig = go.Figure(go.Heatmap(z=[[1, 2], [3, 4]], x=["a", "b"]), layout=dict(title="heat", width=1300))
+    widget = figure_widget(fig)
+    opened = [data["state"] for kind, data in comm_messages if kind == "open"]
+    assert len(opened) == 1 and widget.comm is not None
+    state = opened[0]
+    assert [t["type"] for t in state["_widget_data"]] == ["heatmap"]
+    assert state["_widget_layout"]["title"]["text"] == "heat" and "width" not in state["_widget_layout"]
+    assert not [data for kind, data in comm_messages if kind == "update"
+                and {"_widget_data", "_widget_layout"} & set(data.get("state", {}))]
+    widget.add_trace(go.Scatter(x=[1], y=[2]))  # later changes still reach the frontend, as messages
+    assert any("_py2js_addTraces" in data.get("state", {}) for kind, data in comm_messages if kind == "update")
+
+
+def test_figure_output_opens_with_its_figure(comm_messages):
+    from lens_roles.widgets.common import FigureOutput
+
+    out = FigureOutput(go.Figure(go.Scatter(x=[1, 2], y=[3, 4]), layout=dict(title="curve", width=1300)))
+    opened = [data["state"] for kind, data in comm_messages if kind == "open"
+              and data["state"].get("_model_name") == "OutputModel"]
+    shown = opened[0]["outputs"][0]["data"]["application/vnd.plotly.v1+json"]
+    assert shown["data"][0]["type"] == "scatter" and "width" not in shown["layout"]
+    assert out.figure.layout.width is None
+    out.show(go.Figure(go.Bar(x=[1], y=[2])))  # a later figure replaces it by an update
+    assert out.widget.outputs[0]["data"]["application/vnd.plotly.v1+json"]["data"][0]["type"] == "bar"
