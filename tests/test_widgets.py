@@ -116,6 +116,21 @@ def test_alpha_zero_changes_nothing_and_alpha_moves_reuse_the_unsteered_side(tin
     assert shared == [[2]]  # a new layer: one new shared run (one batch)
 
 
+def test_the_curve_and_kl_follow_the_positions_setting(tiny_model, direction):
+    """Steering only generated tokens leaves the prompt's stream and its next token alone: the cosine
+    curve is 1 and the KL 0 (they read the prompt), while the steered generations still change."""
+    ex = explorer(tiny_model, direction, alpha=6.0)
+    moved = run(ex)
+    assert min(moved.cosine.value) < 0.999 and max(moved.kl) > 1e-4
+    snap = run(ex, lambda: setattr(ex.positions, "value", "generated"))
+    assert list(snap.cosine.value) == pytest.approx([1.0, 1.0], abs=1e-5)
+    assert max(snap.kl) == pytest.approx(0.0, abs=1e-6)
+    with steer(tiny_model, direction, 6.0, layers=[1], positions="generated"):
+        expected = generate(tiny_model, PROMPTS, max_new_tokens=4)
+    assert [g.text for g in snap.steered] == [g.text for g in expected]
+    assert not hooks_left(tiny_model)
+
+
 def test_relative_alpha_uses_the_typical_norm(tiny_model, direction):
     ex = explorer(tiny_model, direction)
     snap = run(ex, lambda: setattr(ex.mode, "value", "relative"))
