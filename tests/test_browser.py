@@ -261,7 +261,8 @@ def test_notebook_renders_in_jupyterlab(path, jupyterlab, chromium):
 def check_notebook(path, lab: Lab, chromium):
     page = chromium.new_page(viewport={"width": WIDTH, "height": 1000})
     try:
-        page.goto(f"{lab.base}/lab/tree/{path.name}?token={lab.token}")
+        # ?reset: a fresh workspace, not one that reopens (and starts kernels for) the notebooks checked before
+        page.goto(f"{lab.base}/lab/tree/{path.name}?reset&token={lab.token}")
         page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget "
                                "&& window.jupyterapp.shell.currentWidget.content", timeout=120_000)
         wait_for(page, RUNNING, 180, "the kernel to start")
