@@ -1,19 +1,29 @@
 """Every notebook opened in JupyterLab in a real (headless) Chromium: run all cells, no error output,
-every plotly figure and widget rendered, a screenshot per notebook in ``build/screenshots/``.
+every plotly figure and widget rendered, a screenshot per notebook (and per explorer of
+``07_explorers``) in ``build/screenshots/``.
 
-JupyterLab runs headless on a free local port with a random token, in its own process group, with
-``LENS_ROLES_FAST=1`` (the notebooks' fast mode) and this checkout first on the kernels' path. Its
-settings, workspaces and runtime files live in a temporary folder, and it serves copies of the
-notebooks, so the repository is not touched. Playwright drives the system Chromium
-(``executable_path``); no browser is downloaded. JupyterLab and its kernels are stopped at the end,
-also when a test fails, and the test checks that none of their processes is left.
+Where a Chromium and playwright are present this test is what executes the notebooks in the
+suite: ``tests/test_notebooks.py`` then leaves them to it (it runs them with ``nbclient`` only
+where the browser cannot), so each notebook runs once, with every check ``nbclient``'s run
+makes (every cell ran, none has an error output) and those only a browser can make.
 
-Needs ``chromium`` (``make browser``) and ``playwright`` (the ``browser`` extra); skipped otherwise.
+One JupyterLab serves every notebook: headless, on a free local port with a random token, in
+its own process group, with the kernels' environment of ``tests/test_notebooks.py`` (fast mode,
+``LENS_ROLES_FAST=1``, unless set) and this checkout first on the kernels' path. Its settings,
+workspaces and runtime files live in a temporary folder, and it serves copies of the notebooks,
+so the repository is not touched. Each notebook's kernel is shut down once it is checked.
+Playwright drives the system Chromium (``executable_path``); no browser is downloaded.
+JupyterLab and its kernels are stopped at the end, also when a test fails, and the test checks
+that none of their processes is left.
+
+Skipped, saying why, without ``chromium`` (``make browser``), without ``playwright`` (the
+``browser`` extra), or with ``LENS_ROLES_BROWSER=0`` (then ``nbclient`` runs the notebooks).
 ``make browser-test`` runs just this file.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import secrets
@@ -28,19 +38,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_notebooks import NOTEBOOKS, kernel_env
+
 REPO = Path(__file__).resolve().parent.parent
-NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 SCREENSHOTS = REPO / "build" / "screenshots"
 WIDTH = 1400  # the window width the issue's report was made at
 CELL_TIMEOUT_S = float(os.environ.get("LENS_ROLES_BROWSER_TIMEOUT", 1200))
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(os.environ.get("LENS_ROLES_BROWSER") != "1",
-                       reason="runs every notebook again in JupyterLab (15-40 min on 2 cores): "
-                              "run `make browser-test` (or set LENS_ROLES_BROWSER=1)"),
-]
-
 
 def find_chromium() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
@@ -48,6 +51,23 @@ def find_chromium() -> str | None:
         if path:
             return path
     return None
+
+
+def unavailable() -> str | None:
+    """Why the notebooks cannot be run in JupyterLab in a browser here; None when they can."""
+    if os.environ.get("LENS_ROLES_BROWSER") == "0":
+        return "LENS_ROLES_BROWSER=0: the notebooks run with nbclient instead (tests/test_notebooks.py)"
+    if find_chromium() is None:
+        return "no Chromium on this machine (install Debian's with `make browser`, as root)"
+    for module, install in (("playwright", "pip install -e '.[browser]'"), ("jupyterlab", "pip install -e .")):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed ({install})"
+    return None
+
+
+UNAVAILABLE = unavailable()
+pytestmark = [pytest.mark.browser, pytest.mark.integration,
+              pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")]
 
 
 def free_port() -> int:
@@ -97,12 +117,31 @@ def stop(server: subprocess.Popen, known: list) -> list:
     return alive
 
 
+class Lab:
+    """A running JupyterLab: its address, token, served folder and server process, and every process of
+    it seen while it ran (the server's descendants: the kernels), so that :func:`stop` can check them all."""
+
+    def __init__(self, base: str, token: str, root: Path, server: subprocess.Popen):
+        self.base, self.token, self.root, self.server = base, token, root, server
+        self.seen: list = []
+
+    def api(self, method: str, path: str):
+        request = urllib.request.Request(f"{self.base}{path}", method=method,
+                                         headers={"Authorization": f"token {self.token}"})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            body = r.read()
+        return json.loads(body) if body else None
+
+    def shut_down_kernels(self) -> None:
+        """End every session and its kernel (each notebook's kernel holds a model: one at a time)."""
+        self.seen += process_tree(self.server.pid)
+        for session in self.api("GET", "/api/sessions"):
+            self.api("DELETE", f"/api/sessions/{session['id']}")
+
+
 @pytest.fixture(scope="module")
 def jupyterlab(tmp_path_factory):
-    """A running JupyterLab serving copies of the notebooks: ``(base url, token, folder)``."""
-    if find_chromium() is None:
-        pytest.skip("no Chromium on this machine (install it with `make browser`, as root on Debian)")
-    pytest.importorskip("playwright", reason="playwright is not installed (pip install -e '.[browser]')")
+    """One running JupyterLab serving copies of the notebooks, for every notebook: a :class:`Lab`."""
     home = tmp_path_factory.mktemp("jupyterlab")
     root = home / "notebooks"
     root.mkdir()
@@ -116,7 +155,7 @@ def jupyterlab(tmp_path_factory):
     apputils.mkdir(parents=True)
     (apputils / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false"}))
     port, token = free_port(), secrets.token_hex(16)
-    env = dict(os.environ, LENS_ROLES_FAST="1", LENS_ROLES_PNG="0", OMP_NUM_THREADS="1",
+    env = dict(kernel_env(),
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                JUPYTER_CONFIG_DIR=str(home / "config"), JUPYTER_RUNTIME_DIR=str(home / "runtime"),
                JUPYTERLAB_SETTINGS_DIR=str(home / "settings"), JUPYTERLAB_WORKSPACES_DIR=str(home / "workspaces"))
@@ -127,13 +166,12 @@ def jupyterlab(tmp_path_factory):
          "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None", "--LabApp.check_for_updates_class="
          "jupyterlab.NeverCheckForUpdate"],
         cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    seen: list = []
+    lab = Lab(f"http://127.0.0.1:{port}", token, root, server)
     try:
         deadline = time.time() + 120
         while True:
             try:
-                with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=5) as r:
+                with urllib.request.urlopen(f"{lab.base}/api/status?token={token}", timeout=5) as r:
                     if r.status == 200:
                         break
             except OSError:
@@ -141,9 +179,9 @@ def jupyterlab(tmp_path_factory):
                     tail = (home / "jupyterlab.log").read_text()[-2000:]
                     raise RuntimeError(f"JupyterLab did not start: {tail}") from None
                 time.sleep(0.5)
-        yield base, token, root, seen
+        yield lab
     finally:
-        left = stop(server, seen)
+        left = stop(server, lab.seen)
         log.close()
         assert not left, f"processes left running after JupyterLab stopped: {[p.pid for p in left]}"
 
@@ -192,7 +230,7 @@ RENDERED = """() => {
 EXPLORER_CELLS = ".jp-CodeCell:has(.widget-vbox)"  # the explorers are VBoxes (tqdm's bars are HBoxes)
 
 
-def wait_for(page, predicate, timeout_s: float, what: str):
+def wait_for(page, predicate, timeout_s: float, what: str, poll_s: float = 0.5):
     deadline = time.time() + timeout_s
     while True:
         value = page.evaluate(predicate)
@@ -200,7 +238,7 @@ def wait_for(page, predicate, timeout_s: float, what: str):
             return value
         if time.time() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what} (last state {value!r})")
-        time.sleep(1.0)
+        time.sleep(poll_s)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
@@ -208,42 +246,53 @@ def test_notebook_renders_in_jupyterlab(path, jupyterlab, chromium):
     from playwright.sync_api import Error
 
     try:
-        check_notebook(path, jupyterlab, chromium)
-    except Error as err:  # a renderer crash (memory on a crowded machine) is the browser's, not the notebook's
-        if "crashed" not in str(err):
-            raise
-        print(f"{path.name}: the page crashed ({err}); once more in a fresh page")
-        check_notebook(path, jupyterlab, chromium)
+        try:
+            check_notebook(path, jupyterlab, chromium)
+        except Error as err:  # a renderer crash (memory on a crowded machine) is the browser's, not the notebook's
+            if "crashed" not in str(err):
+                raise
+            print(f"{path.name}: the page crashed ({err}); once more in a fresh page")
+            jupyterlab.shut_down_kernels()
+            check_notebook(path, jupyterlab, chromium)
+    finally:
+        jupyterlab.shut_down_kernels()
 
 
-def check_notebook(path, jupyterlab, chromium):
-    base, token, root, seen = jupyterlab
+def check_notebook(path, lab: Lab, chromium):
     page = chromium.new_page(viewport={"width": WIDTH, "height": 1000})
     try:
-        page.goto(f"{base}/lab/tree/{path.name}?token={token}")
+        # ?reset: a fresh workspace, not one that reopens (and starts kernels for) the notebooks checked before
+        page.goto(f"{lab.base}/lab/tree/{path.name}?reset&token={lab.token}")
         page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget "
                                "&& window.jupyterapp.shell.currentWidget.content", timeout=120_000)
         wait_for(page, RUNNING, 180, "the kernel to start")
-        seen += process_tree_of_server(root)
+        lab.seen += process_tree(lab.server.pid)
         start = time.time()
         page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
-        time.sleep(2)
+        time.sleep(1)
         wait_for(page, RUNNING, CELL_TIMEOUT_S, "every cell to finish")
         seconds = time.time() - start
-        page.wait_for_timeout(3000)  # let the last figures and widgets draw
         cells = page.evaluate(CELLS)
+        # what tests/test_notebooks.py asserts of an nbclient run: every cell ran, none has an error output
         errors = [f"cell {i}: {o.get('ename')}: {o.get('evalue')}" for i, c in enumerate(cells)
                   for o in c.get("outputs", []) if o.get("output_type") == "error"]
         assert not errors, "\n".join(errors)
+        unrun = [i for i, c in enumerate(cells) if c["source"].strip() and c.get("execution_count") is None]
+        assert not unrun, f"cells that did not run: {unrun}"
         fallbacks = [i for i, c in enumerate(cells) for o in c.get("outputs", [])
                      if o.get("name") == "stderr" and "IProgress not found" in o.get("text", "")]
         assert not fallbacks, f"cells {fallbacks}: tqdm fell back to text bars (IProgress not found)"
-        unrun = [i for i, c in enumerate(cells) if c["source"].strip() and c.get("execution_count") is None]
-        assert not unrun, f"cells that did not run: {unrun}"
         plotly_outputs = sum("application/vnd.plotly.v1+json" in o.get("data", {}) for c in cells
                              for o in c.get("outputs", []))
         widget_outputs = sum("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for c in cells
                              for o in c.get("outputs", []))
+        # the last figures and widgets draw after the kernel went idle: wait until they all have (or 30 s)
+        done = (f"() => {{ const s = ({RENDERED})(); return s.drawn === s.plots && s.plots >= {plotly_outputs} "
+                f"&& s.empty === 0 && s.widget_views >= {widget_outputs} && s.widget_errors === 0; }}")
+        try:
+            wait_for(page, done, 30, "the figures and widgets to draw")
+        except AssertionError:
+            pass  # the assertions below say what is missing
         state = page.evaluate(RENDERED)
         assert state["drawn"] == state["plots"] >= plotly_outputs, state
         assert state["empty"] == 0, f"figures drawn without their data: {state}"
@@ -253,11 +302,11 @@ def check_notebook(path, jupyterlab, chromium):
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         page.evaluate("() => window.jupyterapp.shell.collapseLeft()")
         page.set_viewport_size({"width": WIDTH, "height": min(max(1000, state["height"] + 200), 16000)})
-        page.wait_for_timeout(1500)
+        page.wait_for_timeout(1000)
         # Run All leaves the notebook scrolled to its end: back to the top, so the page shows it all
         page.evaluate("() => window.jupyterapp.shell.currentWidget.node.querySelectorAll('*')"
                       ".forEach(e => { if (e.scrollTop) e.scrollTop = 0; })")
-        page.wait_for_timeout(500)
+        page.wait_for_timeout(300)
         page.screenshot(path=str(SCREENSHOTS / f"{path.stem}.png"))
         if path.stem == "07_explorers":  # one screenshot per explorer
             outputs = page.locator(EXPLORER_CELLS)
@@ -266,17 +315,3 @@ def check_notebook(path, jupyterlab, chromium):
         print(f"{path.name}: all cells ran in {seconds:.0f} s in the browser; {state}")
     finally:
         page.close()
-
-
-def process_tree_of_server(root: Path) -> list:
-    """Every process whose working directory is the served folder (the server and its kernels)."""
-    import psutil
-
-    out = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if Path(proc.cwd()) == root:
-                out.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return out

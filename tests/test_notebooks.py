@@ -4,6 +4,11 @@ By default the notebooks run in their fast mode (``LENS_ROLES_FAST=1`` in the ke
 environment: fewer prompts, layers, α values and steps, every cell and figure still
 run), so that the suite fits a slow CI machine. ``LENS_ROLES_FAST=0 make test`` runs
 them at full size.
+
+Where a Chromium and playwright are present, ``tests/test_browser.py`` executes the notebooks
+(in JupyterLab, with this file's kernel environment and checks, and more), and
+:func:`test_notebook_runs` leaves them to it rather than run each notebook twice;
+``LENS_ROLES_BROWSER=0`` runs them here instead.
 """
 
 from __future__ import annotations
@@ -28,6 +33,11 @@ def kernel_env() -> dict[str, str]:
 @pytest.mark.integration
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path):
+    from tests.test_browser import unavailable
+
+    if unavailable() is None:
+        pytest.skip("executed in JupyterLab in a headless Chromium by tests/test_browser.py "
+                    "(LENS_ROLES_BROWSER=0 runs it here with nbclient)")
     import nbformat
     from nbclient import NotebookClient
 
@@ -57,3 +67,14 @@ def test_kernel_env_defaults_to_fast(monkeypatch):
     assert kernel_env()["LENS_ROLES_FAST"] == "1"
     monkeypatch.setenv("LENS_ROLES_FAST", "0")
     assert kernel_env()["LENS_ROLES_FAST"] == "0"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_stored_outputs_hold_no_stderr(path):
+    """Opened in JupyterLab, a notebook shows its stored outputs until it runs: none of them is a stderr
+    stream (tqdm's text bars and its ``TqdmWarning: IProgress not found`` from a run without ipywidgets,
+    with a machine's paths in it)."""
+    cells = json.loads(path.read_text())["cells"]
+    stderr = [i for i, c in enumerate(cells) for o in c.get("outputs", [])
+              if o.get("output_type") == "stream" and o.get("name") == "stderr"]
+    assert not stderr, f"{path.name}: cells {stderr} have stored stderr output (clear it)"

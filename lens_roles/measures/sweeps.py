@@ -87,7 +87,7 @@ def _branches(model, direction: Direction, steer_layers: Sequence[int], alpha_li
     return branches, index
 
 
-def _cosine_sum(acts: Float[Tensor, "batch pos d_model"], ref: Float[Tensor, "batch pos d_model"],
+def token_cosine_sum(acts: Float[Tensor, "batch pos d_model"], ref: Float[Tensor, "batch pos d_model"],
                 valid: Bool[Tensor, "batch pos"]) -> Float[Tensor, ""]:
     """Σ over prompts of the mean cosine(acts, ref) over each prompt's real tokens (float64, on the CPU)."""
     cos = torch.nn.functional.cosine_similarity(acts, ref, dim=-1)  # [prompt, pos]
@@ -128,11 +128,11 @@ def cosine_sweep(model, direction: Direction, prompts, *, steer_layers: Sequence
                 b = index[(layer, alpha)]
                 if b == 0:
                     for down in range(layer, model.cfg.n_layers):
-                        sums[layer][down - layer, a] += _cosine_sum(reference[down], reference[down], valid)
+                        sums[layer][down - layer, a] += token_cosine_sum(reference[down], reference[down], valid)
                     continue
 
                 def add(acts, weights, down, _layer=layer, _a=a, _ref=reference, _valid=valid) -> None:
-                    sums[_layer][down - _layer, _a] += _cosine_sum(acts, _ref[down], _valid)
+                    sums[_layer][down - _layer, _a] += token_cosine_sum(acts, _ref[down], _valid)
 
                 run(b, stop_at_layer=model.cfg.n_layers,
                     extra_hooks=Capture(range(layer, model.cfg.n_layers), add).fwd_hooks())

@@ -41,13 +41,41 @@ def live(requested: bool | None) -> bool:
     return in_kernel() if requested is None else bool(requested)
 
 
-def figure_widget(fig: go.Figure):
-    """A plotly ``FigureWidget`` of ``fig``, fitted to the notebook pane (responsive width, wrapping legend).
+class FigureWidget(go.FigureWidget):
+    """A plotly ``FigureWidget`` whose data and layout travel in the message that creates its frontend model.
+
+    plotly's ``FigureWidget`` (an ``anywidget`` since plotly 6) opens its comm inside
+    ``ipywidgets.Widget.__init__``, before it has set its synced ``_widget_data`` and
+    ``_widget_layout``, and sends those in two updates right after. In JupyterLab the
+    first such models of a session take seconds to create (each loads plotly's 5 MB
+    widget bundle), and updates that arrive meanwhile are lost: the view draws empty
+    default axes (no trace, no title) and never redraws, since plotly's view reads
+    ``_widget_data`` only when it renders. Seen in headless Chromium on a fresh
+    JupyterLab: the first plain ``FigureWidget`` s of a notebook came up empty, while
+    this class's, opened only once the constructor has set both traits, drew their data.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self._defer_open = True
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            self._defer_open = False
+        self.open()
+
+    def open(self) -> None:
+        """Open the comm (with the full figure as its state), unless the constructor is still running."""
+        if not getattr(self, "_defer_open", False):
+            super().open()
+
+
+def figure_widget(fig: go.Figure) -> FigureWidget:
+    """A :class:`FigureWidget` of ``fig``, fitted to the notebook pane (responsive width, wrapping legend).
 
     Used where Python must hear the figure's events (the patching explorer's clicks);
     figures that are only shown go through :class:`FigureOutput`.
     """
-    return go.FigureWidget(fit_to_pane(fig))
+    return FigureWidget(fit_to_pane(fig))
 
 
 class FigureOutput:
@@ -59,18 +87,22 @@ class FigureOutput:
     """
 
     def __init__(self, fig: go.Figure | None = None):
-        self.widget = ui().Output()
         self.figure: go.Figure | None = None
-        if fig is not None:
-            self.show(fig)
+        # the first figure goes in the widget's creation message, not in an update after it
+        # (updates that reach JupyterLab while it still creates the model can be lost; see FigureWidget)
+        self.widget = ui().Output(outputs=self._outputs(fig) if fig is not None else ())
 
-    def show(self, fig: go.Figure) -> None:
+    def _outputs(self, fig: go.Figure) -> tuple[dict, ...]:
+        """The Output widget's outputs showing ``fig`` fitted to the pane (and remember it as :attr:`figure`)."""
         import plotly.io as pio
 
         self.figure = fit_to_pane(fig)
         bundle = pio.renderers["plotly_mimetype"].to_mimebundle(self.figure.to_dict())
         bundle["text/plain"] = f"<figure: {self.figure.layout.title.text or 'plotly'}>"
-        self.widget.outputs = ({"output_type": "display_data", "data": bundle, "metadata": {}},)
+        return ({"output_type": "display_data", "data": bundle, "metadata": {}},)
+
+    def show(self, fig: go.Figure) -> None:
+        self.widget.outputs = self._outputs(fig)
 
 
 def ui():

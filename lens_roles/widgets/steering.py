@@ -5,14 +5,17 @@ generations (:func:`~lens_roles.runtime.generation.generate` under
 :func:`~lens_roles.interventions.steering.steer`), the next-token KL divergence
 KL(unsteered ‖ steered) at each prompt's last token (the one readout,
 :mod:`lens_roles.runtime.readout`), and the cosine between the steered and the
-unsteered residual stream at every layer downstream of the steering
-(:func:`~lens_roles.measures.sweeps.cosine_sweep`, averaged over the prompts' tokens).
+unsteered residual stream at every layer downstream of the steering (averaged
+over the prompts' tokens, as :func:`~lens_roles.measures.sweeps.cosine_sweep` does).
 
 α is absolute (residual units) or a multiple of the typical residual norm at the
 steering layer (:func:`~lens_roles.interventions.steering.residual_norms` over the
-explorer's prompts, measured once per layer). The unsteered generations and
-next-token distributions are cached per prompt, so moving α, the layer or the
-direction recomputes only the steered side; cosine curves are kept per setting.
+explorer's prompts, measured once per layer). What does not depend on the setting
+is computed once and kept: the unsteered generations per prompt, and per steering
+layer the unsteered run of the prompts (:func:`shared_runs`, the branch-from-layer
+machinery of :mod:`lens_roles.runtime.branching`). The KL and the cosine curve of a
+new α, direction or positions then run only the blocks after the steering layer
+(:func:`steered_readout`); only the steered generations run in full.
 
 Every change runs in a background thread (:class:`~lens_roles.widgets.common.Runner`)
 with a progress bar and a Cancel button; a new change cancels the run in progress.
@@ -40,10 +43,11 @@ from lens_roles.directions.direction import Direction
 from lens_roles.errors import DirectionError, UsageError
 from lens_roles.inputs.positions import encode
 from lens_roles.inputs.prompts import as_prompts
-from lens_roles.interventions.steering import POSITION_MODES, residual_norms, steer
-from lens_roles.measures.sweeps import cosine_sweep
-from lens_roles.runtime.batching import run_batches
-from lens_roles.runtime.capture import Capture, position_mean
+from lens_roles.interventions.steering import POSITION_MODES, residual_norms, steer, steering_hooks
+from lens_roles.measures.sweeps import token_cosine_sum
+from lens_roles.runtime.batching import token_batches
+from lens_roles.runtime.branching import Branch, Shared, branch_batch, check_branch, shared_run
+from lens_roles.runtime.capture import Capture
 from lens_roles.runtime.generation import Generation, generate
 from lens_roles.runtime.models import validate_layers
 from lens_roles.runtime.readout import kl_divergence, logprobs_at
@@ -54,25 +58,60 @@ MODES = {"× typical norm": "relative", "absolute": "absolute"}
 
 
 @torch.no_grad()
-def next_token_logprobs(model, prompts) -> Float[Tensor, "prompt d_vocab"]:
-    """Log-probabilities of the token after each prompt's last token, under whatever hooks are attached.
+def shared_runs(model, prompts, layer: int, *, batch_size: int = 8) -> list[Shared]:
+    """The unsteered runs of ``prompts`` that every steering at ``layer`` branches from, one per batch.
 
-    The final residual at each prompt's last position through the one readout
-    (:func:`~lens_roles.runtime.readout.logprobs_at`), run with
-    :func:`~lens_roles.runtime.batching.run_batches` (shared prefixes once). Float32, CPU.
+    Each :class:`~lens_roles.runtime.branching.Shared` keeps ``resid_post`` ``[batch, pos, d_model]``
+    at ``layer`` (where the branches start) and at every later layer (the unsteered reference of
+    the cosine curve; the last one is the final residual, read out for the next token). The
+    batches are those of :func:`~lens_roles.measures.sweeps.cosine_sweep` (in order, ``batch_size``
+    prompts), so the curve is the sweep's.
     """
     items = encode(model, as_prompts(prompts))
+    batches = token_batches(model, [it.tokens for it in items], batch_size, sort=False)
+    return [shared_run(model, batch, range(layer, model.cfg.n_layers)) for batch in batches]
+
+
+def last_positions(batch) -> Tensor:
+    """Each row's last real position of a right-padded batch: ``[batch]``."""
+    return torch.as_tensor(batch.lengths, device=batch.mask.device) - 1
+
+
+@torch.no_grad()
+def unsteered_logprobs(model, shared: Sequence[Shared], n_prompts: int) -> Float[Tensor, "prompt d_vocab"]:
+    """The next-token log-probabilities after each prompt's last token, from the shared runs' final residual."""
     last = model.cfg.n_layers - 1
-    cap = Capture([last], position_mean)  # [batch, d_model]: the final residual at the one read position
-    finals: list[Tensor | None] = [None] * len(items)
+    out: list[Tensor | None] = [None] * n_prompts
+    for run in shared:
+        rows = torch.arange(len(run.batch.index), device=run.batch.mask.device)
+        for i, lp in zip(run.batch.index, logprobs_at(model, run.resid[last][rows, last_positions(run.batch)])):
+            out[i] = lp.cpu()
+    return torch.stack(out)
 
-    def on_batch(members: list[int]) -> None:
-        for row, i in enumerate(members):
-            finals[i] = cap[last][row]
 
-    run_batches(model, items, [[len(it) - 1] for it in items], batch_size=8, stop_at_layer=cap.stop_at_layer,
-                capture=cap, on_batch=on_batch)
-    return logprobs_at(model, torch.stack(finals)).cpu()
+@torch.no_grad()
+def steered_readout(model, shared: Sequence[Shared], branch: Branch, n_prompts: int
+                    ) -> tuple[Float[Tensor, " read_layer"], Float[Tensor, "prompt d_vocab"]]:
+    """One steering setting, run from the shared runs: only the blocks after ``branch.layer`` run.
+
+    Returns the cosine(steered, unsteered) at each layer from ``branch.layer`` on (mean over
+    each prompt's real tokens, then over prompts, as in ``cosine_sweep``) and the steered
+    next-token log-probabilities after each prompt (``[prompt, d_vocab]``, float32, CPU).
+    """
+    branch = check_branch(model, branch)
+    n, layer = model.cfg.n_layers, branch.layer
+    sums = torch.zeros(n - layer, dtype=torch.float64)
+    logq: list[Tensor | None] = [None] * n_prompts
+    for run in shared:
+        cap = Capture(range(layer, n))
+        branch_batch(model, run, branch, stop_at_layer=n, extra_hooks=cap.fwd_hooks())
+        valid = run.batch.mask.bool()
+        for down in range(layer, n):
+            sums[down - layer] += token_cosine_sum(cap[down], run.resid[down], valid)
+        rows = torch.arange(len(run.batch.index), device=valid.device)
+        for i, lq in zip(run.batch.index, logprobs_at(model, cap[n - 1][rows, last_positions(run.batch)])):
+            logq[i] = lq.cpu()
+    return (sums / n_prompts).float(), torch.stack(logq)
 
 
 @dataclass(frozen=True)
@@ -171,7 +210,9 @@ class SteeringExplorer:
         if layer not in layers:
             raise DirectionError(f"the direction has no vector at layer {layer} (it has {layers})")
         self._norms: dict[tuple[int, tuple[str, ...]], float] = {}
-        self._base: dict[tuple[str, int], tuple[Generation, Tensor]] = {}
+        self._base: dict[tuple[str, int], Generation] = {}
+        # (layer, prompts) -> the unsteered shared runs and next-token log-probs every α branches from
+        self._shared: dict[tuple[int, tuple[str, ...]], tuple[list[Shared], Tensor]] = {}
         self.history: list[Snapshot] = []
         self.snapshot: Snapshot | None = None
 
@@ -264,21 +305,21 @@ class SteeringExplorer:
             norm = self._norm(layer, prompts) if mode == "relative" else None
             relative = {layer: norm} if norm is not None else None
             todo = [p for p in prompts if (p, n_new) not in self._base]
-            if todo:  # the unsteered side, once per prompt
-                outs = generate(model, todo, max_new_tokens=n_new)
-                logp = next_token_logprobs(model, todo)
-                for p, g, lp in zip(todo, outs, logp):
-                    self._base[p, n_new] = (g, lp)
+            if todo:  # the unsteered generations, once per prompt
+                for p, g in zip(todo, generate(model, todo, max_new_tokens=n_new)):
+                    self._base[p, n_new] = g
+            if (layer, prompts) not in self._shared:  # the unsteered stream, once per layer and prompts
+                shared = shared_runs(model, prompts, layer)
+                self._shared[layer, prompts] = (shared, unsteered_logprobs(model, shared, len(prompts)))
+            shared, base_logp = self._shared[layer, prompts]
+            hooks = steering_hooks(model, direction, alpha, layers=[layer], positions=positions, relative=relative)
+            cos, logq = steered_readout(model, shared, Branch(layer, tuple(hooks)), len(prompts))
             with steer(model, direction, alpha, layers=[layer], positions=positions, relative=relative):
                 steered = generate(model, list(prompts), max_new_tokens=n_new)
-                logq = next_token_logprobs(model, prompts)
-            cos = cosine_sweep(model, direction, list(prompts), steer_layers=[layer], alphas=[alpha],
-                               relative=relative)
-        base_logp = torch.stack([self._base[p, n_new][1] for p in prompts])
         kl = kl_divergence(base_logp, logq)
-        cos = cos[cos.alpha == alpha][["read_layer", "value"]].reset_index(drop=True)
+        cos = pd.DataFrame({"read_layer": range(layer, model.cfg.n_layers), "value": cos.tolist()})
         return Snapshot(name, layer, alpha, mode, norm, positions, prompts,
-                        tuple(self._base[p, n_new][0] for p in prompts), tuple(steered),
+                        tuple(self._base[p, n_new] for p in prompts), tuple(steered),
                         tuple(float(k) for k in kl), cos)
 
     def update(self) -> None:
@@ -286,7 +327,8 @@ class SteeringExplorer:
         prompts = self.prompt_list()
         n = max(1, len(prompts))
         fresh = sum((p, self.max_new_tokens.value) not in self._base for p in prompts)
-        total = (self.max_new_tokens.value + 1) * (1 + (fresh > 0)) + 2 * (n // 8 + 1)
+        shared = (self.layer.value, tuple(prompts)) not in self._shared
+        total = self.max_new_tokens.value * (1 + (fresh > 0)) + (n // 8 + 1) * (1 + shared)
 
         def work(ticket: Ticket) -> None:
             snap = self.compute(ticket)
