@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from lens_roles.analysis.sae.core import check_sae, load_sae, sae_layer
+from lens_roles.analysis.sae.core import FREQUENCY_FILE, check_sae, load_feature_frequencies, load_sae, sae_layer
 from lens_roles.analysis.sae.corpus import Corpus
 from lens_roles.analysis.sae.features import ProjectionMetric
 from lens_roles.analysis.sae.mixture import MixtureRecipe, build_mixture
@@ -150,14 +150,19 @@ def run_sae_align(args: argparse.Namespace, load_model: ModelLoader) -> int:
     if args.cards == "yes" and not corpus_path.is_file():
         raise UsageError(f"--cards yes needs a corpus: no {corpus_path} (pass --corpus)")
     meta = sae_meta(args, direction, layer)
+    frequencies = load_feature_frequencies(args.sae) if args.sae_id is None else None
+    if args.exclude_dead_dense and frequencies is None:
+        raise UsageError(f"--exclude-dead-dense needs the features' firing frequencies: {args.sae} has no "
+                         f"{FREQUENCY_FILE} (train-sae --sweep writes one)")
     report = run_alignment_report(
         sae, direction, layer=layer, name=name, out=Path(args.out), top=args.top, max_features=args.decompose,
-        meta=meta,
+        meta=meta, frequencies=frequencies, exclude=args.exclude_dead_dense,
     )
     dec = report.decomposition
     print(f"top {args.top} features by cosine with {name} at layer {layer}:")
     print(report.top.round(3).to_string(index=False))
-    print(f"decomposition: {len(dec.features)} features, relative residual {dec.relative_residual:.3f}")
+    print(f"decomposition: {len(dec.features)} features, relative residual {dec.relative_residual:.3f}, "
+          f"{dec.span_fraction:.3f} of the direction in the span of the {dec.candidates} candidate decoder rows")
     print(dec.to_frame().round(3).to_string(index=False))
     if args.cards == "yes" or (args.cards == "auto" and corpus_path.is_file()):
         model = open_model(args, load_model)
@@ -315,6 +320,9 @@ def register(sub) -> None:
     p.add_argument("--sae", required=True, help="SAE folder (sae_lens format), or a registry release with --sae-id")
     p.add_argument("--sae-id", default=None, help="sae_id within the registry release given as --sae")
     p.add_argument("--top", type=int_at_least("--top", 1), default=10, help="aligned features listed and carded")
+    p.add_argument("--exclude-dead-dense", action="store_true",
+                   help="leave dead and dense features (by the frequencies shipped beside the SAE) out of the "
+                        "ranking and the decomposition; without it they are only marked")
     p.add_argument("--decompose", type=int_at_least("--decompose", 1), default=16,
                    help="most features in the decomposition")
     p.add_argument(

@@ -141,7 +141,9 @@ def eval_sets(model, held: Corpus, *, tokens_per_set: int, seed: int = 0,
         idx = tuple(i for i, k in enumerate(held.kinds) if SOURCE_GROUPS.get(k) == group)
         if idx:
             part = Corpus(tuple(held.sequences[i] for i in idx), tuple(held.kinds[i] for i in idx))
-            sets[group] = list(part.take(tokens_per_set, seed=seed).sequences)
+            taken = list(part.take(tokens_per_set, seed=seed).sequences)
+            # a group of sequences all longer than the budget: its first one, cut to the budget
+            sets[group] = taken or [part.sequences[0][:max(tokens_per_set, 2)]]
     sets["ood"] = ood_sequences(model, ood)
     return sets
 
