@@ -85,6 +85,8 @@ def test_sae_corpus_and_sweep_chain(main, tmp_path, capsys):
                  "--top", "3", "--cards", "no", "--exclude-dead-dense", "--out", str(tmp_path / "align")]) == 0
     align = pd.read_csv(tmp_path / "align" / "alignment.csv")
     assert "status" in align.columns and not set(align["status"]) & {"dead", "dense", "unknown"}
-    assert json.loads((tmp_path / "align" / "decomposition_summary.json").read_text())["span_fraction"] > 0
-    with pytest.raises(SystemExit):
-        main(["train-sae", "--layer", "1", "--corpus", str(corpus), "--sweep", "topk:32", "--out", str(saes)])
+    summary = json.loads((tmp_path / "align" / "decomposition_summary.json").read_text())
+    assert summary["excluded_dead_dense"] and 0 <= summary["span_fraction"] <= 1 + 1e-9
+    assert summary["candidates"] >= len(align)
+    assert main(["train-sae", "--layer", "1", "--corpus", str(corpus), "--sweep", "topk:32", "--out", str(saes)]) != 0
+    assert "is not ARCH:WIDTH:K" in capsys.readouterr().err
