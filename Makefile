@@ -146,8 +146,12 @@ interop: setup
 
 # The shipped SAEs (lens_roles/data/saes) and their figures (figures/sae); see README "SAE features".
 SAE_DIRS := build/sae_dirs
+SAE_CORPUS := build/sae_corpus.json
 saes: setup
-	OMP_NUM_THREADS=1 $(BIN)/lens-roles train-sae --layer 6,12,24 --out lens_roles/data/saes
+	$(BIN)/lens-roles sae-corpus --out $(SAE_CORPUS)
+	$(BIN)/lens-roles train-sae --layer 6,12,24 --corpus $(SAE_CORPUS) --sweep-layer 12 \
+	    --sweep topk:2304:32,topk:2304:64,topk:4608:32,topk:4608:64,batchtopk:4608:64 --tokens 2000000 \
+	    --out lens_roles/data/saes
 
 sae-figures: setup browser
 	$(BIN)/lens-roles extract --pairs lens_roles/data/personas/librarian.jsonl --layers 6,12,24 --out $(SAE_DIRS)/librarian.safetensors

@@ -65,3 +65,28 @@ def test_sae_chain(main, tmp_path, capsys):
                  "--prompts", str(PAIRS), "--max-prompts", "4", "--check", "2", "--out", str(tmp_path / "attr")]) == 0
     assert len(pd.read_csv(tmp_path / "attr" / "check.csv")) == 2
     assert "Pearson r" in capsys.readouterr().out
+
+
+def test_sae_corpus_and_sweep_chain(main, tmp_path, capsys):
+    corpus = tmp_path / "corpus.json"
+    small = ["--samples", "2", "--sample-tokens", "4", "--docs-tokens", "400", "--code-tokens", "400",
+             "--chat-replies", "1", "--chat-new-tokens", "3", "--conversations", "2", "--seq-len", "64"]
+    assert main(["sae-corpus", *small, "--out", str(corpus)]) == 0
+    assert "fingerprint" in capsys.readouterr().out
+    saes = tmp_path / "saes"
+    assert main(["train-sae", "--layer", "1,2", "--corpus", str(corpus), "--sweep", "topk:64:2,batchtopk:64:2",
+                 "--tokens", "2048", "--eval-tokens", "200", "--card-tokens", "400", "--out", str(saes)]) == 0
+    quality = pd.read_csv(saes / "quality.csv")
+    assert {"ood", "code", "chat"} <= set(quality["eval_set"]) and set(quality["layer"]) == {1, 2}
+    assert len(pd.read_csv(saes / "sweep.csv")["config"].unique()) == 2
+    assert {"corpus.json", "corpus_recipe.json", "layer_1", "layer_2"} <= {p.name for p in saes.iterdir()}
+    assert main(["extract", "--pairs", str(PAIRS), "--out", str(tmp_path / "v.safetensors"), "--layers", "1"]) == 0
+    assert main(["sae-align", "--vector", str(tmp_path / "v.safetensors"), "--sae", str(saes / "layer_1"),
+                 "--top", "3", "--cards", "no", "--exclude-dead-dense", "--out", str(tmp_path / "align")]) == 0
+    align = pd.read_csv(tmp_path / "align" / "alignment.csv")
+    assert "status" in align.columns and not set(align["status"]) & {"dead", "dense", "unknown"}
+    summary = json.loads((tmp_path / "align" / "decomposition_summary.json").read_text())
+    assert summary["excluded_dead_dense"] and 0 <= summary["span_fraction"] <= 1 + 1e-9
+    assert summary["candidates"] >= len(align)
+    assert main(["train-sae", "--layer", "1", "--corpus", str(corpus), "--sweep", "topk:32", "--out", str(saes)]) != 0
+    assert "is not ARCH:WIDTH:K" in capsys.readouterr().err

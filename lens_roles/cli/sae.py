@@ -1,4 +1,5 @@
-"""``train-sae``, ``sae-align`` and ``sae-attribute``: sparse autoencoders and the features of a direction."""
+"""``sae-corpus``, ``train-sae``, ``sae-align`` and ``sae-attribute``: sparse autoencoders and the features of a
+direction."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from lens_roles.analysis.sae.core import check_sae, load_sae, sae_layer
+from lens_roles.analysis.sae.core import FREQUENCY_FILE, check_sae, load_feature_frequencies, load_sae, sae_layer
 from lens_roles.analysis.sae.corpus import Corpus
 from lens_roles.analysis.sae.features import ProjectionMetric
+from lens_roles.analysis.sae.mixture import MixtureRecipe, build_mixture
 from lens_roles.analysis.sae.training import SAETrainConfig
 from lens_roles.cli.options import (
     ModelLoader,
@@ -32,7 +34,42 @@ from lens_roles.errors import SAEError, UsageError
 from lens_roles.inputs.prompts import PairSet, Prompt
 from lens_roles.io import check_writable
 from lens_roles.studies.sae_report import run_alignment_report, run_attribution_report, write_direction_cards
-from lens_roles.studies.sae_suite import corpus_for, train_sae_suite
+from lens_roles.studies.sae_suite import corpus_for, save_corpus_record, train_broad_suite, train_sae_suite
+
+
+def run_sae_corpus(args: argparse.Namespace, load_model: ModelLoader) -> int:
+    """``lens-roles sae-corpus``: build the broad SAE training corpus (:mod:`lens_roles.analysis.sae.mixture`)."""
+    try:
+        recipe = MixtureRecipe(samples=args.samples, sample_tokens=args.sample_tokens, docs_tokens=args.docs_tokens,
+                               code_tokens=args.code_tokens, chat_replies=args.chat_replies,
+                               chat_new_tokens=args.chat_new_tokens, conversations=args.conversations,
+                               seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    check_writable(Path(args.out), "corpus")
+    model = open_model(args, load_model)
+    corpus = build_mixture(model, recipe, progress=True)
+    corpus.meta["dtype"] = args.dtype
+    corpus.save(args.out)
+    shares = ", ".join(f"{k} {v['tokens']} ({v['share']:.1%})" for k, v in corpus.meta["sources"].items())
+    print(f"wrote {args.out}: {len(corpus)} sequences, {corpus.n_tokens} tokens, fingerprint "
+          f"{corpus.meta['fingerprint']}; {shares}")
+    return 0
+
+
+def parse_sweep(spec: str, *, tokens: int, lr: float, seed: int) -> list[SAETrainConfig]:
+    """``ARCH:WIDTH:K,...`` (e.g. ``topk:2304:32,batchtopk:4608:64``) as training configurations."""
+    configs = []
+    for item in spec.split(","):
+        parts = item.strip().split(":")
+        if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+            raise UsageError(f"--sweep item {item!r} is not ARCH:WIDTH:K (e.g. topk:2304:32)")
+        try:
+            configs.append(SAETrainConfig(d_sae=int(parts[1]), k=int(parts[2]), architecture=parts[0],
+                                          samples=tokens, lr=lr, seed=seed))
+        except ValueError as exc:
+            raise UsageError(f"--sweep item {item!r}: {exc}") from None
+    return configs
 
 
 def run_train_sae(args: argparse.Namespace, load_model: ModelLoader) -> int:
@@ -43,6 +80,8 @@ def run_train_sae(args: argparse.Namespace, load_model: ModelLoader) -> int:
     except ValueError as exc:  # SAETrainConfig's own checks: a bad argument, found before the model loads
         raise UsageError(str(exc)) from None
     out = Path(args.out)
+    if args.sweep is not None:
+        return run_train_broad(args, load_model, out)
     corpus_path = Path(args.corpus) if args.corpus else out / "corpus.json"
     # an existing corpus is read now, so that a damaged one fails before the model loads; a new one must be writable
     loaded = Corpus.load(corpus_path) if corpus_path.exists() else None
@@ -115,14 +154,19 @@ def run_sae_align(args: argparse.Namespace, load_model: ModelLoader) -> int:
     if args.cards == "yes" and not corpus_path.is_file():
         raise UsageError(f"--cards yes needs a corpus: no {corpus_path} (pass --corpus)")
     meta = sae_meta(args, direction, layer)
+    frequencies = load_feature_frequencies(args.sae) if args.sae_id is None else None
+    if args.exclude_dead_dense and frequencies is None:
+        raise UsageError(f"--exclude-dead-dense needs the features' firing frequencies: {args.sae} has no "
+                         f"{FREQUENCY_FILE} (train-sae --sweep writes one)")
     report = run_alignment_report(
         sae, direction, layer=layer, name=name, out=Path(args.out), top=args.top, max_features=args.decompose,
-        meta=meta,
+        meta=meta, frequencies=frequencies, exclude=args.exclude_dead_dense,
     )
     dec = report.decomposition
     print(f"top {args.top} features by cosine with {name} at layer {layer}:")
     print(report.top.round(3).to_string(index=False))
-    print(f"decomposition: {len(dec.features)} features, relative residual {dec.relative_residual:.3f}")
+    print(f"decomposition: {len(dec.features)} features, relative residual {dec.relative_residual:.3f}, "
+          f"{dec.span_fraction:.3f} of the direction in the span of the {dec.candidates} candidate decoder rows")
     print(dec.to_frame().round(3).to_string(index=False))
     if args.cards == "yes" or (args.cards == "auto" and corpus_path.is_file()):
         model = open_model(args, load_model)
@@ -182,8 +226,53 @@ def run_sae_attribute(args: argparse.Namespace, load_model: ModelLoader) -> int:
     return 0
 
 
+def run_train_broad(args: argparse.Namespace, load_model: ModelLoader, out: Path) -> int:
+    """``train-sae --sweep``: choose a configuration on ``--sweep-layer`` and train it at every layer on a
+    corpus from ``sae-corpus``; writes the SAEs, ``sweep.csv``, ``quality.csv``, the corpus record
+    (``corpus_recipe.json``) and a card slice of the corpus (``corpus.json``)."""
+    if not args.corpus:
+        raise UsageError("train-sae --sweep needs --corpus: a corpus file written by lens-roles sae-corpus")
+    sweep = parse_sweep(args.sweep, tokens=args.tokens, lr=args.lr, seed=args.seed)
+    corpus = Corpus.load(args.corpus)
+    check_writable(out / "quality.csv", "quality table")
+    model = open_model(args, load_model)
+    if corpus.meta.get("model") != model.cfg.model_name:
+        raise SAEError(f"{args.corpus} was built with {corpus.meta.get('model')!r}, not {model.cfg.model_name!r}")
+    layers = args.layer.resolve(model)
+    sweep_layer = args.sweep_layer if args.sweep_layer is not None else layers[len(layers) // 2]
+    train_broad_suite(model, layers, out, corpus=corpus, sweep=sweep, sweep_layer=sweep_layer,
+                      train_tokens=args.train_tokens or None, eval_tokens=args.eval_tokens,
+                      batch_size=args.batch_size, dtype=getattr(torch, args.dtype_out))
+    save_corpus_record(corpus, out, card_tokens=args.card_tokens)
+    print(f"wrote {out}/quality.csv, {out}/sweep.csv, {out}/corpus_recipe.json")
+    return 0
+
+
 def register(sub) -> None:
-    """Add ``train-sae``, ``sae-align`` and ``sae-attribute`` to the ``lens-roles`` subparsers ``sub``."""
+    """Add ``sae-corpus``, ``train-sae``, ``sae-align`` and ``sae-attribute`` to the subparsers ``sub``."""
+    p = add_command(sub, "sae-corpus", run_sae_corpus,
+                    help="build the broad SAE training corpus (model samples, installed docs and code, chat, "
+                         "conversations)")
+    d = MixtureRecipe()
+    p.add_argument("--samples", type=int_at_least("--samples", 0), default=d.samples,
+                   help="unconditional samples from BOS")
+    p.add_argument("--sample-tokens", type=int_at_least("--sample-tokens", 1), default=d.sample_tokens,
+                   help="tokens per sample")
+    p.add_argument("--docs-tokens", type=int_at_least("--docs-tokens", 0), default=d.docs_tokens,
+                   help="tokens of installed .md/.rst/.txt files")
+    p.add_argument("--code-tokens", type=int_at_least("--code-tokens", 0), default=d.code_tokens,
+                   help="tokens of installed .py files")
+    p.add_argument("--chat-replies", type=int_at_least("--chat-replies", 0), default=d.chat_replies,
+                   help="chat prompts the model answers (the others enter as prompts alone)")
+    p.add_argument("--chat-new-tokens", type=int_at_least("--chat-new-tokens", 1), default=d.chat_new_tokens)
+    p.add_argument("--conversations", type=int_at_least("--conversations", 0), default=d.conversations,
+                   help="seeded persona conversations (besides the shipped ones)")
+    p.add_argument("--seq-len", type=int_at_least("--seq-len", 8), default=d.seq_len,
+                   help="tokens per chunk of installed text")
+    p.add_argument("--seed", type=int, default=0)
+    add_output(p, "--out", required=True, help="corpus JSON")
+    add_model_options(p, batch="generate")
+
     p = add_command(sub, "train-sae", run_train_sae,
                     help="train residual-stream SAEs (sae_lens) on the model's own seeded generations")
     p.add_argument("--layer", required=True, type=layer_spec("--layer", allow_all=False, why_not_all=(
@@ -216,6 +305,16 @@ def register(sub) -> None:
     p.add_argument("--eval-fraction", type=fraction("--eval-fraction"), default=0.1,
                    help="held-out sequences for the quality table")
     p.add_argument("--dtype-out", default="float16", choices=["float16", "float32"], help="weights on disk")
+    p.add_argument("--sweep", default=None,
+                   help="ARCH:WIDTH:K,... (topk or batchtopk): choose among these on --sweep-layer, then train the "
+                        "chosen one at every layer on --corpus (from sae-corpus); --k/--d-sae/--l1 are then unused")
+    p.add_argument("--sweep-layer", type=int, default=None, help="layer of the sweep (default: the middle one)")
+    p.add_argument("--train-tokens", type=int_at_least("--train-tokens", 0, note=" (0: all)"), default=0,
+                   help="with --sweep: train on a seeded subset of the corpus of this many tokens (0: all)")
+    p.add_argument("--eval-tokens", type=int_at_least("--eval-tokens", 16), default=2000,
+                   help="with --sweep: held-out tokens per source in the quality table")
+    p.add_argument("--card-tokens", type=int_at_least("--card-tokens", 0), default=80_000,
+                   help="with --sweep: tokens of the corpus slice written as OUT/corpus.json for feature cards")
     add_output(p, "--out", required=True, help="folder: layer_<L>/ (sae_lens format), quality.csv, corpus.json")
     add_model_options(p, batch="read")
     add_ray_options(p)  # --ray: the activations are harvested on the workers, as shard files under OUT/harvest/
@@ -226,6 +325,9 @@ def register(sub) -> None:
     p.add_argument("--sae", required=True, help="SAE folder (sae_lens format), or a registry release with --sae-id")
     p.add_argument("--sae-id", default=None, help="sae_id within the registry release given as --sae")
     p.add_argument("--top", type=int_at_least("--top", 1), default=10, help="aligned features listed and carded")
+    p.add_argument("--exclude-dead-dense", action="store_true",
+                   help="leave dead and dense features (by the frequencies shipped beside the SAE) out of the "
+                        "ranking and the decomposition; without it they are only marked")
     p.add_argument("--decompose", type=int_at_least("--decompose", 1), default=16,
                    help="most features in the decomposition")
     p.add_argument(

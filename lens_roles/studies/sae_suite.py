@@ -120,3 +120,162 @@ def train_sae_suite(model, layers: Sequence[int], out: Path, *, config: SAETrain
     table = pd.DataFrame(rows)
     write_csv(table, out / "quality.csv")
     return table
+
+
+# --------------------------------------------------------------------------- broad corpus: sweep, train, evaluate
+
+
+def ood_sequences(model, path: Path | None = None, *, seq_len: int = 256) -> list[tuple[int, ...]]:
+    """The out-of-distribution evaluation text (``lens_roles/data/saes/ood.txt``, never trained on):
+    its pieces (separated by lines ``===``) tokenised as plain text after a BOS, cut to ``seq_len``."""
+    from lens_roles.inputs.prompts import data_dir
+    from lens_roles.io import read_text
+
+    path = Path(path) if path is not None else data_dir() / "saes" / "ood.txt"
+    pieces = [p.strip() for p in read_text(path, "out-of-distribution text").split("\n===\n") if p.strip()]
+    if not pieces:
+        raise SAEError(f"{path} holds no text")
+    bos = model.tokenizer.bos_token_id
+    return [(bos, *model.tokenizer.encode(p, add_special_tokens=False)[: seq_len - 1]) for p in pieces]
+
+
+def eval_sets(model, held: Corpus, *, tokens_per_set: int, seed: int = 0,
+              ood: Path | None = None) -> dict[str, list[tuple[int, ...]]]:
+    """Held-out sequences grouped by source (:data:`~lens_roles.analysis.sae.mixture.SOURCE_GROUPS`),
+    each group a seeded subset of at most ``tokens_per_set`` tokens, plus ``"ood"`` (:func:`ood_sequences`)."""
+    from lens_roles.analysis.sae.mixture import SOURCE_GROUPS
+
+    sets: dict[str, list[tuple[int, ...]]] = {}
+    for group in dict.fromkeys(SOURCE_GROUPS.values()):
+        idx = tuple(i for i, k in enumerate(held.kinds) if SOURCE_GROUPS.get(k) == group)
+        if idx:
+            part = Corpus(tuple(held.sequences[i] for i in idx), tuple(held.kinds[i] for i in idx))
+            taken = list(part.take(tokens_per_set, seed=seed).sequences)
+            # a group of sequences all longer than the budget: its first one, cut to the budget
+            sets[group] = taken or [part.sequences[0][:max(tokens_per_set, 2)]]
+    sets["ood"] = ood_sequences(model, ood)
+    return sets
+
+
+def choose_config(sweep: pd.DataFrame, max_dead: float = 0.05) -> int:
+    """Index of the sweep's chosen configuration: among those with at most ``max_dead`` dead features
+    (all, if none qualifies), the highest worst-set explained variance; ties go to the smaller L0 and width."""
+    worst = sweep.groupby("config")["explained_variance"].min()
+    dead = sweep.groupby("config")["dead_fraction"].max()
+    width = sweep.groupby("config")["d_sae"].first()
+    l0 = sweep.groupby("config")["l0"].mean()
+    ok = dead[dead <= max_dead].index
+    pool = ok if len(ok) else dead.index
+    best = sorted(pool, key=lambda c: (-round(float(worst[c]), 3), float(l0[c]), int(width[c])))
+    return int(best[0])
+
+
+def train_broad_suite(model, layers: Sequence[int], out: Path, *, corpus: Corpus, sweep: Sequence[SAETrainConfig],
+                      sweep_layer: int, train_tokens: int | None = None, eval_tokens: int = 2000,
+                      eval_fraction: float = 0.05, batch_size: int = 16, dtype: torch.dtype = torch.float16,
+                      progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Choose an SAE configuration on ``sweep_layer``, train it at every layer, and evaluate per source.
+
+    1. The corpus is split by sequence (``eval_fraction`` held out); the training part is cut
+       to ``train_tokens`` (:meth:`Corpus.take`, None: all) and its activations are read at all
+       ``layers`` in one pass.
+    2. Every configuration of ``sweep`` is trained at ``sweep_layer`` and scored on the held-out
+       sets (:func:`eval_sets`: each source and the OOD text) without the model runs
+       (explained variance, L0, dead, dense); :func:`choose_config` picks one.
+    3. The chosen configuration is trained at the other layers; each SAE is saved as
+       ``out/layer_<L>/`` in ``dtype`` and scored on every set with the loss runs too
+       (:func:`~lens_roles.analysis.sae.quality.quality_table`).
+
+    Writes ``out/sweep.csv`` and ``out/quality.csv`` and returns both frames.
+    """
+    from lens_roles.analysis.sae.core import FREQUENCY_FILE
+    from lens_roles.analysis.sae.quality import feature_frequencies, quality_table
+
+    out = Path(out)
+    if sweep_layer not in layers:
+        raise SAEError(f"the sweep layer {sweep_layer} is not among the layers {list(layers)}")
+    train, held = corpus.split(eval_fraction, seed=0)
+    if train_tokens is not None:
+        train = train.take(train_tokens, seed=0)
+    sets = eval_sets(model, held, tokens_per_set=eval_tokens)
+    t0 = time.perf_counter()
+    acts = harvest(model, train.sequences, layers, batch_size=batch_size, progress=progress)
+    report(progress, f"activations: {len(acts[layers[0]])} training tokens per layer in "
+                     f"{time.perf_counter() - t0:.0f} s; eval sets "
+                     + ", ".join(f"{k} {sum(len(s) - 1 for s in v)}" for k, v in sets.items()))
+    set_acts = {name: harvest(model, seqs, [sweep_layer], batch_size=batch_size)[sweep_layer]
+                for name, seqs in sets.items()}
+    provenance = {"corpus": {k: corpus.meta.get(k) for k in ("fingerprint", "n_tokens", "sources", "kind")},
+                  "train_tokens": len(acts[layers[0]])}
+    rows, trained = [], {}
+    for c, config in enumerate(sweep):
+        t0 = time.perf_counter()
+        sae = train_sae(acts[sweep_layer], layer=sweep_layer, model_name=model.cfg.model_name, config=config,
+                        provenance=provenance)
+        seconds = time.perf_counter() - t0
+        trained[c] = (sae, seconds)
+        for name, a in set_acts.items():
+            q = sae_quality(model, sae, sets[name], acts=a, losses=False)
+            rows.append({"config": c, "architecture": config.architecture, "d_sae": config.d_sae, "k": config.k,
+                         "eval_set": name, **{k: q[k] for k in ("explained_variance", "l0", "dead_fraction",
+                                                                 "dense_fraction")},
+                         "train_seconds": round(seconds, 1)})
+        report(progress, f"sweep {config.label} d_sae {config.d_sae}: EV "
+                         + ", ".join(f"{r['eval_set']} {r['explained_variance']:.3f}" for r in rows
+                                     if r["config"] == c) + f" ({seconds:.0f} s)")
+    sweep_df = pd.DataFrame(rows)
+    write_csv(sweep_df, out / "sweep.csv")
+    chosen = choose_config(sweep_df)
+    config = sweep[chosen]
+    report(progress, f"chosen: {config.label} d_sae {config.d_sae}")
+    saes, seconds = {sweep_layer: trained[chosen][0]}, {sweep_layer: trained[chosen][1]}
+    for layer in layers:
+        if layer not in saes:
+            t0 = time.perf_counter()
+            saes[layer] = train_sae(acts[layer], layer=layer, model_name=model.cfg.model_name, config=config,
+                                    provenance=provenance)
+            seconds[layer] = time.perf_counter() - t0
+    # dead and dense over many tokens: the training activations (up to 200k tokens)
+    on_train = {layer: sae_quality(model, saes[layer], [], acts=acts[layer][:200_000], losses=False)
+                for layer in layers}
+    freqs = {layer: feature_frequencies(saes[layer], acts[layer][:200_000]) for layer in layers}
+    del acts, set_acts
+    table = quality_table(model, {layer: saes[layer] for layer in layers}, sets, batch_size=batch_size,
+                          progress=progress)
+    table = table.rename(columns={"sae": "sae_layer"})
+    table["kind"] = config.label
+    table["train_seconds"] = table["sae_layer"].map(lambda L: round(seconds[L], 1))
+    table["train_tokens"] = provenance["train_tokens"]
+    for key in ("dead_fraction", "dense_fraction"):
+        table[f"{key}_train"] = table["sae_layer"].map(lambda L, key=key: on_train[L][key])
+    for layer in layers:
+        rows_l = table[table["sae_layer"] == layer]
+        quality = {r["eval_set"]: {k: r[k] for k in ("explained_variance", "l0", "dead_fraction", "dense_fraction",
+                                                     "loss_recovered")} for _, r in rows_l.iterrows()}
+        folder = save_sae(saes[layer], out / f"layer_{layer}", dtype=dtype,
+                          extra={"quality": quality, "on_training_tokens": on_train[layer],
+                                 "corpus": provenance["corpus"], "train": asdict(config),
+                                 "train_tokens": provenance["train_tokens"], "train_seconds": seconds[layer]},
+                          tensors={FREQUENCY_FILE: {"frequency": freqs[layer]}})
+        table.loc[table["sae_layer"] == layer, "size_mb"] = round(
+            sum(f.stat().st_size for f in folder.iterdir()) / 2**20, 2)
+    table = table.drop(columns=["sae_layer"])
+    write_csv(table, out / "quality.csv")
+    return sweep_df, table
+
+
+def save_corpus_record(corpus: Corpus, out: Path, *, card_tokens: int = 80_000) -> None:
+    """Write ``out/corpus_recipe.json`` (the corpus's ``meta``: recipe, sources and their shares,
+    fingerprint — what ``lens-roles sae-corpus`` needs to rebuild it and to check the rebuild) and
+    ``out/corpus.json``, a seeded slice of ``card_tokens`` tokens for the feature cards (0: none)."""
+    import json
+
+    from lens_roles.io import atomic_write
+
+    out = Path(out)
+    atomic_write(out / "corpus_recipe.json",
+                 lambda tmp: Path(tmp).write_text(json.dumps(corpus.meta, indent=1, default=str)))
+    if card_tokens:
+        part = corpus.take(card_tokens, seed=1)
+        Corpus(part.sequences, part.kinds, dict(part.meta, part="card slice of the corpus in corpus_recipe.json")
+               ).save(out / "corpus.json")

@@ -79,6 +79,27 @@ def load_sae(source: str | Path, sae_id: str | None = None, *, device: str = "cp
         raise SAEError(f"cannot load SAE {sae_id!r} of release {source!r} from sae_lens's registry: {exc}") from exc
 
 
+#: File beside an SAE's weights holding its features' firing frequencies (``frequency``, ``[d_sae]``).
+FREQUENCY_FILE = "feature_frequency.safetensors"
+
+
+def load_feature_frequencies(folder: str | Path) -> Tensor | None:
+    """The firing frequency of each feature ``[d_sae]`` (fraction of training tokens it fired on), saved
+    beside the SAE by ``train-sae``; None when the folder has none.
+
+    Raises:
+        SAEError: a frequency file that cannot be read or holds no ``frequency`` tensor.
+    """
+    path = Path(folder) / FREQUENCY_FILE
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor("frequency").float()
+    except Exception as exc:  # a damaged file
+        raise SAEError(f"{path} is not a readable feature-frequency file ({type(exc).__name__})") from None
+
+
 def check_sae_folder(path: Path) -> None:
     """Check an SAE folder's ``cfg.json`` against the shapes in ``sae_weights.safetensors``, before loading.
 

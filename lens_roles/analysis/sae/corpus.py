@@ -78,6 +78,20 @@ class Corpus:
                                         tuple(self.kinds[i] for i in idx), dict(self.meta, part=part))
         return pick(train_idx, "train"), pick(eval_idx, "eval")
 
+    def take(self, max_tokens: int, seed: int = 0) -> "Corpus":
+        """A seeded random subset of whole sequences with at most ``max_tokens`` tokens in all (sequences
+        in a seeded shuffled order, kept while they fit), so each source keeps its share in expectation."""
+        order = list(range(len(self)))
+        random.Random(seed).shuffle(order)
+        keep, total = [], 0
+        for i in order:
+            if total + len(self.sequences[i]) <= max_tokens:
+                keep.append(i)
+                total += len(self.sequences[i])
+        keep.sort()
+        return Corpus(tuple(self.sequences[i] for i in keep), tuple(self.kinds[i] for i in keep),
+                      dict(self.meta, taken_tokens=total))
+
     def save(self, path: str | Path) -> Path:
         """Write the corpus as JSON (token ids, kinds, meta), atomically."""
         data = {"meta": self.meta, "kinds": list(self.kinds), "sequences": [list(s) for s in self.sequences]}
@@ -173,15 +187,17 @@ def build_corpus(model, *, max_new_tokens: int = 96, temperature: float = 1.0, s
         temperature: sampling temperature (``> 0``; the corpus should not be greedy).
         seed: seeds the system-prompt draw and every batch's sampler.
         max_prompts: continue only the first prompts of the (shuffled) mix; the others
-            enter the corpus as prompts alone (kind ``"prompt"``). None: continue all.
+            enter the corpus as prompts alone (kind ``"prompt"``). None: continue all; 0: none.
     """
     if temperature <= 0:
         raise DataError(f"the corpus needs sampling: temperature must be > 0, got {temperature}")
     mix = corpus_prompts(seed)
-    prompts, rest = mix[: max_prompts or None], mix[len(mix[: max_prompts or None]):]
+    n_continued = len(mix) if max_prompts is None else min(max_prompts, len(mix))
+    prompts, rest = mix[:n_continued], mix[n_continued:]
     written = written_replies()
-    sequences = generate_sequences(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   seed=seed, batch_size=batch_size, progress=progress)
+    sequences = [] if not prompts else generate_sequences(
+        model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size,
+        progress=progress)
     kinds = ["generation"] * len(sequences)
     for kind, extra in (("prompt", rest), ("written", written)):
         for item in encode(model, extra):

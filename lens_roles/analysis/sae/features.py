@@ -69,18 +69,78 @@ def _direction_at(direction: Direction | Tensor, sae, layer: int | None = None) 
 # --------------------------------------------------------------------------- alignment
 
 
-def feature_alignment(sae, direction: Direction | Tensor, *, top: int | None = None) -> pd.DataFrame:
+#: A feature firing on more than this fraction of tokens is marked dense (as in the quality table).
+DENSE_FREQUENCY = 0.1
+
+
+def feature_status(frequencies: Tensor | None, d_sae: int, *, dense: float = DENSE_FREQUENCY) -> np.ndarray:
+    """Per feature ``"dead"`` (never fired), ``"dense"`` (fired on more than ``dense`` of the tokens) or
+    ``"live"``, from firing ``frequencies`` ``[d_sae]`` (fractions of tokens); all ``"unknown"`` without them.
+
+    Raises:
+        SAEError: frequencies of another length than ``d_sae``, or outside [0, 1].
+    """
+    if frequencies is None:
+        return np.full(d_sae, "unknown", dtype=object)
+    f = torch.as_tensor(frequencies).detach().float().cpu()
+    if f.shape != (d_sae,) or not bool(((f >= 0) & (f <= 1)).all()):
+        raise SAEError(f"feature frequencies must be {d_sae} fractions in [0, 1], got shape {tuple(f.shape)}")
+    out = np.full(d_sae, "live", dtype=object)
+    out[(f == 0).numpy()] = "dead"
+    out[(f > dense).numpy()] = "dense"
+    return out
+
+
+def feature_alignment(sae, direction: Direction | Tensor, *, top: int | None = None,
+                      frequencies: Tensor | None = None, exclude: bool = False,
+                      dense: float = DENSE_FREQUENCY) -> pd.DataFrame:
     """Cosine of the direction with every decoder row, sorted from most to least aligned.
 
-    Returns columns ``feature, cosine, rank`` (``top`` rows, or all ``d_sae``).
+    Returns columns ``feature, cosine, rank, status`` (``top`` rows, or all ``d_sae``);
+    ``status`` is :func:`feature_status` of ``frequencies`` (``[d_sae]`` firing
+    fractions, e.g. from :func:`~lens_roles.analysis.sae.quality.feature_frequencies`
+    or the ``feature_frequency.safetensors`` shipped beside an SAE), plus a
+    ``frequency`` column when they are given. ``exclude`` drops dead and dense
+    features before ranking (it needs ``frequencies``): a dead row never writes, and
+    a dense one fires on most text, so neither says what the direction is made of.
+
+    Raises:
+        SAEError: ``exclude`` without ``frequencies``.
     """
+    if exclude and frequencies is None:
+        raise SAEError("feature_alignment(exclude=True) needs the features' firing frequencies")
     v = _direction_at(direction, sae)
     cos = decoder_directions(sae) @ (v / v.norm())
+    status = feature_status(frequencies, sae.cfg.d_sae, dense=dense)
     order = torch.argsort(cos, descending=True)
+    if exclude:
+        order = order[torch.from_numpy(status[order.numpy()] == "live")]
     if top is not None:
         order = order[:top]
-    return pd.DataFrame({"feature": order.numpy(), "cosine": cos[order].numpy(),
-                         "rank": np.arange(1, len(order) + 1)})
+    frame = pd.DataFrame({"feature": order.numpy(), "cosine": cos[order].numpy(),
+                          "rank": np.arange(1, len(order) + 1), "status": status[order.numpy()]})
+    if frequencies is not None:
+        frame["frequency"] = torch.as_tensor(frequencies).float()[order].numpy()
+    return frame
+
+
+def span_fraction(sae, direction: Direction | Tensor, features=None) -> float:
+    """``‖P v‖ / ‖v‖``: how much of the direction lies in the span of the decoder rows of ``features``
+    (default: all rows), ``P`` the orthogonal projection onto that span (by least squares).
+
+    1 means the SAE's decoder can write the direction exactly; a large decomposition residual is then a
+    direction that is not sparse in the features, not a subspace the SAE misses. For an overcomplete SAE
+    whose live rows span ``d_model`` it is 1 up to rounding; it drops below 1 for a narrow SAE or
+    one restricted to few (e.g. live, non-dense) features.
+    """
+    v = _direction_at(direction, sae).double()
+    rows = decoder_directions(sae).double()
+    if features is not None:
+        rows = rows[torch.as_tensor(np.asarray(features), dtype=torch.long)]
+    if len(rows) == 0:
+        return 0.0
+    coef = torch.linalg.lstsq(rows.T, v[:, None]).solution
+    return float((rows.T @ coef)[:, 0].norm() / v.norm())
 
 
 @dataclass(frozen=True)
@@ -88,7 +148,9 @@ class Decomposition:
     """``v ≈ Σ coefficients[i] · decoder_row[features[i]]`` with non-negative coefficients.
 
     ``residual`` is ``‖v − reconstruction‖`` and ``relative_residual`` that over ``‖v‖``;
-    ``steps`` records the relative residual after each added feature.
+    ``steps`` records the relative residual after each added feature. ``span_fraction``
+    (:func:`span_fraction` over the candidate rows) is how much of ``v`` the candidate
+    rows could write at all; ``candidates`` counts them.
     """
 
     features: tuple[int, ...]
@@ -98,6 +160,8 @@ class Decomposition:
     relative_residual: float
     norm: float
     steps: tuple[float, ...] = field(default=())
+    span_fraction: float = float("nan")
+    candidates: int = 0
 
     def to_frame(self) -> pd.DataFrame:
         order = np.argsort(self.coefficients)[::-1]
@@ -106,8 +170,13 @@ class Decomposition:
                              "share": [self.coefficients[i] / self.norm for i in order]})
 
 
-def decompose(sae, direction: Direction | Tensor, *, max_features: int = 16, tol: float = 1e-3) -> Decomposition:
+def decompose(sae, direction: Direction | Tensor, *, max_features: int = 16, tol: float = 1e-3,
+              frequencies: Tensor | None = None, exclude: bool = False,
+              dense: float = DENSE_FREQUENCY) -> Decomposition:
     """Greedy sparse non-negative decomposition of the direction into unit decoder rows.
+
+    With ``exclude`` (needs ``frequencies``, as in :func:`feature_alignment`) dead and
+    dense rows are not candidates.
 
     At each step the row with the largest positive inner product with the current
     residual joins, then every coefficient is refitted by non-negative least squares
@@ -117,17 +186,24 @@ def decompose(sae, direction: Direction | Tensor, *, max_features: int = 16, tol
     """
     if max_features < 1:
         raise SAEError(f"decompose: max_features must be >= 1, got {max_features!r}")
+    if exclude and frequencies is None:
+        raise SAEError("decompose(exclude=True) needs the features' firing frequencies")
     # deferred: scipy.optimize takes seconds to import, and every lens-roles command imports this module
     from scipy.optimize import nnls
 
     v = _direction_at(direction, sae).double()
     rows = decoder_directions(sae).double()
+    allowed = np.ones(len(rows), dtype=bool)
+    if exclude:
+        allowed = feature_status(frequencies, sae.cfg.d_sae, dense=dense) == "live"
+    candidates = np.flatnonzero(allowed)
     chosen: list[int] = []
     coef = np.zeros(0)
     residual = v.clone()
     steps = []
     for _ in range(max_features):
         scores = rows @ residual
+        scores[torch.from_numpy(~allowed)] = -np.inf
         if chosen:
             scores[chosen] = -np.inf
         best = int(torch.argmax(scores))
@@ -145,7 +221,8 @@ def decompose(sae, direction: Direction | Tensor, *, max_features: int = 16, tol
     recon = torch.from_numpy(coef) @ rows[chosen] if chosen else torch.zeros_like(v)
     res = float((v - recon).norm())
     return Decomposition(tuple(chosen), tuple(float(c) for c in coef), recon.float(), res,
-                         res / float(v.norm()), float(v.norm()), tuple(steps))
+                         res / float(v.norm()), float(v.norm()), tuple(steps),
+                         span_fraction=span_fraction(sae, v, candidates), candidates=len(candidates))
 
 
 # --------------------------------------------------------------------------- attribution

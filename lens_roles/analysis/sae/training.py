@@ -23,9 +23,14 @@ from lens_roles.runtime.models import resid_hook
 
 @dataclass(frozen=True)
 class SAETrainConfig(Config):
-    """How an SAE is trained (``k`` for TopK, ``l1`` for a ReLU SAE with an L1 penalty).
+    """How an SAE is trained (``k`` for TopK or BatchTopK, ``l1`` for a ReLU SAE with an L1 penalty).
 
+    ``architecture`` is ``"topk"`` (exactly ``k`` features per token) or ``"batchtopk"``
+    (``k`` per token on average over a batch; saved for inference as a JumpReLU SAE with
+    the learnt global threshold) when ``k`` is given; ``"standard"`` with ``l1``.
     ``samples`` activations are drawn, in seeded shuffled epochs over the harvested tokens.
+    Dead features (no firing over ``dead_feature_window`` steps) are revived by the TopK
+    family's auxiliary loss (``sae_lens``'s AuxK, coefficient 1).
     """
 
     d_sae: int = 2304
@@ -35,11 +40,23 @@ class SAETrainConfig(Config):
     batch_size: int = 1024
     lr: float = 5e-4
     seed: int = 0
+    architecture: str = "topk"
+
+    @property
+    def label(self) -> str:
+        """A short name for tables: ``topk k=32``, ``batchtopk k=64``, ``l1 0.5``."""
+        return f"{self.architecture} k={self.k}" if self.k is not None else f"l1 {self.l1}"
 
     def __post_init__(self):
         if (self.k is None) == (self.l1 is None):
             raise ConfigError(f"SAETrainConfig: give exactly one of k (TopK SAE) and l1 (L1-penalised ReLU SAE), "
                               f"got k={self.k!r} and l1={self.l1!r}")
+        wanted = ("topk", "batchtopk") if self.k is not None else ("standard",)
+        if self.l1 is not None and self.architecture == "topk":  # the default, for l1 read as standard
+            object.__setattr__(self, "architecture", "standard")
+        if self.architecture not in wanted:
+            raise ConfigError(f"SAETrainConfig: architecture {self.architecture!r} does not go with "
+                              f"{'k' if self.k is not None else 'l1'}; use one of {', '.join(wanted)}")
         if self.k is not None and not 0 < self.k < self.d_sae:
             raise ConfigError(f"SAETrainConfig: k must be in 1..d_sae-1, got k={self.k!r} with d_sae={self.d_sae!r}")
         if self.l1 is not None and not self.l1 > 0:
@@ -73,6 +90,7 @@ def train_sae(acts: Float[Tensor, "token d_model"], *, layer: int, model_name: s
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.sae import SAEMetadata
     from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
@@ -85,7 +103,9 @@ def train_sae(acts: Float[Tensor, "token d_model"], *, layer: int, model_name: s
                            lens_roles_training=dict(config.to_dict(), **(provenance or {})))
     common = dict(d_in=acts.shape[1], d_sae=config.d_sae, normalize_activations="expected_average_only_in",
                   metadata=metadata)
-    if config.k is not None:
+    if config.architecture == "batchtopk":
+        sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=config.k, **common))
+    elif config.k is not None:
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=config.k, **common))
     else:
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=config.l1,
@@ -109,9 +129,12 @@ def train_sae(acts: Float[Tensor, "token d_model"], *, layer: int, model_name: s
         return SAE.load_from_disk(tmp, device="cpu", dtype="float32", fold_W_dec_norm=True)
 
 
-def save_sae(sae, path: str | Path, *, dtype: torch.dtype = torch.float16, extra: dict | None = None) -> Path:
+def save_sae(sae, path: str | Path, *, dtype: torch.dtype = torch.float16, extra: dict | None = None,
+             tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write ``sae`` in ``sae_lens``'s folder format (``cfg.json``, ``sae_weights.safetensors``)
-    with weights in ``dtype``, plus ``extra`` as ``lens_roles.json``; the folder appears whole or not at all."""
+    with weights in ``dtype``, plus ``extra`` as ``lens_roles.json`` and each ``tensors`` entry
+    (file name → tensors, e.g. the feature frequencies) as a safetensors file; the folder appears
+    whole or not at all."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"cannot write the SAE folder {path}: a file of that name is in the way")
@@ -128,6 +151,8 @@ def save_sae(sae, path: str | Path, *, dtype: torch.dtype = torch.float16, extra
         cfg["dtype"] = str(dtype).removeprefix("torch.")
         cfg["device"] = "cpu"
         (tmp / "cfg.json").write_text(json.dumps(cfg, indent=1, default=str))
+        for name, content in (tensors or {}).items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in content.items()}, str(tmp / name))
         if extra is not None:
             (tmp / "lens_roles.json").write_text(json.dumps(extra, indent=2, default=str))
         if path.exists():  # an older SAE is moved aside, and put back if the new one cannot take its place
