@@ -123,7 +123,7 @@ fi
 
 endef
 bench: setup
-	$(BIN)/python -m pip install -q scikit-learn
+	$(BIN)/python -m pip install -q scikit-learn==1.9.1
 	$(BIN)/python -m pip install -q --no-deps steering-vectors==0.12.2
 	@mkdir -p build/bench && rm -f build/bench/failed
 	$(foreach b,$(BENCHMARKS),$(call RUN_BENCH,$(b)))
