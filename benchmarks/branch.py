@@ -18,12 +18,12 @@ Run: ``.venv/bin/python benchmarks/branch.py [--repeats 3] [--layer 18] [--quick
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import pandas as pd
 import torch
+
+from bench_common import alternated
 
 import lens_roles as lr
 from lens_roles.inputs.positions import encode, select_positions
@@ -87,18 +87,6 @@ def loop_cosine(model, direction, prompts, layer: int, alphas: list[float], norm
     return pd.DataFrame([{"alpha": a, "read_layer": d, "metric": "cosine", "value": v / len(items)}
                          for (a, d), v in sums.items()])
 
-
-def alternated(fns: dict, repeats: int) -> tuple[dict[str, float], dict]:
-    """Median seconds of each function over ``repeats`` rounds, the order alternating per round."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    out = {}
-    names = list(fns)
-    for r in range(repeats):
-        for name in names if r % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
-            out[name] = fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}, out
 
 
 def main() -> None:

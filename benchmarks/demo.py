@@ -35,17 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_common import imported_from
+
 HERE = Path(__file__).resolve().parent.parent
-
-
-def imported_from(tree: Path) -> Path:
-    """Where ``lens_roles`` comes from with ``PYTHONPATH=tree`` (must be inside ``tree``)."""
-    out = subprocess.run([sys.executable, "-c", "import lens_roles; print(lens_roles.__file__)"], cwd=tree,
-                         env=dict(os.environ, PYTHONPATH=str(tree)), capture_output=True, text=True, check=True)
-    path = Path(out.stdout.strip()).resolve()
-    if tree.resolve() not in path.parents:
-        sys.exit(f"lens_roles from {tree} imports {path}, not that tree's code")
-    return path
 
 
 def has_timings(tree: Path) -> bool:

@@ -25,10 +25,10 @@ smoke run (tiny sizes, one round; numbers not meaningful).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+
+from bench_common import alternated
 
 import lens_roles as lr
 from lens_roles.analysis.sae.corpus import corpus_prompts
@@ -93,18 +93,6 @@ def loop_sweep(model, direction, prompts, layers, alphas, norms, max_new_tokens:
         texts += [(layer, alpha_list[r % len(alpha_list)], o.text) for r, o in enumerate(outs)]
     return sorted(texts)
 
-
-def alternated(fns: dict, repeats: int) -> tuple[dict[str, float], dict]:
-    """Median seconds of each function over ``repeats`` rounds, the order alternating per round."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    out = {}
-    names = list(fns)
-    for r in range(repeats):
-        for name in names if r % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
-            out[name] = fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}, out
 
 
 def main() -> None:

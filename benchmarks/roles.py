@@ -54,6 +54,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from bench_common import imported_from
+
 import lens_roles as lr
 from lens_roles.inputs.questions import load_domains
 from lens_roles.cli.evaluation import resolve_role_sets
@@ -128,15 +130,6 @@ def study(model, args) -> None:
     print(f"role study: branched {tb:.1f} s, unbranched {tu:.1f} s, ratio unbranched/branched {tu / tb:.2f}; "
           f"same selections: {same_selection}; largest table difference {diff:.1e}")
 
-
-def imported_from(tree: Path) -> Path:
-    """Where ``lens_roles`` comes from with ``PYTHONPATH=tree`` (must be inside ``tree``)."""
-    out = subprocess.run([sys.executable, "-c", "import lens_roles; print(lens_roles.__file__)"], cwd=tree,
-                         env=dict(os.environ, PYTHONPATH=str(tree)), capture_output=True, text=True, check=True)
-    path = Path(out.stdout.strip()).resolve()
-    if tree.resolve() not in path.parents:
-        sys.exit(f"lens_roles from {tree} imports {path}, not that tree's code")
-    return path
 
 
 def evaluate_cli(tree: Path, out: Path, args) -> float:
