@@ -171,10 +171,10 @@ def score_questions(model, questions: QuestionSet | Sequence[Question], *, syste
     """
     qs = list(questions)
     items = choice_items(model, qs, system=system, answer_format=answer_format, template=template)
-    return _frame(qs, items, choice_logprobs(model, items, batch_size=batch_size, progress=progress))
+    return choice_frame(qs, items, choice_logprobs(model, items, batch_size=batch_size, progress=progress))
 
 
-def _frame(qs: Sequence[Question], items: Sequence[ChoiceItem], logps: Sequence[Tensor]) -> pd.DataFrame:
+def choice_frame(qs: Sequence[Question], items: Sequence[ChoiceItem], logps: Sequence[Tensor]) -> pd.DataFrame:
     """The per-question rows of :func:`score_questions` from the choice log-probabilities."""
     rows = []
     for q, it, logp in zip(qs, items, logps):
@@ -270,7 +270,7 @@ def evaluate_condition(model, questions: QuestionSet, condition: Condition, dire
         items = choice_items(model, qs, system=condition.system, answer_format=answer_format)
         (logps,) = sharded_choice_logprobs(model, items, [(condition, direction)], batch_size=batch_size,
                                            executor=executor, branched=False)
-        return _frame(qs, items, logps).assign(condition=condition.kind, layer=condition.layer,
+        return choice_frame(qs, items, logps).assign(condition=condition.kind, layer=condition.layer,
                                                alpha=condition.alpha)
     with condition.applied(model, direction):
         frame = score_questions(model, questions, system=condition.system, answer_format=answer_format,
@@ -307,7 +307,7 @@ def evaluate_conditions(model, questions: QuestionSet | Sequence[Question],
                                             executor=executor, progress=progress)
         for k, lp in zip(shared, logps):
             c = conditions[k][0]
-            out[k] = _frame(qs, items, lp).assign(condition=c.kind, layer=c.layer, alpha=c.alpha)
+            out[k] = choice_frame(qs, items, lp).assign(condition=c.kind, layer=c.layer, alpha=c.alpha)
     for k, (c, d) in enumerate(conditions):
         if out[k] is None:
             out[k] = evaluate_condition(model, qs, c, d, answer_format=answer_format, batch_size=batch_size,

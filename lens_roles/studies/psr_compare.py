@@ -38,7 +38,7 @@ from lens_roles.measures.behaviour import (
     reply_logprob,
     reply_logprobs,
 )
-from lens_roles.measures.multiple_choice import branched_choice_logprobs, choice_items, score_questions
+from lens_roles.measures.multiple_choice import branched_choice_logprobs, choice_frame, choice_items, score_questions
 from lens_roles.runtime.batching import token_batches
 from lens_roles.runtime.branching import Branch, branch_batch, shared_run, unsteered
 from lens_roles.runtime.generation import Prefill, generate, generate_branched, prefill
@@ -190,14 +190,9 @@ def _mc(model, questions, branches: dict[str, Branch | None], system: str) -> di
     items = choice_items(model, qs)
     names = list(branches)
     logps = branched_choice_logprobs(model, items, [branches[m] or unsteered(model) for m in names])
-    out = {}
-    for m, branch_logps in zip(names, logps):  # the rows of score_questions: softmax over the letters
-        probs = [torch.softmax(lp.double(), -1) for lp in branch_logps]
-        correct = [float(int(p.argmax()) == it.answer) for p, it in zip(probs, items)]
-        out[m] = (sum(correct) / len(items), sum(float(p[it.answer]) for p, it in zip(probs, items)) / len(items))
-    frame = score_questions(model, qs, system=system)
-    out["prompting"] = (float(frame.correct.mean()), float(frame.p_correct.mean()))
-    return out
+    frames = {m: choice_frame(qs, items, branch_logps) for m, branch_logps in zip(names, logps)}
+    frames["prompting"] = score_questions(model, qs, system=system)
+    return {m: (float(frame.correct.mean()), float(frame.p_correct.mean())) for m, frame in frames.items()}
 
 
 def bisect_to_target(evaluate: Callable[[float], dict], hi: float, target: float, steps: int, *,
