@@ -107,6 +107,33 @@ def test_choose_config_prefers_the_best_worst_set_among_the_living():
     assert choose_config(pd.DataFrame(rows)) == 1
 
 
+def test_choose_config_reads_dead_features_on_training_tokens_where_the_sweep_has_them():
+    import pandas as pd
+
+    # config 0 looks dead on the small evaluation set only; on the training tokens config 1 is the dead one
+    rows = [{"config": c, "d_sae": 64, "l0": 8, "eval_set": "a", "explained_variance": ev, "dead_fraction": d_eval,
+             "dead_fraction_train": d_train}
+            for c, ev, d_eval, d_train in ((0, 0.85, 0.3, 0.0), (1, 0.9, 0.0, 0.2))]
+    assert choose_config(pd.DataFrame(rows)) == 0
+    assert choose_config(pd.DataFrame(rows).drop(columns="dead_fraction_train")) == 1
+
+
+def test_a_short_batchtopk_run_keeps_about_k_features_per_token():
+    """The saved threshold must have converged: with sae_lens's start-up rate (0.01 from 0) a run of 117
+    steps kept 23 features a token for k = 4 (threshold 31 % short) and reconstructed badly."""
+    from lens_roles.analysis.sae.training import train_sae
+
+    torch.manual_seed(0)
+    dictionary = torch.randn(128, 32)
+    codes = (torch.rand(20_000, 128) < 0.03).float() * torch.rand(20_000, 128) * 5
+    acts = codes @ dictionary * 20 + 3
+    sae = train_sae(acts, layer=1, model_name="synthetic",
+                    config=SAETrainConfig(d_sae=128, k=4, samples=117 * 256, batch_size=256, architecture="batchtopk"))
+    with torch.no_grad():
+        l0 = float((sae.encode(acts) > 0).float().sum(-1).mean())
+    assert l0 < 3 * 4, f"{l0:.1f} features a token for k = 4"
+
+
 def test_ood_text_is_read_in_pieces(tiny_model):
     seqs = ood_sequences(tiny_model, seq_len=64)
     assert len(seqs) >= 10 and all(s[0] == tiny_model.tokenizer.bos_token_id and len(s) <= 64 for s in seqs)

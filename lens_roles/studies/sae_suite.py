@@ -159,9 +159,14 @@ def eval_sets(model, held: Corpus, *, tokens_per_set: int, seed: int = 0,
 
 def choose_config(sweep: pd.DataFrame, max_dead: float = 0.05) -> int:
     """Index of the sweep's chosen configuration: among those with at most ``max_dead`` dead features
-    (all, if none qualifies), the highest worst-set explained variance; ties go to the smaller L0 and width."""
+    (all, if none qualifies), the highest worst-set explained variance; ties go to the smaller L0 and width.
+
+    Dead is read from ``dead_fraction_train`` (no firing over up to 200k training tokens) where the
+    sweep has it: a feature silent on a 2,000-token evaluation set is mostly just rare there.
+    """
     worst = sweep.groupby("config")["explained_variance"].min()
-    dead = sweep.groupby("config")["dead_fraction"].max()
+    dead_column = "dead_fraction_train" if "dead_fraction_train" in sweep else "dead_fraction"
+    dead = sweep.groupby("config")[dead_column].max()
     width = sweep.groupby("config")["d_sae"].first()
     l0 = sweep.groupby("config")["l0"].mean()
     ok = dead[dead <= max_dead].index
@@ -214,15 +219,19 @@ def train_broad_suite(model, layers: Sequence[int], out: Path, *, corpus: Corpus
                         provenance=provenance)
         seconds = time.perf_counter() - t0
         trained[c] = (sae, seconds)
+        on_train = sae_quality(model, sae, [], acts=acts[sweep_layer][:200_000], losses=False)
         for name, a in set_acts.items():
             q = sae_quality(model, sae, sets[name], acts=a, losses=False)
             rows.append({"config": c, "architecture": config.architecture, "d_sae": config.d_sae, "k": config.k,
                          "eval_set": name, **{k: q[k] for k in ("explained_variance", "l0", "dead_fraction",
                                                                  "dense_fraction")},
+                         "dead_fraction_train": on_train["dead_fraction"],
+                         "dense_fraction_train": on_train["dense_fraction"],
                          "train_seconds": round(seconds, 1)})
         report(progress, f"sweep {config.label} d_sae {config.d_sae}: EV "
                          + ", ".join(f"{r['eval_set']} {r['explained_variance']:.3f}" for r in rows
-                                     if r["config"] == c) + f" ({seconds:.0f} s)")
+                                     if r["config"] == c)
+                         + f"; dead {on_train['dead_fraction']:.3f} on training tokens ({seconds:.0f} s)")
     sweep_df = pd.DataFrame(rows)
     write_csv(sweep_df, out / "sweep.csv")
     chosen = choose_config(sweep_df)
