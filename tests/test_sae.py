@@ -274,6 +274,8 @@ def test_save_replaces_an_existing_folder_whole(tiny_model, tmp_path):
     save_sae(b, tmp_path / "s", dtype=torch.float32)
     torch.testing.assert_close(load_sae(tmp_path / "s").W_dec, b.W_dec.detach())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no temporary folder left behind
+    assert (tmp_path / "s").stat().st_mode & 0o777 == 0o755  # not mkdtemp's private 0700
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "s").iterdir()} == {0o644}
 
 
 # ----------------------------------------------------------------- cards

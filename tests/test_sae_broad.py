@@ -157,6 +157,23 @@ def test_dead_and_dense_features_are_marked_and_can_be_excluded(tiny_model):
     assert all(f >= 10 for f in dec.features) and dec.candidates == 38
 
 
+def test_the_alignment_figure_names_and_greys_dead_and_dense_features(tiny_model):
+    from lens_roles.viz.sae import STATUS_GREY, sae_alignment_bars
+
+    sae = random_sae(tiny_model.cfg.d_model, 1, d_sae=48)
+    v = torch.randn(tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(5))
+    freq = torch.full((48,), 0.01)
+    freq[:5], freq[5:10] = 0.0, 0.5
+    top = feature_alignment(sae, v, frequencies=freq).head(48)
+    bar = sae_alignment_bars({"v": top}).data[0]
+    for name, colour, f in zip(bar.y, bar.marker.color, top.feature.iloc[::-1]):
+        expected = "dead" if f < 5 else "dense" if f < 10 else None
+        assert name == f"f{f}" + (f" ({expected})" if expected else "")
+        assert (colour == STATUS_GREY[expected]) if expected else colour not in STATUS_GREY.values()
+    plain = sae_alignment_bars({"v": feature_alignment(sae, v, top=5)}).data[0]  # without frequencies: as before
+    assert all("(" not in name for name in plain.y)
+
+
 def test_span_fraction_tells_a_missing_subspace_from_a_non_sparse_direction(tiny_model):
     d = tiny_model.cfg.d_model
     sae = random_sae(d, 1, d_sae=48)

@@ -11,18 +11,28 @@ from lens_roles.measures.statistics import pearson
 from lens_roles.viz.style import PALETTE, style
 
 
+#: Bar colours of features that are not live: dead (never fire) lighter than dense (fire on > 10 %).
+STATUS_GREY = {"dead": "#cfcfcf", "dense": "#8c8c8c"}
+
+
 def sae_alignment_bars(frames: dict, *, title: str = "SAE features aligned with the direction",
                        subtitle: str | None = None) -> go.Figure:
     """Cosine of the top decoder rows with each direction, one panel per ``label → alignment frame``
-    (columns ``feature, cosine``, as from ``features.feature_alignment``), best at the top."""
+    (columns ``feature, cosine``, as from ``features.feature_alignment``), best at the top.
+
+    Where a frame has the ``status`` column (alignment with ``frequencies``), dead and dense
+    features are named so on their bar and drawn grey: a dead row's or a dense feature's cosine
+    says little about what the direction is made of."""
     labels = list(frames)
     if not labels:
         raise PlotError("no alignment frames to plot")
     fig = make_subplots(rows=1, cols=len(labels), subplot_titles=labels, horizontal_spacing=0.12)
     for c, label in enumerate(labels, start=1):
         sub = frames[label].iloc[::-1]
-        fig.add_trace(go.Bar(x=sub.cosine, y=[f"f{int(f)}" for f in sub.feature], orientation="h",
-                             marker_color=PALETTE[(c - 1) % len(PALETTE)], showlegend=False,
+        status = list(sub["status"]) if "status" in sub else [None] * len(sub)
+        names = [f"f{int(f)}" + (f" ({s})" if s in STATUS_GREY else "") for f, s in zip(sub.feature, status)]
+        colours = [STATUS_GREY.get(s, PALETTE[(c - 1) % len(PALETTE)]) for s in status]
+        fig.add_trace(go.Bar(x=sub.cosine, y=names, orientation="h", marker_color=colours, showlegend=False,
                              hovertemplate="feature %{y}<br>cosine %{x:.3f}<extra></extra>"), row=1, col=c)
         fig.update_xaxes(title_text="cosine with decoder row", row=1, col=c)
     n = max(len(f) for f in frames.values())

@@ -161,6 +161,11 @@ def save_sae(sae, path: str | Path, *, dtype: torch.dtype = torch.float16, extra
             save_file({k: v.detach().cpu().contiguous() for k, v in content.items()}, str(tmp / name))
         if extra is not None:
             (tmp / "lens_roles.json").write_text(json.dumps(extra, indent=2, default=str))
+        # mkdtemp makes the folder private (0700) and safetensors writes 0600; like the files of
+        # lens_roles.io, the SAE is made readable by others (a shared SAE is read by other users)
+        for item in tmp.iterdir():
+            os.chmod(item, 0o644)
+        os.chmod(tmp, 0o755)
         if path.exists():  # an older SAE is moved aside, and put back if the new one cannot take its place
             old = Path(tempfile.mkdtemp(prefix=".old-sae-", dir=path.parent))
             os.replace(path, old / "sae")
