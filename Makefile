@@ -150,7 +150,7 @@ SAE_CORPUS := build/sae_corpus.json
 saes: setup
 	$(BIN)/lens-roles sae-corpus --out $(SAE_CORPUS)
 	$(BIN)/lens-roles train-sae --layer 6,12,24 --corpus $(SAE_CORPUS) --sweep-layer 12 \
-	    --sweep topk:2304:32,topk:2304:64,topk:4608:32,topk:4608:64,batchtopk:4608:64 --tokens 2000000 \
+	    --sweep topk:2304:64,topk:4608:64,topk:4608:128,batchtopk:4608:64 --tokens 1000000 \
 	    --out lens_roles/data/saes
 
 sae-figures: setup browser

@@ -30,12 +30,16 @@ def test_at_least_three_depths_are_shipped_with_a_quality_table():
     layers = [int(p.name.split("_")[1]) for p in FOLDERS]
     assert len(layers) >= 3 and min(layers) <= 8 and max(layers) >= 22, layers
     table = pd.read_csv(SAES / "quality.csv")
-    assert sorted(table.layer) == layers
+    assert sorted(set(table.layer)) == layers
+    sets = {"samples", "docs", "code", "chat", "conversations", "ood"}  # every held-out source and the OOD text
     for path in FOLDERS:
+        layer = int(path.name.split("_")[1])
         recorded = json.loads((path / "lens_roles.json").read_text())["quality"]
-        row = table[table.layer == recorded["layer"]].iloc[0]
-        assert row.explained_variance == pytest.approx(recorded["explained_variance"])
-        assert 0.5 < recorded["explained_variance"] <= 1 and 0 < recorded["loss_recovered"] <= 1.0001
+        assert set(recorded) == sets == set(table[table.layer == layer].eval_set)
+        for name, q in recorded.items():
+            row = table[(table.layer == layer) & (table.eval_set == name)].iloc[0]
+            assert row.explained_variance == pytest.approx(q["explained_variance"])
+            assert 0.5 < q["explained_variance"] <= 1 and 0 < q["loss_recovered"] <= 1.0001
 
 
 @pytest.mark.parametrize("path", FOLDERS, ids=[p.name for p in FOLDERS])
