@@ -84,12 +84,23 @@ def test_load_prompt_set_project_jsonl():
     records = _jsonl_records(path)
     ps = load_prompt_set(path)
     assert ps.name == "chemist"
-    assert ps.source == str(path)
+    assert ps.source == "lens_roles/data/roles/chemist.jsonl"  # a shipped file: the same in every checkout
     assert len(ps) == len(records)
     assert [p.user for p in ps.prompts] == [r["instruction"] for r in records]
     assert [p.system for p in ps.prompts] == [r.get("system") for r in records]
     assert all(p.reply is None for p in ps.prompts)
     assert load_prompt_set(path, name="other").name == "other"
+
+
+def test_a_shipped_set_names_its_file_the_same_in_every_checkout(tmp_path):
+    # figure metadata records the source: an absolute path made a rerun in another clone rewrite 8 figure files
+    from lens_roles.inputs.prompts import load_pairs, load_role
+
+    assert load_pairs("librarian").source == "lens_roles/data/personas/librarian.jsonl"
+    assert load_role("chemist").source == "lens_roles/data/roles/chemist.jsonl"
+    own = tmp_path / "mine.jsonl"
+    own.write_text((DATA / "roles" / "chemist.jsonl").read_text())
+    assert load_prompt_set(own).source == str(own)  # any other file: as given
 
 
 def test_load_prompt_set_role_vectors_json(shared_data):

@@ -150,6 +150,17 @@ def data_dir() -> Path:
     return root
 
 
+def source_label(path: str | Path) -> str:
+    """How a loaded set names its file in records and figure metadata: a shipped file as
+    ``lens_roles/data/<folder>/<file>`` — the same in every checkout, so that a job rerun in
+    another folder or on another machine leaves its figures unchanged — any other file as given."""
+    try:
+        rel = Path(path).resolve().relative_to(data_dir().resolve())
+    except (ValueError, OSError, DataError):
+        return str(path)
+    return f"lens_roles/data/{rel.as_posix()}"
+
+
 def shipped_or_path(spec: str | Path, folder: str) -> Path:
     """``spec`` as a path, or, when it is a bare name that is no file (no folder, no suffix), the
     shipped set of that name: ``shipped_or_path("librarian", "personas")`` is
@@ -215,7 +226,7 @@ def load_prompt_set(path: str | Path, name: str | None = None) -> PromptSet:
     for loc, rec in read_records(path):
         key = "instruction" if "instruction" in rec else "user" if "user" in rec else "instruction"
         prompts.append(Prompt(_field(path, loc, rec, key), _field(path, loc, rec, "system", False)))
-    return PromptSet(name or path.stem, tuple(prompts), str(path))
+    return PromptSet(name or path.stem, tuple(prompts), source_label(path))
 
 
 def _split_caa(path, loc, positive: str, negative: str) -> ContrastPair:
@@ -247,7 +258,7 @@ def load_pairs(path: str | Path, name: str | None = None) -> PairSet:
         if pair.positive == pair.negative:
             raise DataError(f"{path} line/item {loc}: positive and negative replies are identical")
         pairs.append(pair)
-    return PairSet(name or path.stem, tuple(pairs), str(path))
+    return PairSet(name or path.stem, tuple(pairs), source_label(path))
 
 
 def available_roles(directory: str | Path | None = None) -> list[str]:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import ClassVar, Sequence
 
 from lens_roles.errors import DataError
-from lens_roles.inputs.prompts import Prompt, read_records
+from lens_roles.inputs.prompts import Prompt, read_records, source_label
 from lens_roles.inputs.sets import ItemSet
 
 DEFAULT_LETTERS = "ABCD"
@@ -210,7 +210,7 @@ def load_questions(path: str | Path, *, letters: str | Sequence[str] = DEFAULT_L
             skipped.append(str(exc))
     if not questions:
         raise DataError(f"{path}: no valid questions ({len(skipped)} skipped; first: {skipped[0]})")
-    return QuestionSet(name or domain_name(path), tuple(questions), str(path), tuple(skipped))
+    return QuestionSet(name or domain_name(path), tuple(questions), source_label(path), tuple(skipped))
 
 
 def domain_name(path: Path) -> str:
