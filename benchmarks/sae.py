@@ -19,10 +19,13 @@ Before those, the floor comparison (issue 17: at least 0.7x a bare forward):
 * corpus generation (:func:`~lens_roles.analysis.sae.corpus.generate_sequences`, the
   sampling of :func:`build_corpus`: ``--gen-prompts`` prompts, ``--gen-tokens`` new tokens
   each, KV cache) against a bare full forward (logits) over the sequences it produced,
-  in batches of the same size,
+  in batches of ``--batch-size``; and the same generation with TransformerLens's own
+  attention at each step (:func:`~lens_roles.runtime.decode_attention.decoding_attention`
+  switched off: the whole cache copied per block and step), with whether its tokens
+  and sequences are the same,
 
 each as tokens per second (every token of the sequences: prompt and continuation),
-medians over ``--repeats`` runs alternating ours and the floor, and the ratio.
+medians over ``--repeats`` rounds alternating the runs, and the ratios.
 
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sae.py [--samples N] [--device cpu|cuda]``;
 ``--floor-only`` stops after the floor comparison; ``--quick`` is a smoke test (a few
@@ -32,15 +35,19 @@ sequences and tokens, one repeat, no SAE training; numbers not meaningful).
 from __future__ import annotations
 
 import argparse
-import statistics
+import contextlib
 import time
 from pathlib import Path
 
 import torch
 
+from bench_common import alternated
+
 import lens_roles as lr
+import lens_roles.runtime.generation as generation
 from lens_roles.analysis.sae.core import harvest, load_sae
 from lens_roles.analysis.sae.corpus import Corpus, corpus_prompts, generate_sequences
+from lens_roles.analysis.sae.mixture import MixtureRecipe
 from lens_roles.analysis.sae.features import ProjectionMetric, attribute_features
 from lens_roles.analysis.sae.training import SAETrainConfig, train_sae
 from lens_roles.runtime.batching import token_batches
@@ -57,24 +64,29 @@ def bare_forward(model, sequences, batch_size: int, **kwargs) -> None:
         batch.forward(model, **kwargs)
 
 
-def alternate(ours, floor, repeats: int) -> tuple[float, float]:
-    """Median wall times of ``ours()`` and ``floor()``, run alternately ``repeats`` times each."""
-    t_ours, t_floor = [], []
-    for _ in range(repeats):
-        for fn, times in ((ours, t_ours), (floor, t_floor)):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(t_ours), statistics.median(t_floor)
+@contextlib.contextmanager
+def transformer_lens_attention():
+    """Decode with TransformerLens's attention as it is (no :func:`decoding_attention` shortcuts)."""
+    @contextlib.contextmanager
+    def plain(model, **kwargs):
+        yield
+
+    keep = generation.decoding_attention
+    generation.decoding_attention = plain
+    try:
+        yield
+    finally:
+        generation.decoding_attention = keep
 
 
 def floor_comparison(model, corpus: Corpus, args) -> None:
     """Harvest and corpus generation tokens/s against a bare forward over the same tokens."""
     sequences = corpus.sequences[: args.sequences]
     n = sum(len(s) for s in sequences)
-    t_ours, t_floor = alternate(lambda: harvest(model, sequences, [12], batch_size=args.batch_size),
-                                lambda: bare_forward(model, sequences, args.batch_size, stop_at_layer=13),
-                                args.repeats)
+    times, _ = alternated({"ours": lambda: harvest(model, sequences, [12], batch_size=args.batch_size),
+                           "floor": lambda: bare_forward(model, sequences, args.batch_size, stop_at_layer=13)},
+                          args.repeats)
+    t_ours, t_floor = times["ours"], times["floor"]
     print(f"harvest to layer 12, {len(sequences)} sequences ({n} tokens), batch {args.batch_size}: "
           f"{n / t_ours:,.0f} tokens/s ({t_ours:.2f} s); bare forward to layer 12: {n / t_floor:,.0f} tokens/s "
           f"({t_floor:.2f} s); ratio {t_floor / t_ours:.2f}x (goal >= 0.7x)")
@@ -82,20 +94,27 @@ def floor_comparison(model, corpus: Corpus, args) -> None:
     prompts = corpus_prompts(0)[: args.gen_prompts]
     n_prompt = sum(len(item.tokens) for item in lr.encode(model, prompts))
     for gen_batch in [int(b) for b in str(args.gen_batch).split(",")]:
-        made: list = []
+        def ours(gen_batch=gen_batch):
+            return generate_sequences(model, prompts, max_new_tokens=args.gen_tokens, temperature=1.0, seed=0,
+                                      batch_size=gen_batch)
 
-        def ours(gen_batch=gen_batch, made=made):
-            made[:] = generate_sequences(model, prompts, max_new_tokens=args.gen_tokens, temperature=1.0, seed=0,
-                                         batch_size=gen_batch)
+        def plain_attention():
+            with transformer_lens_attention():
+                return ours()
 
-        ours()  # the sequences the floor runs over (and a warm-up)
+        made = ours()  # the sequences the floor runs over (and a warm-up)
         n = sum(len(s) for s in made)
-        t_ours, t_floor = alternate(ours, lambda made=made: bare_forward(model, made, args.batch_size), args.repeats)
+        times, out = alternated({"ours": ours, "tl": plain_attention,
+                                 "floor": lambda made=made: bare_forward(model, made, args.batch_size)},
+                                args.repeats)
+        t_ours, t_tl, t_floor = times["ours"], times["tl"], times["floor"]
         print(f"corpus generation, {len(prompts)} prompts x up to {args.gen_tokens} new tokens ({n} tokens, "
               f"{n - n_prompt} sampled), batch {gen_batch}: {n / t_ours:,.0f} tokens/s "
-              f"({(n - n_prompt) / t_ours:,.1f} sampled tokens/s, {t_ours:.2f} s); bare full forward over the same "
-              f"sequences: {n / t_floor:,.0f} tokens/s ({t_floor:.2f} s); ratio {t_floor / t_ours:.2f}x "
-              "(goal >= 0.7x)")
+              f"({(n - n_prompt) / t_ours:,.1f} sampled tokens/s, {t_ours:.2f} s); with TransformerLens's "
+              f"attention: {n / t_tl:,.0f} tokens/s ({t_tl:.2f} s, {t_tl / t_ours:.2f}x ours' time; same "
+              f"sequences: {'yes' if out['tl'] == out['ours'] == made else 'NO'}); bare full forward over the same "
+              f"sequences (batch {args.batch_size}): {n / t_floor:,.0f} tokens/s ({t_floor:.2f} s); ratio "
+              f"{t_floor / t_ours:.2f}x (goal >= 0.7x)")
 
 
 def main() -> None:
@@ -109,9 +128,10 @@ def main() -> None:
     ap.add_argument("--gen-prompts", type=int, default=CORPUS_BATCH_SIZE,
                     help="prompts continued in the generation timing")
     ap.add_argument("--gen-tokens", type=int, default=48, help="new tokens per prompt (the shipped corpus: 48)")
-    ap.add_argument("--gen-batch", default=str(CORPUS_BATCH_SIZE),
-                    help=f"generation batch size(s), comma-separated (default {CORPUS_BATCH_SIZE}: the SAE suite's; "
-                         "another size samples another corpus)")
+    recipe_batch = MixtureRecipe().batch_size
+    ap.add_argument("--gen-batch", default=f"{recipe_batch},{CORPUS_BATCH_SIZE}",
+                    help=f"generation batch size(s), comma-separated (default {recipe_batch}: the mixture recipe's, "
+                         f"`sae-corpus`; and {CORPUS_BATCH_SIZE}: the SAE suite's own corpus)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--floor-only", action="store_true", help="stop after the floor comparison")
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny sizes, one repeat, floor comparison only")

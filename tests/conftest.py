@@ -65,8 +65,10 @@ def make_tokenizer(chat: bool = True):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def make_tiny_model(tokenizer, *, n_layers: int = 3, seed: int = 0, name: str = "tiny-test"):
-    """A random 3-layer rotary, RMS-normed HookedTransformer (d_model 32)."""
+def make_tiny_model(tokenizer, *, n_layers: int = 3, seed: int = 0, name: str = "tiny-test",
+                    n_key_value_heads: int | None = None):
+    """A random 3-layer rotary, RMS-normed HookedTransformer (d_model 32, 4 heads; grouped-query
+    attention with ``n_key_value_heads`` key/value heads when given)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     torch.manual_seed(seed)
@@ -85,6 +87,7 @@ def make_tiny_model(tokenizer, *, n_layers: int = 3, seed: int = 0, name: str = 
         gated_mlp=True,
         model_name=name,
         seed=seed,
+        n_key_value_heads=n_key_value_heads,
     )
     model = HookedTransformer(cfg, tokenizer=tokenizer)
     model.eval()

@@ -149,7 +149,7 @@ def test_keys_rotated_once_are_bit_identical(tiny_model, direction, monkeypatch)
     def full_rotation(model):
         yield
 
-    monkeypatch.setattr(generation, "_keys_rotated_once", full_rotation)
+    monkeypatch.setattr(generation, "decoding_attention", full_rotation)
     new_full, logits_full = _reference_logits(tiny_model, rows, hooks, 6)
     monkeypatch.undo()
     assert torch.equal(new, new_full) and torch.equal(logits, logits_full)

@@ -14,7 +14,10 @@ step feeds one token; with ``False`` the whole sequence is rerun each step (the
 reference the cached path is tested against). Only the position that predicts
 the next token is unembedded (:func:`~lens_roles.runtime.readout.final_logits`),
 in the prefill as in every step: a small model's unembedding of every prompt
-position cost about a quarter of a generation.
+position cost about a quarter of a generation. Each step attends through the
+cache without copying it (:func:`~lens_roles.runtime.decode_attention.decoding_attention`:
+cached keys rotated once, keys and values kept as the attention's ``matmul`` reads
+them), bit for bit the plain computation.
 
 :func:`generate_branched` continues the same prompts under several branches (one
 per steering layer and α of a sweep): the prompt's blocks below each branch's
@@ -39,6 +42,7 @@ from lens_roles.inputs.prompts import as_prompts
 from lens_roles.runtime.batching import pad_batch, pad_id
 from lens_roles.runtime.branching import Branch, can_branch, check_branch, forward_from
 from lens_roles.runtime.capture import capture
+from lens_roles.runtime.decode_attention import decoding_attention
 from lens_roles.runtime.progress import progress_bar
 from lens_roles.runtime.readout import final_logits
 
@@ -214,7 +218,7 @@ def decode(model, first: Float[Tensor, "batch d_vocab"], cache, prompt_len: int,
     one = torch.ones((batch, 1), dtype=torch.long, device=device)
     logits = first
     n = 0
-    with progress_bar(progress, max_new_tokens, "generate", unit="token") as bar, _keys_rotated_once(model):
+    with progress_bar(progress, max_new_tokens, "generate", unit="token") as bar, decoding_attention(model):
         for step in range(max_new_tokens):
             if step:
                 with position_state(PositionState(offset=prompt_len + step - 1, prompt_len=prompt_len)):
@@ -233,54 +237,6 @@ def decode(model, first: Float[Tensor, "batch d_vocab"], cache, prompt_len: int,
                 if bool(done.all()):
                     break
     return new[:, :n]
-
-
-@contextmanager
-def _keys_rotated_once(model):
-    """While decoding, rotate each block's cached keys once instead of at every step.
-
-    TransformerLens keeps the keys unrotated in the KV cache and applies the rotary
-    embedding to all of them at every step (``apply_rotary(keys, 0, mask)``): work that
-    grows with the cache and at small sizes cost about as much as a step's attention.
-    Inside this block each attention module remembers the keys it rotated last and,
-    when the next call's keys extend them (the cache plus the new token, same rows),
-    rotates only the new positions with their own position ids
-    (``apply_rotary(new, offset, mask)``, exactly how the queries are rotated) and
-    appends them. Rotation is elementwise per position, so the keys are bit for bit
-    those of the full rotation; hooks at ``hook_rot_k`` still see every key. Models
-    without rotary embeddings, or whose rotary tables change with the length
-    (dynamic NTK), are left as they are.
-    """
-    if model.cfg.positional_embedding_type != "rotary" or getattr(model.cfg, "use_dynamic_ntk_rope", False):
-        yield
-        return
-    patched = []
-
-    def make(full):
-        kept: dict = {}
-
-        def apply_rotary(x, past_kv_pos_offset=0, attention_mask=None):
-            prev = kept.get("keys")
-            whole = past_kv_pos_offset == 0 and attention_mask is not None and x.shape[1] == attention_mask.shape[1]
-            if (whole and prev is not None and prev.shape[0] == x.shape[0] and prev.shape[1] < x.shape[1]
-                    and prev.shape[2:] == x.shape[2:]):
-                out = torch.cat([prev, full(x[:, prev.shape[1]:], prev.shape[1], attention_mask)], dim=1)
-            else:
-                out = full(x, past_kv_pos_offset, attention_mask)
-            if whole:  # the keys (or, in a prefill, the queries first: replaced by the keys right after)
-                kept["keys"] = out
-            return out
-
-        return apply_rotary
-
-    try:
-        for block in model.blocks:
-            block.attn.apply_rotary = make(block.attn.apply_rotary)
-            patched.append(block.attn)
-        yield
-    finally:
-        for attn in patched:
-            del attn.apply_rotary
 
 
 def _decode_uncached(model, tokens: Tensor, mask: Tensor, *, max_new_tokens: int, temperature: float, seed: int,
