@@ -9,20 +9,23 @@ At each decoding step TransformerLens's attention, given a KV cache,
 4. hands permuted views to ``matmul``, which copies them into contiguous
    ``[batch × head, d_head, key_pos]`` and ``[batch × head, key_pos, d_head]`` operands.
 
-Steps 2–4 copy the whole cache, three times its size for a model with three query
-heads per key head (SmolLM2-135M), in every block at every step: at 64 rows they took
-more time than the block's matmuls (profile in ``benchmarks/sae.py``'s generation).
+Each step copies the whole cache, steps 3–4 three times its size for a model with
+three query heads per key head (SmolLM2-135M), in every block: at 64 rows the copies
+took a quarter of a decoding step (a profile of the SAE corpus's generation).
 
 :func:`decoding_attention` keeps, per attention module and for the length of one
-decoding loop, the rotated keys (each position rotated once, with its own position
-ids: rotation is elementwise per position) and two buffers laid out as ``matmul``
+decoding loop, the cache entry's keys and values in buffers that grow in place (its
+``append`` writes the new position after the cached ones), the rotated keys (each
+position rotated once, with its own position ids: rotation is elementwise per
+position) and two buffers laid out as ``matmul``
 reads its operands — the keys of every query head ``[batch, head, d_head, capacity]``
 and the values ``[batch, head, capacity, d_head]`` — to which each step writes its
 new position only. The scores and ``z`` are then the same ``matmul`` (TransformerLens's
 own :meth:`calculate_attention_scores` / :meth:`calculate_z_scores` of
 ``AbstractAttention``) on views of those buffers: the same operand values and shapes,
-so the logits are bit for bit those of the plain computation (tested on the tiny
-model and, in ``benchmarks/sae.py``, on the default one).
+so the logits are bit for bit those of the plain computation (tested on tiny
+multi-head and grouped-query models; ``benchmarks/sae.py`` checks that the default
+model samples the same sequences).
 
 Each shortcut is taken only when it is provably the plain computation: the keys
 (values) handed in are the cache of the previous step — the same tensor object —
@@ -34,8 +37,9 @@ what they saw before: ``hook_rot_k`` every rotated key, ``hook_attn_scores``,
 
 The buffers cost ``2 × batch × n_heads × d_head × capacity`` numbers per block (the
 cache repeated for every query head); when that would exceed
-:data:`BUFFER_BUDGET_BYTES` over the model, only the key rotation is kept (a large
-model with a long context on a GPU keeps TransformerLens's transient copies instead).
+:data:`BUFFER_BUDGET_BYTES` over the model, those two are not kept and steps 3–4 run as
+in TransformerLens (a large model with a long context on a GPU keeps its transient
+copies instead); the cache and the rotated keys, the cache's own size, are kept.
 """
 
 from __future__ import annotations
