@@ -125,7 +125,33 @@ def test_buffers_that_grow_and_buffers_refused_for_memory(model, monkeypatch):
     monkeypatch.setattr(decode_attention, "_HEADROOM", 1)  # a growth at every step
     _assert_same(model, monkeypatch, max_new_tokens=12)
     monkeypatch.setattr(decode_attention, "BUFFER_BUDGET_BYTES", 1)  # no expanded buffer fits
+    writes: list = []
+    write = decode_attention._Buffer.write
+
+    def spy(self, part, start):
+        writes.append(self.dim)
+        return write(self, part, start)
+
+    monkeypatch.setattr(decode_attention._Buffer, "write", spy)
     _assert_same(model, monkeypatch, max_new_tokens=12)
+    # once refused, a block's expanded buffers are not tried again (no expansion thrown away each step)
+    assert writes.count(2) == writes.count(3) == model.cfg.n_layers
+
+
+def test_a_raising_hook_leaves_the_model_clean(model):
+    calls = []
+
+    def boom(z, hook):
+        calls.append(1)
+        if len(calls) == 3 * model.cfg.n_layers:  # the last block of the second decoding step
+            raise RuntimeError("hook failed")
+
+    hooks = [(f"blocks.{i}.attn.hook_z", boom) for i in range(model.cfg.n_layers)]
+    with pytest.raises(RuntimeError, match="hook failed"):
+        _decode(model, hooks=hooks)
+    for block in model.blocks:
+        assert not {"forward", "apply_rotary", "calculate_attention_scores", "calculate_z_scores"} & set(
+            vars(block.attn))
 
 
 def test_models_without_rotary_embeddings_are_left_alone(tiny_tokenizer):

@@ -57,14 +57,12 @@ _HEADROOM = 64
 
 
 @contextmanager
-def decoding_attention(model, *, buffers: bool = True):
+def decoding_attention(model):
     """Inside this block, decoding steps through the KV cache skip the whole-cache copies (module docstring).
 
-    Args:
-        model: a ``HookedTransformer``; models without rotary embeddings, or whose rotary
-            tables change with the length (dynamic NTK), are left as they are.
-        buffers: keep the expanded key and value buffers (within
-            :data:`BUFFER_BUDGET_BYTES`); False keeps only the key rotation.
+    Models without rotary embeddings, or whose rotary tables change with the length
+    (dynamic NTK), are left as they are; attention modules that compute their scores
+    or ``z`` in their own way keep them (only the cache and key-rotation shortcuts apply).
     """
     if model.cfg.positional_embedding_type != "rotary" or getattr(model.cfg, "use_dynamic_ntk_rope", False):
         yield
@@ -72,7 +70,7 @@ def decoding_attention(model, *, buffers: bool = True):
     patched = []
     try:
         for block in model.blocks:
-            _patch(block.attn, buffers=buffers and _plain_scores(block.attn), model=model)
+            _patch(block.attn, buffers=_plain_scores(block.attn), model=model)
             patched.append(block.attn)
         yield
     finally:
@@ -97,13 +95,16 @@ def _plain_scores(attn) -> bool:
 class _Buffer:
     """A tensor that grows along ``dim`` (with headroom) and is written in place: ``view`` is
     positions ``0..length`` of it. ``budget`` (bytes, or None) caps the allocation: past it the
-    buffer drops its data and ``write`` returns False."""
+    buffer drops its data, ``write`` returns False and ``refused`` stays set (the batch is fixed and
+    the length only grows in one decoding loop, so no later write would fit)."""
 
     def __init__(self, dim: int, budget: int | None = None):
         self.dim, self.budget = dim, budget
         self.data: Tensor | None = None
         self.length = 0
         self.last: Tensor | None = None  # the last view handed out: the next step extends it
+        self.source: Tensor | None = None  # the tensor it was last filled from (set by the caller)
+        self.refused = False
 
     def write(self, part: Tensor, start: int) -> bool:
         """Put ``part`` (the buffer's layout) at positions ``start..``; ``start`` 0 or the current length."""
@@ -118,6 +119,7 @@ class _Buffer:
             shape[self.dim] = total + _HEADROOM
             if self.budget is not None and part.element_size() * torch.Size(shape).numel() > self.budget:
                 self.drop()
+                self.refused = True
                 return False
             grown = torch.empty(shape, dtype=part.dtype, device=part.device)
             if start:
@@ -174,22 +176,22 @@ def _patch(attn, *, buffers: bool, model) -> None:
         whole = past_kv_pos_offset == 0 and attention_mask is not None and x.shape[1] == attention_mask.shape[1]
         if not whole:  # the queries of a step
             return rotate(x, past_kv_pos_offset, attention_mask)
-        source = seen.get("key_source")
+        source = rotated.source
         n = None if source is None else source.shape[1]
         if source is not None and seen.get("keys") is source and x.shape[1] > n and rotated.length == n:
             new = rotate(x[:, n:], n, attention_mask)
             rotated.write(new, n)
-            if buffers:
+            if buffers and not keys.refused:
                 keys.write(_expand(new, repeat).permute(0, 2, 3, 1), n)
         else:
             rotated.write(rotate(x, past_kv_pos_offset, attention_mask), 0)
             keys.drop()
         # the keys (in a prefill the queries come first and are replaced by the keys right after)
-        seen["key_source"] = x
+        rotated.source = x
         return rotated.last
 
     def calculate_attention_scores(q: Tensor, k: Tensor) -> Tensor:
-        if buffers and k is rotated.last:
+        if buffers and not keys.refused and k is rotated.last:
             if keys.length != k.shape[1]:
                 keys.write(_expand(k, repeat).permute(0, 2, 3, 1), 0)
             if keys.length == k.shape[1]:
@@ -197,7 +199,7 @@ def _patch(attn, *, buffers: bool, model) -> None:
         return type(attn).calculate_attention_scores(attn, q, k)
 
     def calculate_z_scores(v: Tensor, pattern: Tensor) -> Tensor:
-        if buffers:
+        if buffers and not values.refused:
             n = values.length
             if not (seen.get("values") is values.source and v.shape[1] > n
                     and values.write(_expand(v[:, n:], repeat).permute(0, 2, 1, 3), n)):
@@ -207,7 +209,6 @@ def _patch(attn, *, buffers: bool, model) -> None:
                 return AbstractAttention.calculate_z_scores(attn, values.last.permute(0, 2, 1, 3), pattern)
         return type(attn).calculate_z_scores(attn, v, pattern)
 
-    values.source = None
     attn.forward = patched_forward
     attn.apply_rotary = apply_rotary
     attn.calculate_attention_scores = calculate_attention_scores
